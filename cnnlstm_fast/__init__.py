@@ -1,0 +1,23 @@
+"""cnnlstm_fast: drop-in fast LSTM/GRU/RNN layers for PyTorch with selectable backends.
+
+>>> import cnnlstm_fast as clf
+>>> lstm = clf.LSTM(32, 64, num_layers=2, batch_first=True)   # a torch.nn.LSTM
+"""
+
+from ._version import __version__
+from .backends import available_backends, get_default, set_backend, use_backend
+from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+
+__all__ = [
+    "GRU",
+    "GRUCell",
+    "LSTM",
+    "LSTMCell",
+    "RNN",
+    "RNNCell",
+    "__version__",
+    "available_backends",
+    "get_default",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,154 @@
+"""Backend registry, process default and ``auto`` resolution.
+
+Resolution of a module's backend, first match wins:
+1. the module's own ``backend=`` if it is not ``"auto"``;
+2. the process default (``set_backend``/``use_backend``, initialised from the
+   environment variable ``CNNLSTM_FAST_BACKEND``) if it is not ``"auto"``;
+3. ``auto``: the first backend of :data:`AUTO_PREFERENCE` for the input's device
+   that is available and supports the input. ``torch`` ends every list.
+
+A backend reached through 1 or 2 is used as named: if it cannot run the input, an
+error says what it supports. Only ``auto`` falls back, silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from .base import CELLS, GATES, Backend, RecurrenceSpec
+from .reference import ReferenceBackend
+from .torch_nn import TorchBackend
+
+__all__ = [
+    "AUTO_PREFERENCE",
+    "Backend",
+    "BackendUnavailableError",
+    "CELLS",
+    "GATES",
+    "RecurrenceSpec",
+    "available_backends",
+    "backend_report",
+    "get_backend",
+    "get_default",
+    "register",
+    "registered_backends",
+    "resolve",
+    "set_backend",
+    "use_backend",
+]
+
+ENV_VAR = "CNNLSTM_FAST_BACKEND"
+
+#: Order in which ``auto`` tries backends per device type, fastest first. It is
+#: backed by the committed benchmark results: a backend goes before ``torch`` only
+#: where it measured faster than torch.nn.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("torch",),
+    "cuda": ("torch",),
+}
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly named backend cannot run the given input on this machine."""
+
+
+def register(backend: Backend) -> Backend:
+    """Adds ``backend`` to the registry under ``backend.name`` (replacing any)."""
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def registered_backends() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"backend must be 'auto' or one of {registered_backends()}, got {name!r}"
+        ) from None
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend should be of type str, got: {type(name).__name__}")
+    if name != "auto":
+        get_backend(name)
+    return name
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable on this machine, best first."""
+    order: list[str] = []
+    for device in ("cuda", "cpu"):
+        for name in AUTO_PREFERENCE.get(device, ()):
+            if name not in order:
+                order.append(name)
+    order += [n for n in _REGISTRY if n not in order]
+    return [n for n in order if n in _REGISTRY and _REGISTRY[n].unavailable_reason() is None]
+
+
+def backend_report() -> dict[str, str | None]:
+    """Maps every registered backend to None (available) or why it is not."""
+    return {name: b.unavailable_reason() for name, b in _REGISTRY.items()}
+
+
+_default = _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+
+
+def set_backend(name: str) -> None:
+    """Sets the process default that modules built with ``backend="auto"`` use."""
+    global _default
+    _default = _check_name(name)
+
+
+def get_default() -> str:
+    return _default
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily sets the process default backend (see :func:`set_backend`)."""
+    global _default
+    previous = _default
+    _default = _check_name(name)
+    try:
+        yield
+    finally:
+        _default = previous
+
+
+def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
+    """The backend that runs ``spec`` for a module that asked for ``requested``."""
+    name = requested if requested != "auto" else _default
+    if name != "auto":
+        backend = get_backend(name)
+        why = backend.unavailable_reason()
+        if why is not None:
+            raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
+        why = backend.unsupported_reason(spec)
+        if why is not None:
+            raise BackendUnavailableError(
+                f"backend {name!r} cannot run this input ({why}); "
+                f"it supports {backend.supports}"
+            )
+        return backend
+    for candidate in AUTO_PREFERENCE.get(spec.device.type, ("torch",)):
+        backend = _REGISTRY.get(candidate)
+        if (
+            backend is not None
+            and backend.unavailable_reason() is None
+            and backend.unsupported_reason(spec) is None
+        ):
+            return backend
+    return _REGISTRY["torch"]
+
+
+register(TorchBackend())
+register(ReferenceBackend())

@@ -1,0 +1,165 @@
+"""The ``reference`` backend: the executable specification of the recurrence.
+
+Plain PyTorch, one step at a time, with the backward written out by hand so that
+every kernel (and its saved state) has an explicit counterpart to be compared with.
+float16/bfloat16 inputs are computed in float32 (accumulation and cell state in
+float32, outputs in the input dtype), as every kernel does.
+
+Per step t (rows [0, n_t) active, see base.py):
+  LSTM  a = G_x[t] + h W_hh^T;  i,f,o = sigmoid, g = tanh;  c' = f c + i g;
+        m = o tanh(c');  h' = m W_hr^T (projection) or m
+  GRU   a = h W_hh^T;  r = sigmoid(G_x_r + a_r);  z = sigmoid(G_x_z + a_z);
+        n = tanh(G_x_n + r (a_n + b_hn));  h' = (1 - z) n + z h
+  RNN   h' = tanh | relu(G_x[t] + h W_hh^T)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Backend, RecurrenceSpec
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float32 for the 16-bit float types."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def step_order(steps: int, reverse: bool) -> range:
+    return range(steps - 1, -1, -1) if reverse else range(steps)
+
+
+def active_rows(batch_sizes: torch.Tensor | None, steps: int, batch: int) -> list[int]:
+    if batch_sizes is None:
+        return [batch] * steps
+    return [int(n) for n in batch_sizes.tolist()]
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    supports = "every device and floating dtype (float16/bfloat16 computed in float32)"
+
+    def unsupported_reason(self, spec: RecurrenceSpec) -> str | None:
+        if not spec.dtype.is_floating_point:
+            return f"dtype {spec.dtype} is not a floating point type"
+        return None
+
+    def forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
+        acc = compute_dtype(gx.dtype)
+        steps, batch, _ = gx.shape
+        hidden = spec.hidden_size
+        gx = gx.to(acc)
+        w_hh = w_hh.to(acc)
+        w_hr = None if w_hr is None else w_hr.to(acc)
+        b_hn = None if b_hn is None else b_hn.to(acc)
+        h = h0.to(acc).clone()
+        c = None if c0 is None else c0.to(acc).clone()
+        y = gx.new_zeros(steps, batch, h.shape[1])
+        act = gx.new_zeros(gx.shape)
+        h_prev = gx.new_zeros(steps, batch, h.shape[1])
+        # LSTM: the cell state before each step; GRU: a_n + b_hn of each step.
+        extra = gx.new_zeros(steps, batch, hidden) if spec.cell in ("lstm", "gru") else None
+        rows = active_rows(batch_sizes, steps, batch)
+
+        for t in step_order(steps, spec.reverse):
+            n = rows[t]
+            hp = h[:n]
+            h_prev[t] = h
+            a_h = hp @ w_hh.T
+            if spec.cell == "lstm":
+                extra[t] = c
+                i, f, g, o = (gx[t, :n] + a_h).chunk(4, 1)
+                i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+                c_new = f * c[:n] + i * g
+                m = o * c_new.tanh()
+                h_new = m if w_hr is None else m @ w_hr.T
+                c[:n] = c_new
+                act[t, :n] = torch.cat((i, f, g, o), 1)
+            elif spec.cell == "gru":
+                x_r, x_z, x_n = gx[t, :n].chunk(3, 1)
+                h_r, h_z, h_n = a_h.chunk(3, 1)
+                if b_hn is not None:
+                    h_n = h_n + b_hn
+                r = (x_r + h_r).sigmoid()
+                z = (x_z + h_z).sigmoid()
+                nn_ = (x_n + r * h_n).tanh()
+                h_new = (1 - z) * nn_ + z * hp
+                extra[t, :n] = h_n
+                act[t, :n] = torch.cat((r, z, nn_), 1)
+            else:
+                pre = gx[t, :n] + a_h
+                h_new = pre.tanh() if spec.cell == "rnn_tanh" else pre.relu()
+                act[t, :n] = h_new
+            h[:n] = h_new
+            y[t, :n] = h_new
+
+        dtype = h0.dtype
+        saved = (act, h_prev, extra, w_hh, w_hr) if need_saved else ()
+        c_out = None if c is None else c.to(dtype)
+        return y.to(dtype), h.to(dtype), c_out, saved
+
+    def backward(self, spec, saved, batch_sizes, d_y, d_hT, d_cT):
+        act, h_prev, extra, w_hh, w_hr = saved
+        acc = act.dtype
+        steps, batch, gate_width = act.shape
+        hidden = spec.hidden_size
+        d_y = d_y.to(acc)
+        dh = d_hT.to(acc).clone()
+        dc = None if d_cT is None else d_cT.to(acc).clone()
+        d_gx = act.new_zeros(act.shape)
+        # GRU: gradient of the recurrent pre-activation differs from d_gx in the n gate.
+        d_gh = act.new_zeros(act.shape) if spec.cell == "gru" else d_gx
+        if w_hr is not None:
+            d_h_all = act.new_zeros(steps, batch, w_hr.shape[0])
+            m_all = act.new_zeros(steps, batch, hidden)
+        rows = active_rows(batch_sizes, steps, batch)
+
+        for t in reversed(step_order(steps, spec.reverse)):
+            n = rows[t]
+            g_h = dh[:n] + d_y[t, :n]
+            if spec.cell == "lstm":
+                i, f, g, o = act[t, :n].chunk(4, 1)
+                c_prev = extra[t, :n]
+                tanh_c = (f * c_prev + i * g).tanh()
+                if w_hr is not None:
+                    d_h_all[t, :n] = g_h
+                    m_all[t, :n] = o * tanh_c
+                    d_m = g_h @ w_hr
+                else:
+                    d_m = g_h
+                d_c = dc[:n] + d_m * o * (1 - tanh_c * tanh_c)
+                d_gx[t, :n] = torch.cat(
+                    (
+                        d_c * g * i * (1 - i),
+                        d_c * c_prev * f * (1 - f),
+                        d_c * i * (1 - g * g),
+                        d_m * tanh_c * o * (1 - o),
+                    ),
+                    1,
+                )
+                dc[:n] = d_c * f
+                dh[:n] = d_gx[t, :n] @ w_hh
+            elif spec.cell == "gru":
+                r, z, nn_ = act[t, :n].chunk(3, 1)
+                h_n = extra[t, :n]
+                d_an = g_h * (1 - z) * (1 - nn_ * nn_)
+                d_ar = d_an * h_n * r * (1 - r)
+                d_az = g_h * (h_prev[t, :n] - nn_) * z * (1 - z)
+                d_gx[t, :n] = torch.cat((d_ar, d_az, d_an), 1)
+                d_gh[t, :n] = torch.cat((d_ar, d_az, d_an * r), 1)
+                dh[:n] = g_h * z + d_gh[t, :n] @ w_hh
+            else:
+                h_new = act[t, :n]
+                if spec.cell == "rnn_tanh":
+                    d_a = g_h * (1 - h_new * h_new)
+                else:
+                    d_a = g_h * (h_new > 0).to(acc)
+                d_gx[t, :n] = d_a
+                dh[:n] = d_a @ w_hh
+
+        d_w_hh = d_gh.reshape(-1, gate_width).T @ h_prev.reshape(-1, h_prev.shape[2])
+        d_w_hr = None
+        if w_hr is not None:
+            d_w_hr = d_h_all.reshape(-1, d_h_all.shape[2]).T @ m_all.reshape(-1, hidden)
+        d_b_hn = d_gh[..., 2 * hidden :].sum((0, 1)) if spec.cell == "gru" else None
+        return d_gx, dh, dc, d_w_hh, d_w_hr, d_b_hn

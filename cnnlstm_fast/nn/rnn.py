@@ -1,0 +1,356 @@
+"""Drop-in LSTM, GRU and RNN modules and their cells.
+
+Each class subclasses the torch.nn class of the same name: constructor (plus the
+keyword-only ``backend``), parameters, initialisation, state_dict, forward signature,
+return values and error messages are torch's. Only the computation is ours: the
+module handles arguments, PackedSequence/unbatched input, the layers x directions
+loop and inter-layer dropout; each layer and direction is one input-projection GEMM
+(``G_x = x W_ih^T + b``) followed by the recurrence op of the resolved backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import backends
+from ..backends.base import RecurrenceSpec
+from ..ops.recurrence import recurrence
+
+__all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
+
+
+def _cell_of(module: nn.Module) -> str:
+    mode = getattr(module, "mode", None)
+    if mode is not None:  # RNNBase
+        return {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[mode]
+    if isinstance(module, nn.LSTMCell):
+        return "lstm"
+    if isinstance(module, nn.GRUCell):
+        return "gru"
+    return "rnn_relu" if module.nonlinearity == "relu" else "rnn_tanh"
+
+
+def _split_bias(cell: str, b_ih, b_hh, hidden: int):
+    """(bias folded into G_x, b_hn kept inside the recurrence or None)."""
+    if b_ih is None:
+        return None, None
+    if cell != "gru":
+        return b_ih + b_hh, None
+    two_h = 2 * hidden
+    return torch.cat((b_ih[:two_h] + b_hh[:two_h], b_ih[two_h:])), b_hh[two_h:]
+
+
+def _check_same_device_dtype(input: torch.Tensor, states) -> None:
+    for state in states:
+        if state.device != input.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor "
+                f"at {input.device} and hidden tensor at {state.device}"
+            )
+        if state.dtype != input.dtype:
+            raise RuntimeError(
+                f"Expected hidden state dtype {input.dtype} (the input's), got {state.dtype}"
+            )
+
+
+def _torch_class_of_type(cls: type) -> type:
+    """The torch.nn class ``cls`` derives from (its messages name that class)."""
+    return next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
+
+
+def _torch_class(module: nn.Module) -> type:
+    return _torch_class_of_type(type(module))
+
+
+class _PackedLayout:
+    """Moves packed rows (N, F) to the padded time-major layout (T, B, F) and back.
+
+    The packed order is exactly the row-major order of the valid (t, b) positions, so
+    one index of flat positions serves both ways."""
+
+    def __init__(self, batch_sizes: torch.Tensor, device: torch.device):
+        self.steps = len(batch_sizes)
+        self.batch = int(batch_sizes[0])
+        cols = torch.arange(self.batch)
+        valid = cols[None, :] < batch_sizes[:, None]
+        flat = torch.arange(self.steps)[:, None] * self.batch + cols[None, :]
+        self.index = flat[valid].to(device)
+
+    def to_padded(self, data: torch.Tensor) -> torch.Tensor:
+        out = data.new_zeros(self.steps * self.batch, data.shape[1])
+        return out.index_copy(0, self.index, data).view(self.steps, self.batch, -1)
+
+    def to_packed(self, padded: torch.Tensor) -> torch.Tensor:
+        return padded.reshape(self.steps * self.batch, -1).index_select(0, self.index)
+
+
+class _BackendMixin:
+    """The ``backend`` attribute shared by the sequence modules and the cells."""
+
+    def _set_backend_name(self, backend: str) -> None:
+        self.backend = backends._check_name(backend)
+
+    def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool):
+        spec = RecurrenceSpec(
+            cell=_cell_of(self),
+            hidden_size=self.hidden_size,
+            proj_size=getattr(self, "proj_size", 0),
+            reverse=False,
+            device=data.device,
+            dtype=data.dtype,
+            batch=batch,
+            steps=steps,
+            variable_lengths=packed,
+        )
+        return backends.resolve(self.backend, spec), spec
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # inspect.signature(cls) shows torch's constructor plus ``backend``.
+        if not issubclass(cls, nn.Module):
+            return
+        init = _torch_class_of_type(cls).__init__
+        overloads = typing.get_overloads(init)
+        base = inspect.signature(overloads[0] if overloads else init)
+        params = [p for p in base.parameters.values() if p.name != "self"]
+        backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto")
+        if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+            params.insert(len(params) - 1, backend)
+        else:
+            params.append(backend)
+        cls.__signature__ = base.replace(parameters=params)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+
+
+class _SequenceMixin(_BackendMixin):
+    """forward() of LSTM/GRU/RNN on the recurrence op of the resolved backend."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_backend_name(backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        if packed:
+            batch, steps = int(input.batch_sizes[0]), len(input.batch_sizes)
+        elif data.dim() == 3:
+            batch = data.size(0 if self.batch_first else 1)
+            steps = data.size(1 if self.batch_first else 0)
+        else:
+            batch, steps = 1, data.size(0) if data.dim() else 0
+        backend, spec = self._resolve(data, batch, steps, packed)
+        if backend.whole_module:
+            return super().forward(input, hx)
+        return self._forward_recurrence(backend, spec, input, hx)
+
+    def _zeros_state(self, batch: int, like: torch.Tensor):
+        directions = 2 if self.bidirectional else 1
+        out = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h = like.new_zeros(self.num_layers * directions, batch, out)
+        if self.mode != "LSTM":
+            return h
+        return h, like.new_zeros(self.num_layers * directions, batch, self.hidden_size)
+
+    def _check_hx_dims(self, hx, want: int) -> None:
+        kind = "batched 3-D" if want == 3 else "unbatched 2-D"
+        if self.mode == "LSTM":
+            if hx[0].dim() != want or hx[1].dim() != want:
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {want}-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+        elif hx.dim() != want:
+            raise RuntimeError(
+                f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor"
+            )
+
+    def _forward_recurrence(self, backend, spec, input, hx):
+        is_lstm = self.mode == "LSTM"
+        sorted_indices = unsorted_indices = batch_sizes = None
+        is_batched = True
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is None:
+                hx = self._zeros_state(int(batch_sizes[0]), data)
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+            self.check_forward_args(data, hx, batch_sizes)
+            x = data
+        else:
+            if input.dim() not in (2, 3):
+                # torch's wording differs by class; the tests hold us to it.
+                tail = "instead" if self.mode in ("LSTM", "GRU") else "tensor instead"
+                name = "RNN" if self.mode.startswith("RNN") else self.mode
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D {tail}")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    self._check_hx_dims(hx, 2)
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if is_lstm else hx.unsqueeze(1)
+            elif hx is not None:
+                self._check_hx_dims(hx, 3)
+            if hx is None:
+                hx = self._zeros_state(input.size(batch_dim), input)
+            self.check_forward_args(input, hx, None)
+            x = input.transpose(0, 1) if self.batch_first else input
+            if x.size(0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        h0, c0 = hx if is_lstm else (hx, None)
+        _check_same_device_dtype(x, (h0,) if c0 is None else (h0, c0))
+
+        layout = None if batch_sizes is None else _PackedLayout(batch_sizes, x.device)
+        output, h_n, c_n = self._run_layers(backend, spec, x, h0, c0, batch_sizes, layout)
+
+        hidden = (h_n, c_n) if is_lstm else h_n
+        if batch_sizes is not None:
+            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return packed, self.permute_hidden(hidden, unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
+        return output, hidden
+
+    def _run_layers(self, backend, spec, x, h0, c0, batch_sizes, layout):
+        directions = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                k = layer * directions + direction
+                weights = [getattr(self, name) for name in self._all_weights[k]]
+                w_ih, w_hh = weights[0], weights[1]
+                b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
+                w_hr = weights[-1] if self.proj_size > 0 else None
+                gx_bias, b_hn = _split_bias(spec.cell, b_ih, b_hh, self.hidden_size)
+                gx = F.linear(x, w_ih, gx_bias)
+                if layout is not None:
+                    gx = layout.to_padded(gx)
+                y, h_t, c_t = recurrence(
+                    backend,
+                    dataclasses.replace(spec, reverse=direction == 1),
+                    gx,
+                    h0[k],
+                    None if c0 is None else c0[k],
+                    w_hh,
+                    w_hr,
+                    b_hn,
+                    batch_sizes,
+                )
+                outputs.append(y if layout is None else layout.to_packed(y))
+                h_n.append(h_t)
+                c_n.append(c_t)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, True)
+        return x, torch.stack(h_n), None if c0 is None else torch.stack(c_n)
+
+
+class _CellMixin(_BackendMixin):
+    """forward() of the cells: one step of the recurrence op (T = 1)."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_backend_name(backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def forward(self, input, hx=None):
+        batch = input.size(0) if input.dim() == 2 else 1
+        backend, spec = self._resolve(input, batch, 1, False)
+        if backend.whole_module:
+            return super().forward(input, hx)
+        is_lstm = spec.cell == "lstm"
+        name = _torch_class(self).__name__
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        states = () if hx is None else (hx if is_lstm else (hx,))
+        for idx, value in enumerate(states):
+            if value.dim() not in (1, 2):
+                what = f"hx[{idx}]" if is_lstm else "hidden"
+                raise ValueError(
+                    f"{name}: Expected {what} to be 1D or 2D, got {value.dim()}D instead"
+                )
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+            states = tuple(s.unsqueeze(0) for s in states)
+        if not states:
+            zeros = input.new_zeros(input.size(0), self.hidden_size)
+            states = (zeros, zeros) if is_lstm else (zeros,)
+        self._check_cell_args(input, states)
+
+        gx_bias, b_hn = _split_bias(spec.cell, self.bias_ih, self.bias_hh, self.hidden_size)
+        gx = F.linear(input, self.weight_ih, gx_bias).unsqueeze(0)
+        _, h, c = recurrence(
+            backend, spec, gx, states[0], states[1] if is_lstm else None, self.weight_hh, None, b_hn
+        )
+        if not is_batched:
+            h = h.squeeze(0)
+            c = None if c is None else c.squeeze(0)
+        return (h, c) if is_lstm else h
+
+    def _check_cell_args(self, input, states) -> None:
+        if input.size(1) != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}"
+            )
+        for idx, state in enumerate(states):
+            if state.size(0) != input.size(0):
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{idx} batch size "
+                    f"{state.size(0)}"
+                )
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{idx} has inconsistent hidden_size: got {state.size(1)}, "
+                    f"expected {self.hidden_size}"
+                )
+        _check_same_device_dtype(input, states)
+        if input.dtype != self.weight_ih.dtype:
+            raise RuntimeError(
+                f"mat1 and mat2 must have the same dtype, but got {input.dtype} and "
+                f"{self.weight_ih.dtype}"
+            )
+
+
+class LSTM(_SequenceMixin, nn.LSTM):
+    """torch.nn.LSTM with a selectable backend (keyword-only ``backend="auto"``)."""
+
+
+class GRU(_SequenceMixin, nn.GRU):
+    """torch.nn.GRU with a selectable backend (keyword-only ``backend="auto"``)."""
+
+
+class RNN(_SequenceMixin, nn.RNN):
+    """torch.nn.RNN (tanh or relu) with a selectable backend (keyword-only ``backend``)."""
+
+
+class LSTMCell(_CellMixin, nn.LSTMCell):
+    """torch.nn.LSTMCell with a selectable backend (keyword-only ``backend="auto"``)."""
+
+
+class GRUCell(_CellMixin, nn.GRUCell):
+    """torch.nn.GRUCell with a selectable backend (keyword-only ``backend="auto"``)."""
+
+
+class RNNCell(_CellMixin, nn.RNNCell):
+    """torch.nn.RNNCell (tanh or relu) with a selectable backend (keyword-only ``backend``)."""

@@ -1,0 +1,58 @@
+"""The recurrence op: one layer, one direction, any cell, any backend.
+
+An autograd.Function that calls a backend's forward and its explicit backward (the
+contract in ``cnnlstm_fast/backends/base.py``). Gradients come back in the dtype of
+the tensor they belong to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..backends.base import Backend, RecurrenceSpec
+
+
+class _Recurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend, spec, batch_sizes, gx, h0, c0, w_hh, w_hr, b_hn):
+        need_saved = any(ctx.needs_input_grad[3:])
+        y, h_t, c_t, saved = backend.forward(
+            spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved
+        )
+        ctx.backend, ctx.spec, ctx.batch_sizes = backend, spec, batch_sizes
+        ctx.input_dtypes = [None if v is None else v.dtype for v in (gx, h0, c0, w_hh, w_hr, b_hn)]
+        ctx.save_for_backward(*saved)
+        if c_t is None:
+            return y, h_t
+        return y, h_t, c_t
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_y, d_hT, d_cT=None):
+        grads = ctx.backend.backward(
+            ctx.spec, ctx.saved_tensors, ctx.batch_sizes, d_y, d_hT, d_cT
+        )
+        grads = [
+            None if (g is None or dt is None or not need) else g.to(dt)
+            for g, dt, need in zip(grads, ctx.input_dtypes, ctx.needs_input_grad[3:])
+        ]
+        return (None, None, None, *grads)
+
+
+def recurrence(
+    backend: Backend,
+    spec: RecurrenceSpec,
+    gx: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor | None,
+    w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None = None,
+    b_hn: torch.Tensor | None = None,
+    batch_sizes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Runs one layer and direction: returns ``(Y, h_T, c_T or None)``."""
+    out = _Recurrence.apply(backend, spec, batch_sizes, gx, h0, c0, w_hh, w_hr, b_hn)
+    if c0 is None:
+        return out[0], out[1], None
+    return out
