@@ -99,7 +99,20 @@ def backend_report() -> dict[str, str | None]:
     return {name: b.unavailable_reason() for name, b in _REGISTRY.items()}
 
 
-_default = _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+_default: str | None = None  # read from the environment on first use
+
+
+def _process_default() -> str:
+    global _default
+    if _default is None:
+        value = os.environ.get(ENV_VAR) or "auto"
+        try:
+            _default = _check_name(value)
+        except ValueError:
+            raise ValueError(
+                f"{ENV_VAR} must be 'auto' or one of {registered_backends()}, got {value!r}"
+            ) from None
+    return _default
 
 
 def set_backend(name: str) -> None:
@@ -109,14 +122,15 @@ def set_backend(name: str) -> None:
 
 
 def get_default() -> str:
-    return _default
+    """The process default backend name ("auto" unless set)."""
+    return _process_default()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Temporarily sets the process default backend (see :func:`set_backend`)."""
     global _default
-    previous = _default
+    previous = _process_default()
     _default = _check_name(name)
     try:
         yield
@@ -126,7 +140,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
     """The backend that runs ``spec`` for a module that asked for ``requested``."""
-    name = requested if requested != "auto" else _default
+    name = requested if requested != "auto" else _process_default()
     if name != "auto":
         backend = get_backend(name)
         why = backend.unavailable_reason()

@@ -1,0 +1,161 @@
+"""The drop-in contract (types, parameters, state_dict, repr) and backend selection."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import cnnlstm_fast as clf
+from cnnlstm_fast import backends
+from cnnlstm_fast.backends import BackendUnavailableError, RecurrenceSpec
+from helpers import make_pair
+
+CLASSES = [
+    ("LSTM", dict(input_size=5, hidden_size=6, num_layers=2, bidirectional=True, proj_size=4)),
+    ("GRU", dict(input_size=5, hidden_size=6, num_layers=3, bias=False)),
+    ("RNN", dict(input_size=5, hidden_size=6, nonlinearity="relu", batch_first=True)),
+    ("LSTMCell", dict(input_size=5, hidden_size=6)),
+    ("GRUCell", dict(input_size=5, hidden_size=6, bias=False)),
+    ("RNNCell", dict(input_size=5, hidden_size=6, nonlinearity="relu")),
+]
+
+
+@pytest.mark.parametrize("cls_name,kwargs", CLASSES, ids=lambda v: str(v))
+def test_is_a_torch_module_with_the_same_parameters(cls_name, kwargs):
+    torch.manual_seed(3)
+    ours = getattr(clf, cls_name)(**kwargs)
+    torch.manual_seed(3)
+    theirs = getattr(nn, cls_name)(**kwargs)
+    assert isinstance(ours, getattr(nn, cls_name))
+    ours_params = list(ours.named_parameters())
+    theirs_params = list(theirs.named_parameters())
+    assert [n for n, _ in ours_params] == [n for n, _ in theirs_params]
+    for (name, a), (_, b) in zip(ours_params, theirs_params):
+        assert a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name}: initialisation differs from torch.nn"
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
+@pytest.mark.parametrize("cls_name,kwargs", CLASSES, ids=lambda v: str(v))
+def test_state_dict_both_ways(cls_name, kwargs):
+    ours = getattr(clf, cls_name)(**kwargs)
+    theirs = getattr(nn, cls_name)(**kwargs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), n
+    fresh = getattr(nn, cls_name)(**kwargs)
+    fresh.load_state_dict(ours.state_dict(), strict=True)
+    for (n, a), (_, b) in zip(fresh.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("cls_name,kwargs", CLASSES, ids=lambda v: str(v))
+def test_repr_signature_copy_pickle(cls_name, kwargs):
+    ours = getattr(clf, cls_name)(**kwargs, backend="reference")
+    theirs = getattr(nn, cls_name)(**kwargs)
+    assert repr(ours) == repr(theirs)[:-1] + ", backend='reference')"
+    ours_sig = inspect.signature(type(ours))
+    assert ours_sig.parameters["backend"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert ours_sig.parameters["backend"].default == "auto"
+    theirs_names = [p for p in inspect.signature(type(theirs)).parameters]
+    if theirs_names != ["args", "kwargs"]:  # overloaded constructors show (*args, **kwargs)
+        assert [p for p in ours_sig.parameters if p != "backend"] == theirs_names
+    for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert type(clone) is type(ours) and clone.backend == "reference"
+        for a, b in zip(clone.parameters(), ours.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_flatten_parameters_exists_and_keeps_working():
+    ours, theirs = make_pair("LSTM", "reference", input_size=3, hidden_size=4)
+    ours.flatten_parameters()
+    x = torch.randn(2, 2, 3)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_backend_is_torch_nn_bit_for_bit():
+    ours, theirs = make_pair("LSTM", "torch", input_size=3, hidden_size=4, num_layers=2)
+    x = torch.randn(6, 2, 3)
+    assert torch.equal(ours(x)[0], theirs(x)[0])
+
+
+def _spec(device="cpu", dtype=torch.float32):
+    return RecurrenceSpec("lstm", 4, 0, False, torch.device(device), dtype, 2, 3, False)
+
+
+def test_registry_and_auto_resolution():
+    names = clf.available_backends()
+    assert {"reference", "torch"} <= set(names)
+    report = backends.backend_report()
+    assert report["reference"] is None and report["torch"] is None
+    # auto picks from the dispatch table, which ends with torch, and never the slow spec
+    chosen = backends.resolve("auto", _spec())
+    assert chosen.name in backends.AUTO_PREFERENCE["cpu"]
+    assert chosen.name != "reference"
+    assert backends.resolve("reference", _spec()).name == "reference"
+
+
+def test_set_backend_and_use_backend():
+    m = clf.GRU(3, 4)
+    assert clf.get_default() == "auto"
+    with clf.use_backend("reference"):
+        assert clf.get_default() == "reference"
+        assert backends.resolve(m.backend, _spec()).name == "reference"
+        # a module's own choice wins over the process default
+        assert backends.resolve("torch", _spec()).name == "torch"
+    assert clf.get_default() == "auto"
+    clf.set_backend("reference")
+    try:
+        assert backends.resolve("auto", _spec()).name == "reference"
+    finally:
+        clf.set_backend("auto")
+    with pytest.raises(ValueError, match="got 'fast'"):
+        clf.set_backend("fast")
+
+
+def test_env_variable_sets_process_default():
+    code = "import cnnlstm_fast as c; print(c.get_default())"
+    env = {**os.environ, "CNNLSTM_FAST_BACKEND": "reference"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reference"
+    env["CNNLSTM_FAST_BACKEND"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "got 'bogus'" in out.stderr
+
+
+class _CpuOnlyFloat32(backends.Backend):
+    name = "test-only"
+    supports = "CPU tensors of dtype float32"
+
+    def unsupported_reason(self, spec):
+        if spec.dtype != torch.float32:
+            return f"dtype {spec.dtype}"
+        return None
+
+
+def test_explicit_backend_that_cannot_run_input_says_what_it_supports():
+    backends.register(_CpuOnlyFloat32())
+    try:
+        m = clf.LSTM(3, 4, backend="test-only").double()
+        with pytest.raises(BackendUnavailableError, match=r"dtype torch.float64.*CPU tensors of dtype float32"):
+            m(torch.randn(2, 1, 3, dtype=torch.float64))
+        # auto never picks it silently: it is not in the dispatch table
+        assert backends.resolve("auto", _spec(dtype=torch.float64)).name != "test-only"
+    finally:
+        backends._REGISTRY.pop("test-only")
+
+
+def test_changing_backend_after_construction():
+    ours, theirs = make_pair("GRU", "torch", input_size=3, hidden_size=4)
+    ours.backend = "reference"
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=1e-5, atol=1e-6)

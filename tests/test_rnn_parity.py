@@ -1,0 +1,200 @@
+"""Module-level parity with torch.nn: outputs and every gradient, over the whole matrix
+of constructor options and input kinds, for each recurrence backend on this machine."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import assert_close, clone_inputs, make_packed, make_pair, module_backends, run_and_grad
+
+BACKENDS = module_backends()
+
+# (module class, extra constructor kwargs)
+CELLS = [
+    ("LSTM", {}),
+    ("LSTM", {"proj_size": 3}),
+    ("GRU", {}),
+    ("RNN", {"nonlinearity": "tanh"}),
+    ("RNN", {"nonlinearity": "relu"}),
+]
+INPUT_KINDS = ["batched", "unbatched", "packed_sorted", "packed_unsorted"]
+
+I, H, B, T = 5, 7, 3, 4
+RTOL, ATOL = 1e-5, 2e-6
+
+
+def _input_and_hx(cls_name, kind, batch_first, with_hx, module, dtype=torch.float32):
+    directions = 2 if module.bidirectional else 1
+    out_size = module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
+    layers = module.num_layers * directions
+    if kind == "batched":
+        x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
+        hx_batch = (B,)
+    elif kind == "unbatched":
+        x = torch.randn(T, I, dtype=dtype)
+        hx_batch = ()
+    else:
+        # lengths include 1 and a tie; unsorted order exercises the hx permutation
+        lengths = [T, 1, T - 1] if kind == "packed_unsorted" else [T, T - 1, 1]
+        x = make_packed(lengths, B, I, dtype, enforce_sorted=kind == "packed_sorted")
+        hx_batch = (B,)
+    if not with_hx:
+        return x, None
+    h = torch.randn(layers, *hx_batch, out_size, dtype=dtype)
+    if cls_name != "LSTM":
+        return x, h
+    return x, (h, torch.randn(layers, *hx_batch, module.hidden_size, dtype=dtype))
+
+
+def _compare(ours, theirs, inputs, rtol=RTOL, atol=ATOL):
+    out_t, in_grads_t, p_grads_t = run_and_grad(theirs, clone_inputs(inputs))
+    out_o, in_grads_o, p_grads_o = run_and_grad(ours, clone_inputs(inputs))
+    out_t_flat = [out_t[0], *([out_t[1]] if isinstance(out_t[1], torch.Tensor) else out_t[1])]
+    out_o_flat = [out_o[0], *([out_o[1]] if isinstance(out_o[1], torch.Tensor) else out_o[1])]
+    for k, (a, e) in enumerate(zip(out_o_flat, out_t_flat, strict=True)):
+        assert_close(a, e, rtol, atol, what=f"output {k}")
+    for k, (a, e) in enumerate(zip(in_grads_o, in_grads_t, strict=True)):
+        assert_close(a, e, rtol, atol, what=f"grad of input {k}")
+    assert p_grads_o.keys() == p_grads_t.keys()
+    for name in p_grads_t:
+        assert_close(p_grads_o[name], p_grads_t[name], rtol, atol, what=f"grad of {name}")
+
+
+MATRIX = list(
+    itertools.product(
+        range(len(CELLS)), [1, 2, 3, 4], [True, False], [False, True], [False, True], INPUT_KINDS
+    )
+)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "cell,layers,bias,batch_first,bidirectional,kind",
+    MATRIX,
+    ids=[
+        f"{CELLS[c][0]}{'-proj' if CELLS[c][1].get('proj_size') else ''}"
+        f"{'-' + CELLS[c][1]['nonlinearity'] if 'nonlinearity' in CELLS[c][1] else ''}"
+        f"-L{layers}-{'bias' if bias else 'nobias'}-{'bf' if bf else 'tf'}-{'bi' if bi else 'uni'}-{kind}"
+        for c, layers, bias, bf, bi, kind in MATRIX
+    ],
+)
+def test_parity_with_torch_nn(backend, cell, layers, bias, batch_first, bidirectional, kind):
+    cls_name, extra = CELLS[cell]
+    ours, theirs = make_pair(
+        cls_name,
+        backend,
+        input_size=I,
+        hidden_size=H,
+        num_layers=layers,
+        bias=bias,
+        batch_first=batch_first,
+        bidirectional=bidirectional,
+        **extra,
+    )
+    # hx given on odd layer counts, None on even: both paths meet every other option.
+    x, hx = _input_and_hx(cls_name, kind, batch_first, layers % 2 == 1, ours)
+    _compare(ours, theirs, (x, hx))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls_name,extra", CELLS, ids=lambda v: str(v))
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_hx_given_and_none(backend, cls_name, extra, with_hx):
+    ours, theirs = make_pair(cls_name, backend, input_size=I, hidden_size=H, num_layers=2,
+                             bidirectional=True, **extra)
+    for kind in INPUT_KINDS:
+        x, hx = _input_and_hx(cls_name, kind, False, with_hx, ours)
+        _compare(ours, theirs, (x, hx))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls_name,extra", CELLS, ids=lambda v: str(v))
+@pytest.mark.parametrize("kind", ["batched", "packed_unsorted"])
+def test_dropout_masks_match_torch(backend, cls_name, extra, kind):
+    """With the same seed, inter-layer dropout draws the same masks as torch.nn on CPU."""
+    ours, theirs = make_pair(cls_name, backend, input_size=I, hidden_size=H, num_layers=3,
+                             dropout=0.4, bidirectional=True, **extra)
+    ours.train()
+    theirs.train()
+    x, hx = _input_and_hx(cls_name, kind, False, True, ours)
+    torch.manual_seed(7)
+    out_t, _, grads_t = run_and_grad(theirs, clone_inputs((x, hx)))
+    torch.manual_seed(7)
+    out_o, _, grads_o = run_and_grad(ours, clone_inputs((x, hx)))
+    assert_close(out_o[0], out_t[0], RTOL, ATOL, what="output")
+    for name in grads_t:
+        assert_close(grads_o[name], grads_t[name], RTOL, ATOL, what=f"grad of {name}")
+    # eval mode: no dropout at all
+    ours.eval()
+    theirs.eval()
+    _compare(ours, theirs, (x, hx))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls_name,extra", CELLS, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "steps,batch,input_size,hidden", [(1, 1, 1, 1), (1, 5, 3, 4), (9, 1, 2, 13), (6, 11, 17, 5)]
+)
+def test_odd_shapes(backend, cls_name, extra, steps, batch, input_size, hidden):
+    extra = dict(extra)
+    if "proj_size" in extra:
+        if hidden == 1:
+            pytest.skip("proj_size must be smaller than hidden_size")
+        extra["proj_size"] = min(extra["proj_size"], hidden - 1)
+    ours, theirs = make_pair(cls_name, backend, input_size=input_size, hidden_size=hidden,
+                             bidirectional=True, **extra)
+    x = torch.randn(steps, batch, input_size)
+    _compare(ours, theirs, (x, None))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls_name,extra", CELLS, ids=lambda v: str(v))
+def test_packed_all_lengths_one_and_batch_one(backend, cls_name, extra):
+    ours, theirs = make_pair(cls_name, backend, input_size=I, hidden_size=H, num_layers=2,
+                             bidirectional=True, **extra)
+    for lengths in ([1, 1, 1], [1], [5]):
+        x = make_packed(lengths, len(lengths), I, torch.float32, enforce_sorted=False)
+        _compare(ours, theirs, (x, None))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls_name,extra", CELLS, ids=lambda v: str(v))
+def test_float64(backend, cls_name, extra):
+    ours, theirs = make_pair(cls_name, backend, dtype=torch.float64, input_size=I, hidden_size=H,
+                             num_layers=2, bidirectional=True, **extra)
+    for kind in INPUT_KINDS:
+        x, hx = _input_and_hx(cls_name, kind, False, True, ours, dtype=torch.float64)
+        _compare(ours, theirs, (x, hx), rtol=1e-10, atol=1e-12)
+
+
+CELL_CLASSES = [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {"nonlinearity": "tanh"}),
+                ("RNNCell", {"nonlinearity": "relu"})]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls_name,extra", CELL_CLASSES, ids=lambda v: str(v))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("with_hx", [True, False])
+def test_cells(backend, cls_name, extra, bias, batched, with_hx):
+    ours, theirs = make_pair(cls_name, backend, input_size=I, hidden_size=H, bias=bias, **extra)
+    shape = (B,) if batched else ()
+    x = torch.randn(*shape, I)
+    hx = None
+    if with_hx:
+        hx = torch.randn(*shape, H)
+        if cls_name == "LSTMCell":
+            hx = (hx, torch.randn(*shape, H))
+    out_t, in_t, p_t = run_and_grad(theirs, clone_inputs((x, hx)))
+    out_o, in_o, p_o = run_and_grad(ours, clone_inputs((x, hx)))
+    out_t = out_t if isinstance(out_t, tuple) else (out_t,)
+    out_o = out_o if isinstance(out_o, tuple) else (out_o,)
+    for k, (a, e) in enumerate(zip(out_o, out_t, strict=True)):
+        assert_close(a, e, RTOL, ATOL, what=f"output {k}")
+    for k, (a, e) in enumerate(zip(in_o, in_t, strict=True)):
+        assert_close(a, e, RTOL, ATOL, what=f"grad of input {k}")
+    for name in p_t:
+        assert_close(p_o[name], p_t[name], RTOL, ATOL, what=f"grad of {name}")
