@@ -159,3 +159,27 @@ def test_changing_backend_after_construction():
     ours.backend = "reference"
     x = torch.randn(5, 2, 3)
     torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=1e-5, atol=1e-6)
+
+
+AUTOCAST_CASES = [
+    ("LSTM", dict(input_size=4, hidden_size=5, num_layers=2), (6, 3, 4)),
+    ("GRU", dict(input_size=4, hidden_size=5), (6, 3, 4)),
+    ("RNN", dict(input_size=4, hidden_size=5, bidirectional=True), (6, 3, 4)),
+    ("LSTMCell", dict(input_size=4, hidden_size=5), (3, 4)),
+    ("GRUCell", dict(input_size=4, hidden_size=5), (3, 4)),
+    ("RNNCell", dict(input_size=4, hidden_size=5), (3, 4)),
+]
+
+
+@pytest.mark.parametrize("cls_name,kwargs,shape", AUTOCAST_CASES, ids=lambda v: str(v))
+def test_cpu_autocast_output_dtype_and_values_follow_torch(cls_name, kwargs, shape):
+    ours, theirs = make_pair(cls_name, "reference", **kwargs)
+    x = torch.randn(*shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = theirs(x), ours(x)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = got if isinstance(got, tuple) else (got,)
+    for e, g in zip(expected, got):
+        e, g = (e if isinstance(e, torch.Tensor) else e[0]), (g if isinstance(g, torch.Tensor) else g[0])
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g.float(), e.float(), rtol=0.05, atol=0.05)

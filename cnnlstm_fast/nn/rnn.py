@@ -47,6 +47,25 @@ def _split_bias(cell: str, b_ih, b_hh, hidden: int):
     return torch.cat((b_ih[:two_h] + b_hh[:two_h], b_ih[two_h:])), b_hh[two_h:]
 
 
+# Under torch.autocast, torch.nn's recurrent layers run in the autocast dtype where
+# their ops are on autocast's lower-precision lists, and in the input dtype elsewhere.
+# On CPU that is (measured with torch 2.13, see tests/test_rnn_api.py) LSTM (oneDNN),
+# RNN and RNNCell; on CUDA every layer and cell (cuDNN RNN and the *_cell ops).
+_AUTOCAST_LOWERS = {
+    "cpu": {("seq", "lstm"), ("seq", "rnn_tanh"), ("seq", "rnn_relu"),
+            ("cell", "rnn_tanh"), ("cell", "rnn_relu")},
+    "cuda": {(kind, cell) for kind in ("seq", "cell") for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu")},
+}
+
+
+def _compute_dtype(kind: str, cell: str, data: torch.Tensor) -> torch.dtype:
+    """The dtype the layer runs in: the input's, or autocast's where torch.nn lowers."""
+    device = data.device.type
+    if data.dtype.is_floating_point and torch.is_autocast_enabled(device) and (kind, cell) in _AUTOCAST_LOWERS.get(device, ()):
+        return torch.get_autocast_dtype(device)
+    return data.dtype
+
+
 def _check_same_device_dtype(input: torch.Tensor, states) -> None:
     for state in states:
         if state.device != input.device:
@@ -98,13 +117,14 @@ class _BackendMixin:
         self.backend = backends._check_name(backend)
 
     def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool):
+        cell = _cell_of(self)
         spec = RecurrenceSpec(
-            cell=_cell_of(self),
+            cell=cell,
             hidden_size=self.hidden_size,
             proj_size=getattr(self, "proj_size", 0),
             reverse=False,
             device=data.device,
-            dtype=data.dtype,
+            dtype=_compute_dtype("seq" if isinstance(self, nn.RNNBase) else "cell", cell, data),
             batch=batch,
             steps=steps,
             variable_lengths=packed,
@@ -212,10 +232,14 @@ class _SequenceMixin(_BackendMixin):
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = hx if is_lstm else (hx, None)
+        if x.dtype != spec.dtype:  # autocast
+            x, h0 = x.to(spec.dtype), h0.to(spec.dtype)
+            c0 = None if c0 is None else c0.to(spec.dtype)
         _check_same_device_dtype(x, (h0,) if c0 is None else (h0, c0))
 
         layout = None if batch_sizes is None else _PackedLayout(batch_sizes, x.device)
-        output, h_n, c_n = self._run_layers(backend, spec, x, h0, c0, batch_sizes, layout)
+        with torch.autocast(x.device.type, enabled=False):
+            output, h_n, c_n = self._run_layers(backend, spec, x, h0, c0, batch_sizes, layout)
 
         hidden = (h_n, c_n) if is_lstm else h_n
         if batch_sizes is not None:
@@ -235,7 +259,7 @@ class _SequenceMixin(_BackendMixin):
             outputs = []
             for direction in range(directions):
                 k = layer * directions + direction
-                weights = [getattr(self, name) for name in self._all_weights[k]]
+                weights = [getattr(self, name).to(spec.dtype) for name in self._all_weights[k]]
                 w_ih, w_hh = weights[0], weights[1]
                 b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
                 w_hr = weights[-1] if self.proj_size > 0 else None
@@ -296,13 +320,21 @@ class _CellMixin(_BackendMixin):
         if not states:
             zeros = input.new_zeros(input.size(0), self.hidden_size)
             states = (zeros, zeros) if is_lstm else (zeros,)
+        if input.dtype != spec.dtype:  # autocast
+            input = input.to(spec.dtype)
+            states = tuple(s.to(spec.dtype) for s in states)
         self._check_cell_args(input, states)
 
-        gx_bias, b_hn = _split_bias(spec.cell, self.bias_ih, self.bias_hh, self.hidden_size)
-        gx = F.linear(input, self.weight_ih, gx_bias).unsqueeze(0)
-        _, h, c = recurrence(
-            backend, spec, gx, states[0], states[1] if is_lstm else None, self.weight_hh, None, b_hn
+        w_ih, w_hh, b_ih, b_hh = (
+            None if w is None else w.to(spec.dtype)
+            for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         )
+        with torch.autocast(input.device.type, enabled=False):
+            gx_bias, b_hn = _split_bias(spec.cell, b_ih, b_hh, self.hidden_size)
+            gx = F.linear(input, w_ih, gx_bias).unsqueeze(0)
+            _, h, c = recurrence(
+                backend, spec, gx, states[0], states[1] if is_lstm else None, w_hh, None, b_hn
+            )
         if not is_batched:
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
@@ -325,7 +357,7 @@ class _CellMixin(_BackendMixin):
                     f"expected {self.hidden_size}"
                 )
         _check_same_device_dtype(input, states)
-        if input.dtype != self.weight_ih.dtype:
+        if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
             raise RuntimeError(
                 f"mat1 and mat2 must have the same dtype, but got {input.dtype} and "
                 f"{self.weight_ih.dtype}"
