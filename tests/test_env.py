@@ -1,0 +1,98 @@
+"""The build/runtime report tells the truth: build_info, cuda_runtime_info, env report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cnnlstm_fast import _ext, backends, env
+
+_C = _ext.load()
+needs_ext = pytest.mark.skipif(_C is None, reason=f"extension not built: {_ext.load_error()}")
+needs_cuda_build = pytest.mark.skipif(
+    _C is None or not _C.build_info()["cuda"], reason="extension built without CUDA"
+)
+
+
+def test_load_is_cached_and_consistent():
+    assert _ext.load() is _C
+    assert (_ext.load_error() is None) == (_C is not None)
+
+
+@needs_ext
+def test_build_info_fields():
+    info = _C.build_info()
+    assert info["compiler"].split()[0] in ("GCC", "Clang"), info["compiler"]
+    assert info["cxx_standard"] >= 201703
+    assert info["openmp"] is True, "setup.py compiles with -fopenmp"
+    assert info["openmp_version"] >= 200805
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    if not info["cuda"]:
+        assert info["cuda_archs"] == [] and info["cuda_toolkit_version"] is None
+
+
+@needs_cuda_build
+def test_build_info_cuda_archs_match_build_environment():
+    info = _C.build_info()
+    expected = os.environ.get("CNNLSTM_FAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    assert info["cuda_archs"] == [a.strip().replace(".", "") for a in expected if a.strip()]
+    assert info["cuda_toolkit_version"] >= 11000
+
+
+@needs_cuda_build
+def test_cuda_runtime_info_matches_torch():
+    info = _C.cuda_runtime_info()
+    assert info["compiled"] is True
+    runtime = info["runtime_version"]
+    assert runtime["error"] is None
+    assert runtime["value"] == _C.build_info()["cuda_toolkit_version"], "cudart is static"
+    count = info["device_count"]
+    if torch.cuda.is_available():
+        assert count["error"] is None and count["value"] == torch.cuda.device_count()
+    else:
+        # No usable GPU: the runtime must say why (no driver, no device), or count zero.
+        assert count["value"] == 0
+        assert count["error"] is None or count["error"].startswith("cudaError")
+
+
+@pytest.mark.skipif(_C is None or _C.build_info()["cuda"], reason="only for CPU-only builds")
+def test_cuda_runtime_info_without_cuda_says_so():
+    info = _C.cuda_runtime_info()
+    assert info["compiled"] is False and "without CUDA" in info["reason"]
+
+
+def test_collect_matches_registry():
+    info = env.collect()
+    assert info["backends"] == backends.backend_report()
+    assert info["available_backends"] == backends.available_backends()
+    assert info["default_backend"] == backends.get_default()
+    assert info["extension"]["built"] == (_C is not None)
+    assert info["torch_cuda"]["available"] == torch.cuda.is_available()
+    assert info["warnings"] == [], info["warnings"]
+
+
+def test_env_module_json_in_subprocess():
+    out = subprocess.run(
+        [sys.executable, "-m", "cnnlstm_fast.env", "--json"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    info = json.loads(out)
+    assert info["backends"]["reference"] is None
+    assert info["backends"]["torch"] is None
+    assert {"reference", "torch"} <= set(info["available_backends"])
+    assert info["torch"] == torch.__version__
+
+
+def test_env_module_text_report_in_subprocess():
+    out = subprocess.run(
+        [sys.executable, "-m", "cnnlstm_fast.env"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    assert torch.__version__ in out
+    for name in backends.registered_backends():
+        assert name in out
+    if _C is None:
+        assert "built                        no" in out
