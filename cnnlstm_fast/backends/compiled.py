@@ -1,0 +1,103 @@
+"""What the ``cpu`` and ``cuda`` backends share: the compiled torch.library ops.
+
+``cnnlstm_fast::recurrence_forward`` / ``recurrence_backward`` are declared once in C++
+(``csrc/cpu/recurrence.cpp``) with a CPU kernel there and a CUDA kernel in
+``csrc/recurrence_cuda.cpp``; the dispatcher picks by the tensors' device. Both save
+exactly what the ``reference`` backend saves (activations, the state before each step,
+and the LSTM cell state / GRU ``a_n + b_hn``), in the compute dtype (float32 for 16-bit
+inputs). The fake (shape) implementations here let torch.compile trace the ops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import _ext
+from .base import GATES, Backend
+from .reference import compute_dtype
+
+_SAVES_EXTRA = ("lstm", "gru")
+
+
+@functools.cache
+def ops():
+    """``torch.ops.cnnlstm_fast`` once the extension is loaded and the fakes are
+    registered; None when the extension is missing."""
+    if _ext.load() is None:
+        return None
+    namespace = torch.ops.cnnlstm_fast
+    if not hasattr(namespace, "recurrence_forward"):
+        return None
+    torch.library.register_fake("cnnlstm_fast::recurrence_forward")(_forward_fake)
+    torch.library.register_fake("cnnlstm_fast::recurrence_backward")(_backward_fake)
+    return namespace
+
+
+def _forward_fake(cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, reverse, need_saved):
+    steps, batch, gate_width = gx.shape
+    hidden = gate_width // GATES[cell]
+    out = h0.shape[1]
+    acc = compute_dtype(gx.dtype)
+
+    def saved(*shape, keep=True):
+        return gx.new_empty(*shape, dtype=acc) if need_saved and keep else gx.new_empty(0, dtype=acc)
+
+    return (
+        gx.new_empty(steps, batch, out),
+        h0.new_empty(batch, out),
+        c0.new_empty(batch, hidden) if cell == "lstm" else gx.new_empty(0, dtype=acc),
+        saved(steps, batch, gate_width),
+        saved(steps, batch, out),
+        saved(steps, batch, hidden, keep=cell in _SAVES_EXTRA),
+    )
+
+
+def _backward_fake(cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, reverse, d_y, d_hT, d_cT):
+    steps, batch, gate_width = act.shape
+    hidden = gate_width // GATES[cell]
+    acc = compute_dtype(d_y.dtype)
+    return (
+        d_y.new_empty(steps, batch, gate_width),
+        d_hT.new_empty(d_hT.shape),
+        (d_cT if d_cT is not None else d_hT).new_empty(batch, hidden)
+        if cell == "lstm"
+        else act.new_empty(0),
+        w_hh.new_empty(w_hh.shape),
+        w_hr.new_empty(w_hr.shape) if w_hr is not None else act.new_empty(0),
+        act.new_empty(hidden, dtype=acc) if cell == "gru" else act.new_empty(0),
+    )
+
+
+class CompiledOpsBackend(Backend):
+    """A backend whose recurrence is the compiled op pair (see the module docstring)."""
+
+    def unavailable_reason(self) -> str | None:
+        if ops() is None:
+            return _ext.load_error() or "cnnlstm_fast._C has no recurrence ops"
+        return None
+
+    def forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
+        y, h_t, c_t, act, h_prev, extra = ops().recurrence_forward(
+            spec.cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, spec.reverse, need_saved
+        )
+        saved = ()
+        if need_saved:
+            saved = (act, h_prev, extra if spec.cell in _SAVES_EXTRA else None, w_hh, w_hr)
+        return y, h_t, c_t if spec.cell == "lstm" else None, saved
+
+    def backward(self, spec, saved, batch_sizes, d_y, d_hT, d_cT):
+        act, h_prev, extra, w_hh, w_hr = saved
+        d_gx, dh0, dc0, d_w_hh, d_w_hr, d_b_hn = ops().recurrence_backward(
+            spec.cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, spec.reverse,
+            d_y, d_hT, d_cT,
+        )
+        return (
+            d_gx,
+            dh0,
+            dc0 if spec.cell == "lstm" else None,
+            d_w_hh,
+            d_w_hr if w_hr is not None else None,
+            d_b_hn if spec.cell == "gru" else None,
+        )

@@ -1,0 +1,32 @@
+"""The ``cpu`` backend: the recurrence in C++ (``csrc/cpu/recurrence.cpp``).
+
+The whole time loop of one layer and direction runs in C++ as the torch.library ops
+``cnnlstm_fast::recurrence_forward`` / ``recurrence_backward`` (CPU dispatch key): per
+step one BLAS GEMM on the active rows and one fused, vectorised, multi-threaded
+pointwise pass (``csrc/include/cnnlstm_fast/gate_math.h``). It computes and saves
+exactly what the ``reference`` backend does (shared op plumbing: ``compiled.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import RecurrenceSpec
+from .compiled import CompiledOpsBackend
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+class CpuBackend(CompiledOpsBackend):
+    name = "cpu"
+    supports = (
+        "CPU tensors in float32 or float64: LSTM (with or without proj_size), GRU, "
+        "RNN tanh/relu, packed sequences, both directions"
+    )
+
+    def unsupported_reason(self, spec: RecurrenceSpec) -> str | None:
+        if spec.device.type != "cpu":
+            return f"device {spec.device} is not a CPU device"
+        if spec.dtype not in _DTYPES:
+            return f"dtype {spec.dtype} is not float32 or float64"
+        return None

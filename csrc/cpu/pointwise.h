@@ -1,0 +1,64 @@
+// The fused per-step pointwise pass of the CPU recurrence (bias, activations, state
+// update; or their derivatives), one function per cell type and direction.
+//
+// The kernels are compiled twice from pointwise_impl.h: once for the baseline ISA
+// (pointwise_default.cpp) and once for AVX2+FMA (pointwise_avx2.cpp), because an
+// extension is built with the compiler's baseline flags while the SIMD math
+// (at::vec::Vectorized, Sleef) only vectorises when its TU targets AVX2.
+// recurrence.cpp picks the table at run time from what the CPU supports.
+#pragma once
+
+#include <cstdint>
+
+namespace cnnlstm_fast::cpu {
+
+enum Cell : int { kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3, kNumCells = 4 };
+
+// One forward step on rows [0, rows). Row-major, gates of a row contiguous
+// (gates * hidden). Pointers that a cell does not use are null.
+template <typename scalar_t>
+struct ForwardStep {
+  int64_t rows;
+  int64_t hidden;
+  const scalar_t* gx;    // (rows, gates*hidden) G_x[t]
+  scalar_t* act;         // (rows, gates*hidden) in: h W_hh^T; out: gate activations
+  scalar_t* h;           // (rows, hidden) in: h_{t-1} (GRU); out: h_t (not with projection)
+  scalar_t* y;           // (rows, hidden) out: Y[t] (not with projection)
+  scalar_t* c;           // LSTM (rows, hidden): cell state, updated in place
+  scalar_t* m;           // LSTM with projection (rows, hidden) out: o * tanh(c)
+  scalar_t* extra;       // GRU (rows, hidden) out: a_n + b_hn, saved for backward (nullable)
+  const scalar_t* b_hn;  // GRU (hidden) or null (no bias)
+};
+
+// One backward step on rows [0, rows).
+template <typename scalar_t>
+struct BackwardStep {
+  int64_t rows;
+  int64_t hidden;
+  const scalar_t* act;      // (rows, gates*hidden) gate activations saved by forward
+  const scalar_t* extra;    // LSTM: cell state before the step; GRU: a_n + b_hn
+  const scalar_t* h_prev;   // GRU (rows, hidden): h before the step
+  const scalar_t* d_y;      // (rows, hidden) dY[t]
+  scalar_t* dh;             // (rows, hidden) in: dh from later steps; GRU out: d_h * z
+  const scalar_t* d_m;      // LSTM with projection (rows, hidden): gradient of m, else null
+  scalar_t* dc;             // LSTM (rows, hidden): cell-state gradient, updated in place
+  scalar_t* d_gx;           // (rows, gates*hidden) out: dG_x[t]
+  scalar_t* d_gh;           // GRU (rows, gates*hidden) out: gradient of h W_hh^T (+ b_hn)
+  scalar_t* m;              // LSTM with projection (rows, hidden) out: o * tanh(c)
+};
+
+template <typename scalar_t>
+struct PointwiseKernels {
+  void (*forward[kNumCells])(const ForwardStep<scalar_t>&);
+  void (*backward[kNumCells])(const BackwardStep<scalar_t>&);
+  void (*add)(int64_t size, const scalar_t* a, const scalar_t* b, scalar_t* out);
+};
+
+template <typename scalar_t>
+const PointwiseKernels<scalar_t>& pointwise_kernels_default();
+
+// Null when this build has no AVX2 variant (a non-x86 target).
+template <typename scalar_t>
+const PointwiseKernels<scalar_t>* pointwise_kernels_avx2();
+
+}  // namespace cnnlstm_fast::cpu

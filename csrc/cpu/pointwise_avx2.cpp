@@ -1,0 +1,43 @@
+// The pointwise kernels for AVX2+FMA: this TU alone is compiled for that ISA (the rest
+// of the extension keeps the baseline flags) and recurrence.cpp calls it only on CPUs
+// that have AVX2 and FMA. CPU_CAPABILITY puts at::vec's types in their own inline
+// namespace, as torch's own AVX2 kernels do, so they never clash with the baseline TU.
+// The pragma does not define the ISA macros that sleef.h and at::vec test, hence the
+// defines: the whole TU is compiled for AVX2+FMA, so they are true.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#pragma GCC target("avx2,fma")
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#define CNNLSTM_FAST_KERNELS_FN pointwise_kernels_avx2_impl
+#include "pointwise_impl.h"
+
+namespace cnnlstm_fast::cpu {
+template <typename scalar_t>
+const PointwiseKernels<scalar_t>* pointwise_kernels_avx2() {
+  return &pointwise_kernels_avx2_impl<scalar_t>();
+}
+template const PointwiseKernels<float>* pointwise_kernels_avx2<float>();
+template const PointwiseKernels<double>* pointwise_kernels_avx2<double>();
+}  // namespace cnnlstm_fast::cpu
+
+#else
+#include "pointwise.h"
+
+namespace cnnlstm_fast::cpu {
+template <typename scalar_t>
+const PointwiseKernels<scalar_t>* pointwise_kernels_avx2() {
+  return nullptr;
+}
+template const PointwiseKernels<float>* pointwise_kernels_avx2<float>();
+template const PointwiseKernels<double>* pointwise_kernels_avx2<double>();
+}  // namespace cnnlstm_fast::cpu
+#endif

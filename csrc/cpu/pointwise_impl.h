@@ -1,0 +1,193 @@
+// Pointwise kernels of the CPU recurrence, instantiated by pointwise_default.cpp and
+// pointwise_avx2.cpp (see pointwise.h). The includer defines CNNLSTM_FAST_KERNELS_FN,
+// the name of the table getter it exports; everything else has internal linkage, so
+// the two instantiations (different ISA) never mix.
+//
+// Work split: the rows x hidden elements of a step, in units of one SIMD vector of one
+// row, across at::parallel_for (torch's intra-op threads). A unit reads all gates of its
+// hidden slice, so the whole step is a single pass over G_x, the GEMM result and the
+// state. A unit computes the same thing whatever chunk it falls in, so results do not
+// depend on the thread count.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+
+#include "cnnlstm_fast/gate_math.h"
+#include "pointwise.h"
+
+#ifndef CNNLSTM_FAST_KERNELS_FN
+#error "define CNNLSTM_FAST_KERNELS_FN before including pointwise_impl.h"
+#endif
+
+namespace cnnlstm_fast::cpu {
+namespace {
+
+namespace gm = cnnlstm_fast::gate_math;
+
+template <typename scalar_t>
+struct VecMath {
+  using V = at::vec::Vectorized<scalar_t>;
+  static V sigmoid(V x) { return V(1) / (V(1) + x.neg().exp()); }
+  static V tanh(V x) { return x.tanh(); }
+  static V relu(V x) { return at::vec::maximum(x, V(0)); }
+  static V relu_grad(V h) { return (h > V(0)) & V(1); }
+};
+
+// Below this many elements a step runs on the calling thread: forking costs more.
+constexpr int64_t kGrainElements = 2048;
+
+template <typename scalar_t, typename F>
+void for_each_vector(int64_t rows, int64_t hidden, const F& body) {
+  constexpr int64_t width = at::vec::Vectorized<scalar_t>::size();
+  const int64_t per_row = (hidden + width - 1) / width;
+  at::parallel_for(0, rows * per_row, std::max<int64_t>(1, kGrainElements / width),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t unit = begin; unit < end; ++unit) {
+                       const int64_t row = unit / per_row;
+                       const int64_t j = (unit - row * per_row) * width;
+                       body(row, j, std::min<int64_t>(width, hidden - j));
+                     }
+                   });
+}
+
+template <typename scalar_t>
+void lstm_forward(const ForwardStep<scalar_t>& s) {
+  using V = at::vec::Vectorized<scalar_t>;
+  const int64_t H = s.hidden;
+  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+    scalar_t* a = s.act + row * 4 * H + j;
+    const scalar_t* x = s.gx + row * 4 * H + j;
+    const int64_t k = row * H + j;
+    auto pre = [&](int64_t gate) {
+      return V::loadu(a + gate * H, n) + V::loadu(x + gate * H, n);
+    };
+    const auto r = gm::lstm_forward<VecMath<scalar_t>>(pre(0), pre(1), pre(2), pre(3),
+                                                        V::loadu(s.c + k, n));
+    r.i.store(a, n);
+    r.f.store(a + H, n);
+    r.g.store(a + 2 * H, n);
+    r.o.store(a + 3 * H, n);
+    r.c.store(s.c + k, n);
+    if (s.m != nullptr) {
+      r.m.store(s.m + k, n);
+    } else {
+      r.m.store(s.h + k, n);
+      r.m.store(s.y + k, n);
+    }
+  });
+}
+
+template <typename scalar_t>
+void gru_forward(const ForwardStep<scalar_t>& s) {
+  using V = at::vec::Vectorized<scalar_t>;
+  const int64_t H = s.hidden;
+  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+    scalar_t* a = s.act + row * 3 * H + j;
+    const scalar_t* x = s.gx + row * 3 * H + j;
+    const int64_t k = row * H + j;
+    const V b_hn = s.b_hn != nullptr ? V::loadu(s.b_hn + j, n) : V(0);
+    const auto r = gm::gru_forward<VecMath<scalar_t>>(
+        V::loadu(x, n), V::loadu(x + H, n), V::loadu(x + 2 * H, n), V::loadu(a, n),
+        V::loadu(a + H, n), V::loadu(a + 2 * H, n), b_hn, V::loadu(s.h + k, n));
+    r.r.store(a, n);
+    r.z.store(a + H, n);
+    r.n.store(a + 2 * H, n);
+    if (s.extra != nullptr) r.h_n.store(s.extra + k, n);
+    r.h.store(s.h + k, n);
+    r.h.store(s.y + k, n);
+  });
+}
+
+template <typename scalar_t, bool Relu>
+void rnn_forward(const ForwardStep<scalar_t>& s) {
+  using V = at::vec::Vectorized<scalar_t>;
+  const int64_t H = s.hidden;
+  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+    const int64_t k = row * H + j;
+    const V h = gm::rnn_forward<VecMath<scalar_t>, Relu>(V::loadu(s.act + k, n) +
+                                                          V::loadu(s.gx + k, n));
+    h.store(s.act + k, n);
+    h.store(s.h + k, n);
+    h.store(s.y + k, n);
+  });
+}
+
+template <typename scalar_t>
+void lstm_backward(const BackwardStep<scalar_t>& s) {
+  using V = at::vec::Vectorized<scalar_t>;
+  const int64_t H = s.hidden;
+  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+    const scalar_t* a = s.act + row * 4 * H + j;
+    scalar_t* d = s.d_gx + row * 4 * H + j;
+    const int64_t k = row * H + j;
+    const V d_m = s.d_m != nullptr ? V::loadu(s.d_m + k, n)
+                                   : V::loadu(s.dh + k, n) + V::loadu(s.d_y + k, n);
+    const auto r = gm::lstm_backward<VecMath<scalar_t>>(
+        V::loadu(a, n), V::loadu(a + H, n), V::loadu(a + 2 * H, n), V::loadu(a + 3 * H, n),
+        V::loadu(s.extra + k, n), d_m, V::loadu(s.dc + k, n));
+    r.d_i.store(d, n);
+    r.d_f.store(d + H, n);
+    r.d_g.store(d + 2 * H, n);
+    r.d_o.store(d + 3 * H, n);
+    r.d_c_prev.store(s.dc + k, n);
+    if (s.m != nullptr) r.m.store(s.m + k, n);
+  });
+}
+
+template <typename scalar_t>
+void gru_backward(const BackwardStep<scalar_t>& s) {
+  using V = at::vec::Vectorized<scalar_t>;
+  const int64_t H = s.hidden;
+  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+    const scalar_t* a = s.act + row * 3 * H + j;
+    scalar_t* dx = s.d_gx + row * 3 * H + j;
+    scalar_t* dr = s.d_gh + row * 3 * H + j;
+    const int64_t k = row * H + j;
+    const auto g = gm::gru_backward<VecMath<scalar_t>>(
+        V::loadu(a, n), V::loadu(a + H, n), V::loadu(a + 2 * H, n), V::loadu(s.extra + k, n),
+        V::loadu(s.h_prev + k, n), V::loadu(s.dh + k, n) + V::loadu(s.d_y + k, n));
+    g.d_r.store(dx, n);
+    g.d_z.store(dx + H, n);
+    g.d_n.store(dx + 2 * H, n);
+    g.d_r.store(dr, n);
+    g.d_z.store(dr + H, n);
+    g.d_a_n.store(dr + 2 * H, n);
+    g.d_h_direct.store(s.dh + k, n);
+  });
+}
+
+template <typename scalar_t, bool Relu>
+void rnn_backward(const BackwardStep<scalar_t>& s) {
+  using V = at::vec::Vectorized<scalar_t>;
+  const int64_t H = s.hidden;
+  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+    const int64_t k = row * H + j;
+    const V d_a = gm::rnn_backward<VecMath<scalar_t>, Relu>(
+        V::loadu(s.act + k, n), V::loadu(s.dh + k, n) + V::loadu(s.d_y + k, n));
+    d_a.store(s.d_gx + k, n);
+  });
+}
+
+template <typename scalar_t>
+void add(int64_t size, const scalar_t* a, const scalar_t* b, scalar_t* out) {
+  using V = at::vec::Vectorized<scalar_t>;
+  at::vec::map2([](V x, V y) { return x + y; }, out, a, b, size);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+const PointwiseKernels<scalar_t>& CNNLSTM_FAST_KERNELS_FN() {
+  static const PointwiseKernels<scalar_t> kernels{
+      {lstm_forward<scalar_t>, gru_forward<scalar_t>, rnn_forward<scalar_t, false>,
+       rnn_forward<scalar_t, true>},
+      {lstm_backward<scalar_t>, gru_backward<scalar_t>, rnn_backward<scalar_t, false>,
+       rnn_backward<scalar_t, true>},
+      add<scalar_t>,
+  };
+  return kernels;
+}
+
+}  // namespace cnnlstm_fast::cpu

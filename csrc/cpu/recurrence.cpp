@@ -1,0 +1,385 @@
+// The `cpu` backend: the whole-sequence recurrence of one layer and one direction, for
+// every cell type, as the torch.library ops cnnlstm_fast::recurrence_forward and
+// cnnlstm_fast::recurrence_backward (CPU dispatch key). The contract and the exact
+// semantics, saved state included, are those of cnnlstm_fast/backends/reference.py.
+//
+// Per step t, on the active row prefix [0, batch_sizes[t]): one BLAS GEMM h W_hh^T
+// written straight into the step's slice of the saved activations, then one fused
+// pointwise pass (pointwise.h: vectorised, parallel over rows x hidden). With a
+// projection a second GEMM m W_hr^T gives h. Every buffer is allocated before the loop.
+// Backward walks the steps in the opposite order with the transposed GEMMs and
+// computes dW_hh (and dW_hr) as one GEMM over all steps after the loop.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "pointwise.h"
+
+// The Fortran BLAS of the BLAS torch links (MKL, OpenBLAS): the per-step GEMMs go
+// there directly, as ATen's own CPU gemm does, without a dispatcher round trip and
+// tensor views per step. Weak: a torch without them uses at::mm instead.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace cnnlstm_fast::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int kGates[kNumCells] = {4, 3, 1, 1};
+
+Cell parse_cell(c10::string_view name) {
+  if (name == "lstm") return kLstm;
+  if (name == "gru") return kGru;
+  if (name == "rnn_tanh") return kRnnTanh;
+  if (name == "rnn_relu") return kRnnRelu;
+  TORCH_CHECK(false, "cell must be one of 'lstm', 'gru', 'rnn_tanh', 'rnn_relu', got '",
+              std::string(name), "'");
+}
+
+// Row-major C (m x n, leading dim ldc) = A (m x k) B' + beta C, with B' = B (k x n) or,
+// with trans_b, B^T for B stored (n x k). Column-major BLAS computes C^T = B'^T A^T.
+template <typename scalar_t>
+void gemm_rows(bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
+               const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int lda_i = static_cast<int>(lda), ldb_i = static_cast<int>(ldb);
+  const int ldc_i = static_cast<int>(ldc);
+  const char tb = trans_b ? 'T' : 'N', ta = 'N';
+  const scalar_t one = 1;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(&tb, &ta, &ni, &mi, &ki, &one, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr) {
+      dgemm_(&tb, &ta, &ni, &mi, &ki, &one, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+      return;
+    }
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
+  };
+  Tensor out = view(c, m, n, ldc);
+  Tensor rhs = trans_b ? view(b, n, k, ldb).t() : view(b, k, n, ldb);
+  if (beta == scalar_t(0)) {
+    at::mm_out(out, view(a, m, k, lda), rhs);
+  } else {
+    out.addmm_(view(a, m, k, lda), rhs, beta);
+  }
+}
+
+// The recurrent GEMM h W^T (or dG W) against either W or a copy transposed once: for
+// few rows BLAS runs the GEMV-like shape fastest with the weight streamed along its
+// output dimension (measured with MKL: ~10x at 1 row), for many rows the other way
+// (~1.2x at 64 rows). Both copies are made before the loop.
+constexpr int64_t kFewRows = 32;
+
+template <typename scalar_t>
+void gemm_recurrent(int64_t n, int64_t out_cols, int64_t k, const scalar_t* a,
+                    const scalar_t* w_streamed, const scalar_t* w_dot, scalar_t beta,
+                    scalar_t* c) {
+  // w_streamed: (k, out_cols) row-major; w_dot: the same matrix stored (out_cols, k).
+  if (n <= kFewRows) {
+    gemm_rows<scalar_t>(false, n, out_cols, k, a, k, w_streamed, out_cols, beta, c, out_cols);
+  } else {
+    gemm_rows<scalar_t>(true, n, out_cols, k, a, k, w_dot, k, beta, c, out_cols);
+  }
+}
+
+template <typename scalar_t>
+const PointwiseKernels<scalar_t>& pointwise_kernels() {
+  static const PointwiseKernels<scalar_t>* kernels = [] {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      if (auto* k = pointwise_kernels_avx2<scalar_t>()) return k;
+    }
+#endif
+    return &pointwise_kernels_default<scalar_t>();
+  }();
+  return *kernels;
+}
+
+// Active rows per step: batch_sizes, or every row.
+std::vector<int64_t> active_rows(const c10::optional<Tensor>& batch_sizes, int64_t steps,
+                                 int64_t batch) {
+  if (!batch_sizes.has_value() || !batch_sizes->defined()) {
+    return std::vector<int64_t>(steps, batch);
+  }
+  const Tensor& sizes = *batch_sizes;
+  TORCH_CHECK(sizes.device().is_cpu() && sizes.scalar_type() == at::kLong && sizes.dim() == 1,
+              "batch_sizes must be a 1-D int64 CPU tensor, got ", sizes.dim(), "-D ",
+              sizes.scalar_type(), " on ", sizes.device());
+  TORCH_CHECK(sizes.size(0) == steps, "batch_sizes must have one entry per step (", steps,
+              "), got ", sizes.size(0));
+  const Tensor contiguous = sizes.contiguous();
+  const int64_t* data = contiguous.const_data_ptr<int64_t>();
+  std::vector<int64_t> rows(data, data + steps);
+  for (int64_t n : rows) {
+    TORCH_CHECK(n >= 0 && n <= batch, "batch_sizes entries must lie in [0, ", batch, "], got ",
+                n);
+  }
+  return rows;
+}
+
+void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype,
+                  std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu(), "cnnlstm_fast cpu backend: ", name,
+              " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "cnnlstm_fast cpu backend: ", name,
+              " must have dtype ", dtype, " (that of gx), got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), "cnnlstm_fast cpu backend: ", name,
+              " must have shape ", c10::IntArrayRef(shape), ", got ", t.sizes());
+}
+
+bool present(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Zeroes rows [rows, batch) of a (batch, width) slab: inactive rows of a step.
+template <typename scalar_t>
+void zero_tail(scalar_t* slab, int64_t rows, int64_t batch, int64_t width) {
+  if (rows < batch) std::memset(slab + rows * width, 0, (batch - rows) * width * sizeof(scalar_t));
+}
+
+template <typename scalar_t>
+void forward_loop(Cell cell, const std::vector<int64_t>& rows, bool reverse, const Tensor& gx,
+                  const Tensor& w_hh, const Tensor& w_hr, const Tensor& b_hn, Tensor& h,
+                  Tensor& c, Tensor& y, Tensor& act, Tensor& h_prev, Tensor& extra,
+                  bool need_saved) {
+  const int64_t T = gx.size(0), B = gx.size(1), G = gx.size(2);
+  const int64_t H = G / kGates[cell], Hout = h.size(1);
+  const bool proj = w_hr.defined();
+  const auto& kernels = pointwise_kernels<scalar_t>();
+  Tensor m = proj ? at::empty({B, H}, gx.options()) : Tensor();
+
+  ForwardStep<scalar_t> s{};
+  s.hidden = H;
+  s.h = h.data_ptr<scalar_t>();
+  s.c = c.defined() ? c.data_ptr<scalar_t>() : nullptr;
+  s.m = proj ? m.data_ptr<scalar_t>() : nullptr;
+  s.b_hn = b_hn.defined() ? b_hn.const_data_ptr<scalar_t>() : nullptr;
+  const Tensor w_hh_t = w_hh.t().contiguous();
+  const scalar_t* w = w_hh.const_data_ptr<scalar_t>();
+  const scalar_t* w_t = w_hh_t.const_data_ptr<scalar_t>();
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = reverse ? T - 1 - step : step;
+    const int64_t n = rows[t];
+    scalar_t* y_t = y.data_ptr<scalar_t>() + t * B * Hout;
+    scalar_t* act_t = act.data_ptr<scalar_t>() + (need_saved ? t * B * G : 0);
+    zero_tail(y_t, n, B, Hout);
+    if (need_saved) {
+      zero_tail(act_t, n, B, G);
+      std::memcpy(h_prev.data_ptr<scalar_t>() + t * B * Hout, s.h, B * Hout * sizeof(scalar_t));
+      if (cell == kLstm) {
+        std::memcpy(extra.data_ptr<scalar_t>() + t * B * H, s.c, B * H * sizeof(scalar_t));
+      } else if (cell == kGru) {
+        zero_tail(extra.data_ptr<scalar_t>() + t * B * H, n, B, H);
+      }
+    }
+    if (n == 0) continue;
+    gemm_recurrent<scalar_t>(n, G, Hout, s.h, w_t, w, 0, act_t);
+    s.rows = n;
+    s.gx = gx.const_data_ptr<scalar_t>() + t * B * G;
+    s.act = act_t;
+    s.y = y_t;
+    s.extra = need_saved && cell == kGru ? extra.data_ptr<scalar_t>() + t * B * H : nullptr;
+    kernels.forward[cell](s);
+    if (proj) {
+      gemm_rows<scalar_t>(true, n, Hout, H, s.m, H, w_hr.const_data_ptr<scalar_t>(), H, 0, s.h,
+                          Hout);
+      std::memcpy(y_t, s.h, n * Hout * sizeof(scalar_t));
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
+    c10::string_view cell_name, const Tensor& gx_in, const Tensor& h0,
+    const c10::optional<Tensor>& c0, const Tensor& w_hh_in, const c10::optional<Tensor>& w_hr_in,
+    const c10::optional<Tensor>& b_hn_in, const c10::optional<Tensor>& batch_sizes,
+    bool reverse, bool need_saved) {
+  const Cell cell = parse_cell(cell_name);
+  TORCH_CHECK(gx_in.dim() == 3, "cnnlstm_fast cpu backend: gx must be 3-D (T, B, gates*H), got ",
+              gx_in.dim(), "-D");
+  const auto dtype = gx_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "cnnlstm_fast cpu backend supports float32 and float64, got ", dtype);
+  const int64_t T = gx_in.size(0), B = gx_in.size(1), G = gx_in.size(2);
+  TORCH_CHECK(G % kGates[cell] == 0, "cnnlstm_fast cpu backend: gx's last dim (", G,
+              ") must be a multiple of ", kGates[cell], " for cell ", std::string(cell_name));
+  const int64_t H = G / kGates[cell];
+  const bool proj = present(w_hr_in);
+  TORCH_CHECK(!proj || cell == kLstm, "w_hr (projection) is only supported for lstm");
+  TORCH_CHECK(!present(b_hn_in) || cell == kGru, "b_hn is only used by gru");
+  const int64_t Hout = proj ? w_hr_in->size(0) : H;
+  check_tensor(gx_in, "gx", dtype, {T, B, G});
+  check_tensor(h0, "h0", dtype, {B, Hout});
+  check_tensor(w_hh_in, "w_hh", dtype, {G, Hout});
+  if (proj) check_tensor(*w_hr_in, "w_hr", dtype, {Hout, H});
+  if (present(b_hn_in)) check_tensor(*b_hn_in, "b_hn", dtype, {H});
+  TORCH_CHECK((cell == kLstm) == present(c0), "c0 must be given for lstm and only for lstm");
+  if (cell == kLstm) check_tensor(*c0, "c0", dtype, {B, H});
+  const auto rows = active_rows(batch_sizes, T, B);
+
+  const Tensor gx = gx_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const Tensor w_hr = proj ? w_hr_in->contiguous() : Tensor();
+  const Tensor b_hn = present(b_hn_in) ? b_hn_in->contiguous() : Tensor();
+  const auto opts = gx.options();
+  Tensor h = h0.clone(at::MemoryFormat::Contiguous);
+  Tensor c = cell == kLstm ? c0->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opts);
+  Tensor y = at::empty({T, B, Hout}, opts);
+  // Without need_saved the activations of a step go to one reused (B, G) scratch slab.
+  Tensor act = need_saved ? at::empty({T, B, G}, opts) : at::empty({B, G}, opts);
+  Tensor h_prev = need_saved ? at::empty({T, B, Hout}, opts) : at::empty({0}, opts);
+  Tensor extra = need_saved && (cell == kLstm || cell == kGru) ? at::empty({T, B, H}, opts)
+                                                               : at::empty({0}, opts);
+  Tensor c_state = cell == kLstm ? c : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "cnnlstm_fast_recurrence_forward", [&] {
+    forward_loop<scalar_t>(cell, rows, reverse, gx, w_hh, w_hr, b_hn, h, c_state, y, act,
+                           h_prev, extra, need_saved);
+  });
+  if (!need_saved) act = at::empty({0}, opts);
+  return {y, h, c, act, h_prev, extra};
+}
+
+template <typename scalar_t>
+void backward_loop(Cell cell, const std::vector<int64_t>& rows, bool reverse, const Tensor& act,
+                   const Tensor& h_prev, const Tensor& extra, const Tensor& w_hh,
+                   const Tensor& w_hr, const Tensor& d_y, Tensor& dh, Tensor& dc, Tensor& d_gx,
+                   Tensor& d_gh, Tensor& dh_all, Tensor& m_all) {
+  const int64_t T = act.size(0), B = act.size(1), G = act.size(2);
+  const int64_t H = G / kGates[cell], Hout = dh.size(1);
+  const bool proj = w_hr.defined();
+  const auto& kernels = pointwise_kernels<scalar_t>();
+  Tensor d_m = proj ? at::empty({B, H}, act.options()) : Tensor();
+
+  BackwardStep<scalar_t> s{};
+  s.hidden = H;
+  s.dh = dh.data_ptr<scalar_t>();
+  s.dc = dc.defined() ? dc.data_ptr<scalar_t>() : nullptr;
+  s.d_m = proj ? d_m.data_ptr<scalar_t>() : nullptr;
+  const Tensor w_hh_t = w_hh.t().contiguous();
+  const scalar_t* w = w_hh.const_data_ptr<scalar_t>();
+  const scalar_t* w_t = w_hh_t.const_data_ptr<scalar_t>();
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = reverse ? step : T - 1 - step;
+    const int64_t n = rows[t];
+    s.d_gx = d_gx.data_ptr<scalar_t>() + t * B * G;
+    s.d_gh = d_gh.data_ptr<scalar_t>() + t * B * G;
+    zero_tail(s.d_gx, n, B, G);
+    if (cell == kGru) zero_tail(s.d_gh, n, B, G);
+    scalar_t* dh_all_t = proj ? dh_all.data_ptr<scalar_t>() + t * B * Hout : nullptr;
+    s.m = proj ? m_all.data_ptr<scalar_t>() + t * B * H : nullptr;
+    if (proj) {
+      zero_tail(dh_all_t, n, B, Hout);
+      zero_tail(s.m, n, B, H);
+    }
+    if (n == 0) continue;
+    s.rows = n;
+    s.act = act.const_data_ptr<scalar_t>() + t * B * G;
+    s.extra = extra.numel() > 0 ? extra.const_data_ptr<scalar_t>() + t * B * H : nullptr;
+    s.h_prev = h_prev.const_data_ptr<scalar_t>() + t * B * Hout;
+    s.d_y = d_y.const_data_ptr<scalar_t>() + t * B * Hout;
+    if (proj) {
+      kernels.add(n * Hout, s.dh, s.d_y, dh_all_t);
+      gemm_rows<scalar_t>(false, n, H, Hout, dh_all_t, Hout, w_hr.const_data_ptr<scalar_t>(), H,
+                          0, d_m.data_ptr<scalar_t>(), H);
+    }
+    kernels.backward[cell](s);
+    // GRU: the pointwise pass left d_h * z in dh; the recurrent part adds to it.
+    gemm_recurrent<scalar_t>(n, Hout, G, s.d_gh, w, w_t, cell == kGru ? 1 : 0, s.dh);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+    c10::string_view cell_name, const Tensor& act_in, const Tensor& h_prev_in,
+    const c10::optional<Tensor>& extra_in, const Tensor& w_hh_in,
+    const c10::optional<Tensor>& w_hr_in, const c10::optional<Tensor>& batch_sizes,
+    bool reverse, const Tensor& d_y_in, const Tensor& d_hT, const c10::optional<Tensor>& d_cT) {
+  const Cell cell = parse_cell(cell_name);
+  TORCH_CHECK(act_in.dim() == 3, "cnnlstm_fast cpu backend: act must be 3-D, got ",
+              act_in.dim(), "-D");
+  const auto dtype = act_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "cnnlstm_fast cpu backend supports float32 and float64, got ", dtype);
+  const int64_t T = act_in.size(0), B = act_in.size(1), G = act_in.size(2);
+  const int64_t H = G / kGates[cell];
+  const bool proj = present(w_hr_in);
+  const int64_t Hout = proj ? w_hr_in->size(0) : H;
+  check_tensor(h_prev_in, "h_prev", dtype, {T, B, Hout});
+  check_tensor(w_hh_in, "w_hh", dtype, {G, Hout});
+  if (proj) check_tensor(*w_hr_in, "w_hr", dtype, {Hout, H});
+  check_tensor(d_y_in, "d_y", dtype, {T, B, Hout});
+  check_tensor(d_hT, "d_hT", dtype, {B, Hout});
+  if (cell == kLstm || cell == kGru) {
+    TORCH_CHECK(present(extra_in), "extra must be given for ", std::string(cell_name));
+    check_tensor(*extra_in, "extra", dtype, {T, B, H});
+  }
+  if (present(d_cT)) check_tensor(*d_cT, "d_cT", dtype, {B, H});
+  const auto rows = active_rows(batch_sizes, T, B);
+
+  const Tensor act = act_in.contiguous(), h_prev = h_prev_in.contiguous();
+  const Tensor extra = present(extra_in) ? extra_in->contiguous() : at::empty({0}, act.options());
+  const Tensor w_hh = w_hh_in.contiguous(), d_y = d_y_in.contiguous();
+  const Tensor w_hr = proj ? w_hr_in->contiguous() : Tensor();
+  const auto opts = act.options();
+  Tensor dh = d_hT.clone(at::MemoryFormat::Contiguous);
+  Tensor dc = cell != kLstm       ? at::empty({0}, opts)
+              : present(d_cT) ? d_cT->clone(at::MemoryFormat::Contiguous)
+                              : at::zeros({B, H}, opts);
+  Tensor d_gx = at::empty({T, B, G}, opts);
+  Tensor d_gh = cell == kGru ? at::empty({T, B, G}, opts) : d_gx;
+  Tensor dh_all = proj ? at::empty({T, B, Hout}, opts) : Tensor();
+  Tensor m_all = proj ? at::empty({T, B, H}, opts) : Tensor();
+  Tensor dc_state = cell == kLstm ? dc : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "cnnlstm_fast_recurrence_backward", [&] {
+    backward_loop<scalar_t>(cell, rows, reverse, act, h_prev, extra, w_hh, w_hr, d_y, dh,
+                            dc_state, d_gx, d_gh, dh_all, m_all);
+  });
+  Tensor d_w_hh = at::mm(d_gh.view({T * B, G}).t(), h_prev.view({T * B, Hout}));
+  Tensor d_w_hr = proj ? at::mm(dh_all.view({T * B, Hout}).t(), m_all.view({T * B, H}))
+                       : at::empty({0}, opts);
+  Tensor d_b_hn = cell == kGru ? at::sum(d_gh.view({T * B, G}).narrow(1, 2 * H, H), {0})
+                               : at::empty({0}, opts);
+  return {d_gx, dh, dc, d_w_hh, d_w_hr, d_b_hn};
+}
+
+}  // namespace
+
+}  // namespace cnnlstm_fast::cpu
+
+TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
+  m.def(
+      "recurrence_forward(str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, "
+      "Tensor? w_hr, Tensor? b_hn, Tensor? batch_sizes, bool reverse, bool need_saved) "
+      "-> (Tensor y, Tensor h_T, Tensor c_T, Tensor act, Tensor h_prev, Tensor extra)");
+  m.def(
+      "recurrence_backward(str cell, Tensor act, Tensor h_prev, Tensor? extra, Tensor w_hh, "
+      "Tensor? w_hr, Tensor? batch_sizes, bool reverse, Tensor d_y, Tensor d_hT, "
+      "Tensor? d_cT) -> (Tensor d_gx, Tensor dh0, Tensor dc0, Tensor d_w_hh, Tensor d_w_hr, "
+      "Tensor d_b_hn)");
+}
+
+TORCH_LIBRARY_IMPL(cnnlstm_fast, CPU, m) {
+  m.impl("recurrence_forward", &cnnlstm_fast::cpu::recurrence_forward);
+  m.impl("recurrence_backward", &cnnlstm_fast::cpu::recurrence_backward);
+}
