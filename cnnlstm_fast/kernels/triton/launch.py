@@ -1,0 +1,255 @@
+"""Launchers of the Triton recurrence kernels: buffers, block sizes, the step loop.
+
+``forward``/``backward`` follow the contract of ``cnnlstm_fast/backends/base.py``.
+State, cell state, gate activations and gradients are fp32 buffers; Y comes out in
+the input dtype. Saved for backward: (act, h_prev, extra, W_hh, W_hr, m) with act the
+gate activations (T, B, gH), h_prev the state before each step (T, B, Hout), extra c
+before the step (LSTM) or a_n + b_hn (GRU), m = o tanh(c) per step (proj_size only).
+
+Block sizes come from small tables keyed by shape (``step_config``,
+``persistent_config``), cached, so a shape compiles once: ``n_active`` is not
+specialised on, and the other integer arguments only on Triton's usual (==1,
+multiple of 16) classes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+
+from .persistent import recurrence_forward_persistent
+from .recurrence import (
+    CELL_IDS,
+    recurrence_step_backward,
+    recurrence_step_forward,
+    recurrence_step_matmul,
+)
+
+#: True when Triton's interpreter runs the kernels (TRITON_INTERPRET=1 at import).
+INTERPRETING = not isinstance(recurrence_step_forward, triton.runtime.JITFunction)
+
+#: Registers + shared memory one persistent program may hold for its W_hh slice and
+#: h tile; larger slices use the per-step kernels. A heuristic awaiting GPU tuning.
+PERSISTENT_ON_CHIP_BYTES = 160 * 1024
+
+#: Spins of one grid barrier before the persistent kernel gives up (see persistent.py).
+PERSISTENT_SPIN_LIMIT = 1 << 24
+
+
+class StepConfig(NamedTuple):
+    block_b: int
+    block_h: int
+    block_k: int
+    num_warps: int
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def step_config(batch: int, width: int, k_size: int, itemsize: int) -> StepConfig:
+    """Blocks of a per-step launch producing (batch, width) from a K of ``k_size``.
+
+    Small hidden blocks give more programs, which matters more than tile efficiency
+    at the small batches where the recurrence is latency-bound. tl.dot needs >= 16."""
+    block_b = _pow2(batch, 16, 64)
+    if INTERPRETING:  # fewer, larger programs: the interpreter pays per program
+        return StepConfig(block_b, _pow2(width, 16, 64), _pow2(k_size, 16, 64), 4)
+    block_h = 16 if width <= 512 else 32 if width <= 2048 else 64
+    block_k = 64 if itemsize <= 2 else 32
+    return StepConfig(block_b, block_h, block_k, 4 if block_b * block_h <= 1024 else 8)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def persistent_config(
+    batch: int, hidden: int, gates: int, itemsize: int, programs_max: int
+) -> StepConfig | None:
+    """Blocks of the persistent kernel, or None when its assumptions cannot hold:
+    more programs than ``programs_max`` (the SM count) or a slice too large on chip."""
+    block_b = _pow2(batch, 16, 64)
+    block_k = _pow2(hidden, 16, 1 << 30)
+    batch_blocks = triton.cdiv(batch, block_b)
+    block_h = 16
+    while triton.cdiv(hidden, block_h) * batch_blocks > programs_max and block_h < block_k:
+        block_h *= 2
+    if triton.cdiv(hidden, block_h) * batch_blocks > programs_max:
+        return None
+    on_chip = (gates * block_h + block_b) * block_k * itemsize
+    if on_chip > PERSISTENT_ON_CHIP_BYTES:
+        return None
+    return StepConfig(block_b, block_h, block_k, 8)
+
+
+def _active_rows(batch_sizes, steps: int, batch: int) -> list[int]:
+    if batch_sizes is None:
+        return [batch] * steps
+    return [int(n) for n in batch_sizes.tolist()]
+
+
+def _order(steps: int, reverse: bool) -> range:
+    return range(steps - 1, -1, -1) if reverse else range(steps)
+
+
+def _persistent_choice(spec, gx, proj: bool) -> StepConfig | None:
+    if proj or INTERPRETING or gx.device.type != "cuda":
+        return None
+    steps, batch, _ = gx.shape
+    return persistent_config(
+        batch, spec.hidden_size, spec.gates, gx.element_size(), _sm_count(gx.device.index or 0)
+    )
+
+
+def forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved, mode="auto"):
+    """Runs the recurrence. ``mode``: "auto" (persistent where it fits, else per step),
+    "step", or "persistent" (raises if not possible; in the interpreter only a grid of
+    one program can run it)."""
+    steps, batch, gate_width = gx.shape
+    hidden, out_size, gates = spec.hidden_size, h0.shape[1], spec.gates
+    proj = w_hr is not None
+    f32 = dict(device=gx.device, dtype=torch.float32)
+    gx, w_hh = gx.contiguous(), w_hh.contiguous()
+    w_hr = None if w_hr is None else w_hr.contiguous()
+    rows = _active_rows(batch_sizes, steps, batch)
+
+    h_state = torch.empty(steps + 1 if need_saved else 2, batch, out_size, **f32)
+    first = steps if (need_saved and spec.reverse) else 0
+    h_state[first] = h0
+    c = c0.to(torch.float32).contiguous().clone() if c0 is not None else None
+    y = torch.empty(steps, batch, out_size, device=gx.device, dtype=gx.dtype)
+    act = torch.zeros(steps, batch, gate_width, **f32) if need_saved else None
+    extra = torch.zeros(steps, batch, hidden, **f32) if need_saved and gates > 1 else None
+    if proj:
+        m = torch.zeros(steps if need_saved else 1, batch, hidden, **f32)
+
+    def slots(s: int, t: int) -> tuple[int, int]:
+        if not need_saved:
+            return s % 2, (s + 1) % 2
+        return (t + 1, t) if spec.reverse else (t, t + 1)
+
+    common = dict(CELL=CELL_IDS[spec.cell], NGATES=gates, INTERPRET=INTERPRETING)
+    if mode == "persistent" or (mode == "auto" and _persistent_choice(spec, gx, proj)):
+        cfg = _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, rows, need_saved)
+    else:
+        cfg = step_config(batch, hidden, out_size, gx.element_size())
+        grid = (triton.cdiv(hidden, cfg.block_h), triton.cdiv(batch, cfg.block_b))
+        if proj:
+            pcfg = step_config(batch, out_size, hidden, gx.element_size())
+            pgrid = (triton.cdiv(out_size, pcfg.block_h), triton.cdiv(batch, pcfg.block_b))
+        for s, t in enumerate(_order(steps, spec.reverse)):
+            i, o = slots(s, t)
+            m_t = (m[t] if need_saved else m[0]) if proj else None
+            recurrence_step_forward[grid](
+                gx[t], h_state[i], m_t if proj else h_state[o], gx if c is None else c, y[t],
+                w_hh, gx if b_hn is None else b_hn, gx if act is None else act[t],
+                gx if extra is None else extra[t], rows[t], batch, hidden, out_size,
+                HAS_B_HN=b_hn is not None, PROJ=proj, SAVE=need_saved, **common,
+                BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+                num_warps=cfg.num_warps,
+            )
+            if proj:
+                recurrence_step_matmul[pgrid](
+                    m_t, gx, w_hr, h_state[i], h_state[o], y[t], gx, rows[t], batch,
+                    out_size, hidden, hidden, 1, 0, GRU_SKIP=False, WRITE_Y=True,
+                    INTERPRET=INTERPRETING, BLOCK_B=pcfg.block_b, BLOCK_N=pcfg.block_h,
+                    BLOCK_K=pcfg.block_k, num_warps=pcfg.num_warps,
+                )
+    last = slots(steps - 1, 0 if spec.reverse else steps - 1)[1]
+    h_t = h_state[last].to(h0.dtype)
+    c_t = None if c is None else c.to(h0.dtype)
+    saved = ()
+    if need_saved:
+        h_prev = h_state[1:] if spec.reverse else h_state[:steps]
+        saved = (act, h_prev, extra, w_hh, w_hr, m if proj else None)
+    return y, h_t, c_t, saved
+
+
+def _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, rows, need_saved):
+    steps, batch, _ = gx.shape
+    hidden = spec.hidden_size
+    if INTERPRETING:
+        cfg = StepConfig(_pow2(batch, 16, 64), _pow2(hidden, 16, 1 << 30),
+                         _pow2(hidden, 16, 1 << 30), 4)
+        if batch > cfg.block_b:
+            raise ValueError(f"the interpreter runs the persistent kernel with one program "
+                             f"only (batch <= 64), got batch {batch}")
+    else:
+        cfg = _persistent_choice(spec, gx, False)
+        if cfg is None:
+            raise ValueError(
+                f"the persistent kernel cannot hold hidden_size {hidden}, batch {batch}, "
+                f"{gx.dtype} on this GPU (grid <= SM count, W_hh slice on chip)"
+            )
+    grid = (triton.cdiv(hidden, cfg.block_h), triton.cdiv(batch, cfg.block_b))
+    flags = torch.zeros(2, device=gx.device, dtype=torch.int32)  # barrier counter, timed out
+    batch_sizes = torch.tensor(rows, device=gx.device, dtype=torch.int32)
+    c_state = gx if c is None else c  # read at the start and written at the end by its owner
+    recurrence_forward_persistent[grid](
+        gx, h_state, c_state, c_state, y, w_hh, gx if b_hn is None else b_hn,
+        gx if act is None else act, gx if extra is None else extra, batch_sizes, flags,
+        flags[1:], steps, batch, hidden, PERSISTENT_SPIN_LIMIT,
+        CELL=CELL_IDS[spec.cell], NGATES=spec.gates, HAS_B_HN=b_hn is not None,
+        SAVE=need_saved, REVERSE=spec.reverse, INTERPRET=INTERPRETING,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+    )
+    if int(flags[1]) != 0:
+        raise RuntimeError(
+            f"persistent kernel: grid barrier timed out with {grid[0] * grid[1]} programs; "
+            "they were not co-resident (is another kernel occupying the GPU?)"
+        )
+    return cfg
+
+
+def backward(spec, saved, batch_sizes, d_y, d_hT, d_cT):
+    act, h_prev, extra, w_hh, w_hr, m = saved
+    steps, batch, gate_width = act.shape
+    hidden, out_size = spec.hidden_size, h_prev.shape[2]
+    proj, gru = w_hr is not None, spec.cell == "gru"
+    f32 = dict(device=act.device, dtype=torch.float32)
+    rows = _active_rows(batch_sizes, steps, batch)
+    d_y = d_y.contiguous()
+    dh = d_hT.to(torch.float32).contiguous().clone()
+    dh_next = torch.empty_like(dh)
+    dc = None
+    if spec.cell == "lstm":
+        dc = torch.zeros(batch, hidden, **f32) if d_cT is None else d_cT.to(torch.float32).clone()
+    d_gx = torch.zeros(steps, batch, gate_width, **f32)
+    d_gh = torch.zeros_like(d_gx) if gru else d_gx
+    d_h_all = torch.zeros(steps, batch, out_size, **f32) if proj else None
+
+    cfg = step_config(batch, hidden, out_size, w_hh.element_size())
+    grid = (triton.cdiv(hidden, cfg.block_h), triton.cdiv(batch, cfg.block_b))
+    mcfg = step_config(batch, out_size, gate_width, w_hh.element_size())
+    mgrid = (triton.cdiv(out_size, mcfg.block_h), triton.cdiv(batch, mcfg.block_b))
+    for t in reversed(_order(steps, spec.reverse)):
+        recurrence_step_backward[grid](
+            dh, d_y[t], act if dc is None else dc, act[t], act if extra is None else extra[t],
+            h_prev[t], act if w_hr is None else w_hr, d_gx[t], d_gh[t],
+            act if d_h_all is None else d_h_all[t], rows[t], batch, hidden, out_size,
+            CELL=CELL_IDS[spec.cell], NGATES=spec.gates, PROJ=proj, INTERPRET=INTERPRETING,
+            BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps,
+        )
+        recurrence_step_matmul[mgrid](
+            d_gh[t], d_y[t], w_hh, dh, dh_next, dh, act[t, :, hidden:] if gru else act,
+            rows[t], batch, out_size, gate_width, 1, out_size, gate_width,
+            GRU_SKIP=gru, WRITE_Y=False, INTERPRET=INTERPRETING,
+            BLOCK_B=mcfg.block_b, BLOCK_N=mcfg.block_h, BLOCK_K=mcfg.block_k,
+            num_warps=mcfg.num_warps,
+        )
+        dh, dh_next = dh_next, dh
+
+    d_w_hh = d_gh.reshape(-1, gate_width).T @ h_prev.reshape(-1, out_size)
+    d_w_hr = None
+    if proj:
+        d_w_hr = d_h_all.reshape(-1, out_size).T @ m.reshape(-1, hidden)
+    d_b_hn = d_gh[..., 2 * hidden :].sum((0, 1)) if gru else None
+    return d_gx, dh, dc, d_w_hh, d_w_hr, d_b_hn

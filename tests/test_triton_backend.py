@@ -1,0 +1,263 @@
+"""The triton backend against the reference backend (the spec) and torch.nn.
+
+Without a GPU every kernel runs in Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1), so shapes are tiny and odd (B in {1, 3}, H in {1, 5}, T <= 3).
+Tests marked ``gpu`` run the same comparisons on CUDA tensors at moderate sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import cnnlstm_fast as clf  # noqa: E402
+from cnnlstm_fast import backends  # noqa: E402
+from cnnlstm_fast.backends.base import GATES, RecurrenceSpec  # noqa: E402
+from cnnlstm_fast.backends.reference import ReferenceBackend  # noqa: E402
+
+from helpers import assert_close, make_pair, run_and_grad  # noqa: E402
+
+if backends.backend_report().get("triton") is not None:
+    pytest.skip(f"triton backend: {backends.backend_report()['triton']}", allow_module_level=True)
+
+from cnnlstm_fast.kernels.triton import launch  # noqa: E402
+
+REFERENCE = ReferenceBackend()
+GRAD_NAMES = ("dG_x", "dh0", "dc0", "dW_hh", "dW_hr", "db_hn")
+
+
+def make_case(cell, batch, hidden, steps, proj=0, reverse=False, lengths=None,
+              dtype=torch.float32, device="cpu"):
+    """Random recurrence inputs and cotangents; ``lengths`` sorted decreasing."""
+    gates, out = GATES[cell], proj or hidden
+    batch_sizes = None
+    if lengths is not None:
+        batch, steps = len(lengths), max(lengths)
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(steps)])
+    spec = RecurrenceSpec(cell, hidden, proj, reverse, torch.device(device), dtype, batch,
+                          steps, lengths is not None)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    args = dict(
+        gx=rand(steps, batch, gates * hidden), h0=rand(batch, out),
+        c0=rand(batch, hidden) if cell == "lstm" else None,
+        w_hh=rand(gates * hidden, out, scale=0.5), w_hr=rand(out, hidden, scale=0.5) if proj else None,
+        b_hn=rand(hidden) if cell == "gru" else None, batch_sizes=batch_sizes,
+    )
+    cot = dict(d_y=rand(steps, batch, out), d_hT=rand(batch, out),
+               d_cT=rand(batch, hidden) if cell == "lstm" else None)
+    return spec, args, cot
+
+
+def run(backend_forward, backend_backward, spec, args, cot):
+    y, h, c, saved = backend_forward(spec, **args, need_saved=True)
+    grads = backend_backward(spec, saved, args["batch_sizes"], **cot)
+    return (y, h, c), grads
+
+
+def triton_run(spec, args, cot, mode="step"):
+    fwd = lambda spec, **kw: launch.forward(spec, **kw, mode=mode)  # noqa: E731
+    return run(fwd, launch.backward, spec, args, cot)
+
+
+def reference_run(spec, args, cot, dtype=None):
+    """The reference in ``dtype`` (default: the inputs' own)."""
+    if dtype is not None:
+        spec = RecurrenceSpec(**{**spec.__dict__, "dtype": dtype})
+        cast = lambda v: v if v is None or v.dtype == torch.int64 else v.to(dtype)  # noqa: E731
+        args = {k: cast(v) for k, v in args.items()}
+        cot = {k: cast(v) for k, v in cot.items()}
+    fwd = lambda spec, **kw: REFERENCE.forward(  # noqa: E731
+        spec, kw["gx"], kw["h0"], kw["c0"], kw["w_hh"], kw["w_hr"], kw["b_hn"],
+        kw["batch_sizes"], kw["need_saved"])
+    return run(fwd, REFERENCE.backward, spec, args, cot)
+
+
+def compare(got, want, rtol, atol):
+    (outs, grads), (ref_outs, ref_grads) = got, want
+    for name, a, b in zip(("Y", "h_T", "c_T"), outs, ref_outs):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_close(a, b.to(a.dtype), rtol, atol, name)
+    for name, a, b in zip(GRAD_NAMES, grads, ref_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_close(a.float(), b.float(), rtol, atol, name)
+
+
+# (cell, batch, hidden, steps, proj, reverse, lengths)
+FP32_CASES = [
+    ("lstm", 1, 1, 1, 0, False, None),
+    ("lstm", 3, 5, 3, 0, False, None),
+    ("lstm", 3, 5, 3, 0, True, None),
+    ("lstm", 3, 5, 3, 0, False, [3, 2, 1]),
+    ("lstm", 3, 5, 3, 0, True, [3, 3, 1]),
+    ("lstm", 3, 5, 3, 2, False, None),
+    ("lstm", 3, 5, 3, 3, True, [3, 2, 1]),
+    ("lstm", 1, 5, 3, 1, False, None),
+    ("gru", 1, 1, 1, 0, False, None),
+    ("gru", 3, 5, 3, 0, False, None),
+    ("gru", 3, 5, 3, 0, True, [3, 2, 2]),
+    ("rnn_tanh", 3, 5, 3, 0, False, [3, 2, 1]),
+    ("rnn_tanh", 1, 1, 3, 0, True, None),
+    ("rnn_relu", 3, 5, 3, 0, True, [3, 2, 1]),
+    ("rnn_relu", 1, 5, 1, 0, False, None),
+]
+
+
+def _case_id(case):
+    cell, b, h, t, p, rev, lengths = case
+    return f"{cell}-B{b}-H{h}-T{t}-P{p}{'-rev' if rev else ''}{'-var' if lengths else ''}"
+
+
+@pytest.mark.parametrize("case", FP32_CASES, ids=_case_id)
+def test_step_kernels_match_reference_fp32(case):
+    cell, b, h, t, p, rev, lengths = case
+    spec, args, cot = make_case(cell, b, h, t, p, rev, lengths)
+    compare(triton_run(spec, args, cot), reference_run(spec, args, cot), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [("lstm", 3, 5, 3, 0, True, [3, 2, 1]), ("gru", 3, 5, 3, 0, False, [3, 2, 1]),
+     ("rnn_tanh", 1, 5, 2, 0, False, None), ("rnn_relu", 3, 1, 2, 0, True, None)],
+    ids=_case_id,
+)
+def test_persistent_kernel_matches_reference_fp32(case):
+    """One program only: the interpreter runs programs one after another, so a grid of
+    several would spin in the barrier. The multi-program barrier is GPU-only."""
+    cell, b, h, t, p, rev, lengths = case
+    spec, args, cot = make_case(cell, b, h, t, p, rev, lengths)
+    got = triton_run(spec, args, cot, mode="persistent")
+    compare(got, reference_run(spec, args, cot), 1e-5, 1e-5)
+
+
+def _error_vs_fp64(outs_grads, exact):
+    """Max |error| of each output and gradient, relative to max(1, |exact|)."""
+    (outs, grads), (ex_outs, ex_grads) = outs_grads, exact
+    errs = {}
+    for name, a, b in zip(("Y", "h_T", "c_T", *GRAD_NAMES), (*outs, *grads), (*ex_outs, *ex_grads)):
+        if a is not None:
+            errs[name] = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1)).item()
+    return errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [("lstm", 3, 5, 3, 2, True, [3, 2, 1]), ("gru", 3, 5, 3, 0, False, None),
+     ("rnn_tanh", 3, 5, 3, 0, False, [3, 3, 1])],
+    ids=_case_id,
+)
+def test_step_kernels_low_precision(case, dtype):
+    """Documented bound: relative error vs the fp64 reference on the same (rounded)
+    inputs at most 8 ulps of the dtype. The kernels round h (and dG in backward) to the
+    dtype before each matmul, as torch.nn does; everything else is fp32."""
+    cell, b, h, t, p, rev, lengths = case
+    spec, args, cot = make_case(cell, b, h, t, p, rev, lengths, dtype=dtype)
+    exact = reference_run(spec, args, cot, dtype=torch.float64)
+    got = triton_run(spec, args, cot)
+    assert got[0][0].dtype == dtype
+    errs = _error_vs_fp64(got, exact)
+    bound = 8 * torch.finfo(dtype).eps
+    assert max(errs.values()) <= bound, f"errors {errs} exceed {bound:.2e}"
+
+
+def test_registered_and_reports_its_limits():
+    backend = backends.get_backend("triton")
+    assert "triton" in clf.available_backends()
+    assert "triton" not in [name for name, _ in backends.AUTO_PREFERENCE["cuda"]]
+    spec, _, _ = make_case("lstm", 1, 1, 1, dtype=torch.float64)
+    assert "float64" in backend.unsupported_reason(spec)
+    spec, _, _ = make_case("lstm", 1, 1, 1, dtype=torch.bfloat16)
+    assert backend.unsupported_reason(spec) is None
+    assert launch.step_config(3, 5, 5, 4) is launch.step_config(3, 5, 5, 4)
+    assert launch.persistent_config(16, 4096, 4, 2, 132) is None  # slice too large on chip
+    assert launch.persistent_config(512, 1024, 4, 2, 8) is None  # grid > SM count
+
+
+def test_lstm_module_matches_torch_nn():
+    torch.manual_seed(1)
+    ours, theirs = make_pair("LSTM", "triton", input_size=3, hidden_size=5, num_layers=1,
+                             bidirectional=True, proj_size=2)
+    x = torch.randn(3, 2, 3)
+    out, in_grads, p_grads = run_and_grad(ours, (x.clone().requires_grad_(),))
+    out_t, in_grads_t, p_grads_t = run_and_grad(theirs, (x.clone().requires_grad_(),))
+    for i, (a, b) in enumerate(zip(*map(_flat, (out, out_t)))):
+        assert_close(a, b, 1e-5, 1e-5, f"output {i}")
+    assert_close(in_grads[0], in_grads_t[0], 1e-5, 1e-5, "d input")
+    for name, g in p_grads.items():
+        assert_close(g, p_grads_t[name], 1e-5, 1e-5, f"d {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+def test_gru_module_low_precision_within_twice_torch_error(dtype):
+    """DESIGN.md's rule: error vs fp64 at most twice torch.nn's error in that dtype."""
+    torch.manual_seed(2)
+    ours, theirs = make_pair("GRU", "triton", dtype=dtype, input_size=4, hidden_size=5)
+    exact = make_pair("GRU", "reference", dtype=torch.float64, input_size=4, hidden_size=5)[1]
+    exact.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 3, 4, dtype=dtype)
+    want = _flat(exact(x.double()))
+    err = lambda outs: max((a.double() - b).abs().max().item() for a, b in zip(outs, want))  # noqa: E731
+    with torch.no_grad():
+        ours_err, torch_err = err(_flat(ours(x))), err(_flat(theirs(x)))
+    assert ours_err <= 2 * torch_err + torch.finfo(dtype).eps, (ours_err, torch_err)
+
+
+def _flat(out):
+    y, hidden = out
+    return [y, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+
+
+# ---- GPU: the same comparisons on CUDA tensors at moderate sizes ---------------------
+
+GPU_CASES = [
+    ("lstm", 16, 256, 64, 0, False, None),
+    ("lstm", 16, 768, 32, 0, True, None),
+    ("lstm", 8, 256, 32, 128, False, [32, 30, 30, 20, 9, 9, 2, 1]),
+    ("gru", 32, 512, 32, 0, True, [32] * 16 + [17] * 16),
+    ("rnn_tanh", 5, 1024, 16, 0, False, None),
+    ("rnn_relu", 64, 2048, 8, 0, False, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["step", "auto"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_gpu_kernels_match_reference_fp32(case, mode):
+    cell, b, h, t, p, rev, lengths = case
+    spec, args, cot = make_case(cell, b, h, t, p, rev, lengths, device="cuda")
+    compare(triton_run(spec, args, cot, mode=mode), reference_run(spec, args, cot), 1e-4, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["step", "persistent"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gpu_low_precision(cell, mode, dtype):
+    spec, args, cot = make_case(cell, 16, 256, 64, dtype=dtype, device="cuda")
+    exact = reference_run(spec, args, cot, dtype=torch.float64)
+    errs = _error_vs_fp64(triton_run(spec, args, cot, mode=mode), exact)
+    bound = 64 * torch.finfo(dtype).eps  # h is rounded to the dtype at each of 64 steps
+    assert max(errs.values()) <= bound, f"errors {errs} exceed {bound:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_lstm_module_matches_torch_nn(dtype):
+    kw = dict(input_size=64, hidden_size=256, num_layers=2, bidirectional=True)
+    ours, theirs = make_pair("LSTM", "triton", dtype=dtype, **kw)
+    ours, theirs = ours.cuda(), theirs.cuda()
+    x = torch.randn(48, 16, 64, device="cuda", dtype=dtype)
+    exact = make_pair("LSTM", "reference", dtype=torch.float64, **kw)[1].cuda()
+    exact.load_state_dict(theirs.state_dict())
+    want = _flat(exact(x.double()))
+    err = lambda outs: max((a.double() - b).abs().max().item() for a, b in zip(outs, want))  # noqa: E731
+    with torch.no_grad():
+        ours_err, torch_err = err(_flat(ours(x))), err(_flat(theirs(x)))
+    assert ours_err <= 2 * torch_err + 1e-5, (ours_err, torch_err)
