@@ -1,0 +1,40 @@
+// Launcher of the persistent forward kernel (csrc/cuda/persistent.cu). Same
+// conventions as recurrence.h: no CUDA or torch headers, errors as int cudaError_t.
+#pragma once
+
+#include <cstddef>
+
+#include "recurrence.h"
+
+namespace cnnlstm_fast::cuda {
+
+struct PersistentForwardArgs {
+  Cell cell;
+  DType dtype;
+  int steps, batch, hidden;
+  bool reverse;
+  const int* active_rows;  // device (steps,) rows active per step, or null (all)
+  const void* gx;          // (steps, batch, gates*hidden), T
+  const void* w_hh_t;      // (hidden, gates*hidden), T: W_hh transposed
+  const void* b_hn;        // (hidden,), T, GRU only, may be null
+  float* h_buf;            // (2, batch, hidden): [0] holds h0; the final h is [steps % 2]
+  float* c_state;          // (batch, hidden): c0 in, c_T out (LSTM)
+  void* y;                 // (steps, batch, hidden), T
+  float* act;              // (steps, batch, gates*hidden) saved, or null
+  float* h_prev_all;       // (steps, batch, hidden) saved, or null
+  float* extra;            // (steps, batch, hidden) saved (LSTM c_prev, GRU a_n + b_hn), or null
+};
+
+struct PersistentPlan {
+  bool usable = false;  // false: the shape does not fit co-resident on this device
+  int units = 0;        // hidden units per block
+  int blocks = 0;       // grid size (all co-resident)
+  int lanes = 0;        // threads per (row, unit) pair
+  size_t smem_bytes = 0;
+};
+
+// Sizes the grid for the current device from its properties and the occupancy API.
+int persistent_forward_plan(Cell cell, DType dtype, int batch, int hidden, PersistentPlan* plan);
+int persistent_forward(const PersistentForwardArgs& args, const PersistentPlan& plan, void* stream);
+
+}  // namespace cnnlstm_fast::cuda

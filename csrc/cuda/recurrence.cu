@@ -1,0 +1,277 @@
+// Per-step fused recurrence kernels (the general path, valid for any size).
+//
+// Tiling: a block owns kUnits hidden units (ALL gates of them, so the pointwise math
+// is local) x kRows batch rows; one thread per (row, unit). The previous state of the
+// block's rows is staged through shared memory in kTileP-wide chunks; W_hh is read
+// transposed (out_size, gates*hidden) so a warp's loads of one p are contiguous.
+// Synchronisation: none across blocks; steps are ordered by the stream, and h is
+// double-buffered by the host loop (h_prev and h_next are different buffers).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <type_traits>
+
+#include "cnnlstm_fast/gate_math.h"
+#include "recurrence.h"
+
+namespace cnnlstm_fast::cuda {
+namespace {
+
+namespace gm = cnnlstm_fast::gate_math;
+using Math = gm::ScalarMath<float>;
+
+constexpr int kUnits = 32;  // threadIdx.x: hidden units (or output columns)
+constexpr int kRows = 8;    // threadIdx.y: batch rows
+constexpr int kTileP = 64;  // reduction chunk staged in shared memory
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <int kCell>
+inline constexpr int kGates =
+    kCell == static_cast<int>(Cell::kLstm) ? 4 : kCell == static_cast<int>(Cell::kGru) ? 3 : 1;
+
+// acc[k] += sum_p a[row, p] * mat[p, k*stride + col] for this thread's (row, col).
+// All threads of the block must call it (it synchronises).
+template <int kG, typename TA, typename TM>
+__device__ __forceinline__ void accumulate_rows(float (&acc)[kG], const TA* a, const TM* mat,
+                                                int batch, int p_size, int mat_cols,
+                                                int stride, int row0, int col) {
+  __shared__ float tile[kRows][kTileP];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int row = row0 + ty;
+  for (int p0 = 0; p0 < p_size; p0 += kTileP) {
+    for (int pp = tx; pp < kTileP; pp += kUnits) {
+      const int p = p0 + pp;
+      tile[ty][pp] = (row < batch && p < p_size) ? to_float(a[(size_t)row * p_size + p]) : 0.f;
+    }
+    __syncthreads();
+    if (col < stride) {
+      const int p_end = min(kTileP, p_size - p0);
+      for (int pp = 0; pp < p_end; ++pp) {
+        const float v = tile[ty][pp];
+        const TM* m = mat + (size_t)(p0 + pp) * mat_cols + col;
+#pragma unroll
+        for (int k = 0; k < kG; ++k) acc[k] += v * to_float(m[(size_t)k * stride]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <int kCell, typename T>
+__global__ void step_forward_kernel(StepForwardArgs args) {
+  constexpr int kG = kGates<kCell>;
+  const int j = blockIdx.x * kUnits + threadIdx.x;
+  const int b = blockIdx.y * kRows + threadIdx.y;
+  const int H = args.hidden, gH = kG * args.hidden, Hout = args.out_size;
+  float acc[kG] = {};
+  accumulate_rows<kG>(acc, args.h_prev, static_cast<const T*>(args.w_hh_t), args.batch, Hout,
+                      gH, H, blockIdx.y * kRows, j);
+  if (j >= H || b >= args.batch) return;
+
+  if (b >= args.active) {  // inactive row: keep the state, output 0
+    if (args.m_out == nullptr) {
+      args.h_next[(size_t)b * Hout + j] = args.h_prev[(size_t)b * Hout + j];
+      static_cast<T*>(args.y_t)[(size_t)b * Hout + j] = from_float<T>(0.f);
+    }
+    if constexpr (kCell == static_cast<int>(Cell::kLstm)) {
+      args.c_next[(size_t)b * H + j] = args.c_prev[(size_t)b * H + j];
+    }
+    return;
+  }
+
+  const T* gx = static_cast<const T*>(args.gx_t) + (size_t)b * gH;
+  float* act = args.act_t ? args.act_t + (size_t)b * gH : nullptr;
+  float h_new;
+  if constexpr (kCell == static_cast<int>(Cell::kLstm)) {
+    const float c_prev = args.c_prev[(size_t)b * H + j];
+    const auto s = gm::lstm_forward<Math>(acc[0] + to_float(gx[j]), acc[1] + to_float(gx[H + j]),
+                                          acc[2] + to_float(gx[2 * H + j]),
+                                          acc[3] + to_float(gx[3 * H + j]), c_prev);
+    args.c_next[(size_t)b * H + j] = s.c;
+    if (act) {
+      act[j] = s.i, act[H + j] = s.f, act[2 * H + j] = s.g, act[3 * H + j] = s.o;
+      args.extra_t[(size_t)b * H + j] = c_prev;
+    }
+    if (args.m_out != nullptr) {  // the projection kernel writes h and y
+      args.m_out[(size_t)b * H + j] = s.m;
+      return;
+    }
+    h_new = s.m;
+  } else if constexpr (kCell == static_cast<int>(Cell::kGru)) {
+    const float b_hn = args.b_hn ? to_float(static_cast<const T*>(args.b_hn)[j]) : 0.f;
+    const auto s = gm::gru_forward<Math>(to_float(gx[j]), to_float(gx[H + j]),
+                                         to_float(gx[2 * H + j]), acc[0], acc[1], acc[2], b_hn,
+                                         args.h_prev[(size_t)b * Hout + j]);
+    if (act) {
+      act[j] = s.r, act[H + j] = s.z, act[2 * H + j] = s.n;
+      args.extra_t[(size_t)b * H + j] = s.h_n;
+    }
+    h_new = s.h;
+  } else {
+    constexpr bool kRelu = kCell == static_cast<int>(Cell::kRnnRelu);
+    h_new = gm::rnn_forward<Math, kRelu>(acc[0] + to_float(gx[j]));
+    if (act) act[j] = h_new;
+  }
+  args.h_next[(size_t)b * Hout + j] = h_new;
+  static_cast<T*>(args.y_t)[(size_t)b * Hout + j] = from_float<T>(h_new);
+}
+
+template <typename TA, typename TM>
+__global__ void rowmat_kernel(RowMatArgs args) {
+  const int q = blockIdx.x * kUnits + threadIdx.x;
+  const int b = blockIdx.y * kRows + threadIdx.y;
+  float acc[1] = {0.f};
+  accumulate_rows<1>(acc, static_cast<const TA*>(args.a), static_cast<const TM*>(args.mat),
+                     args.batch, args.p, args.q, args.q, blockIdx.y * kRows, q);
+  if (q >= args.q || b >= args.batch) return;
+  const size_t idx = (size_t)b * args.q + q;
+  float v;
+  if (b < args.active) {
+    v = acc[0] + (args.addend ? args.addend[idx] : 0.f);
+  } else {
+    v = args.passthrough ? args.passthrough[idx] : 0.f;
+  }
+  args.out[idx] = v;
+  if (args.y) static_cast<TM*>(args.y)[idx] = from_float<TM>(b < args.active ? v : 0.f);
+}
+
+template <int kCell, typename T>
+__global__ void step_backward_kernel(StepBackwardArgs args) {
+  constexpr int kG = kGates<kCell>;
+  const int H = args.hidden, gH = kG * H, Hout = args.out_size;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const int b = idx / H, j = idx % H;
+  if (b >= args.active) return;  // inactive rows: d_gx stays 0, d_c is carried as is
+  const float* act = args.act_t + (size_t)b * gH;
+  float* d_gx = args.d_gx_t + (size_t)b * gH;
+  const T* d_y = static_cast<const T*>(args.d_y_t);
+  const size_t o = (size_t)b * Hout + j;
+  if constexpr (kCell == static_cast<int>(Cell::kLstm)) {
+    const float d_m = args.d_m ? args.d_m[(size_t)b * H + j] : args.d_h[o] + to_float(d_y[o]);
+    const auto g = gm::lstm_backward<Math>(act[j], act[H + j], act[2 * H + j], act[3 * H + j],
+                                           args.extra_t[(size_t)b * H + j], d_m,
+                                           args.d_c[(size_t)b * H + j]);
+    d_gx[j] = g.d_i, d_gx[H + j] = g.d_f, d_gx[2 * H + j] = g.d_g, d_gx[3 * H + j] = g.d_o;
+    args.d_c[(size_t)b * H + j] = g.d_c_prev;
+    if (args.m_t) args.m_t[(size_t)b * H + j] = g.m;
+  } else if constexpr (kCell == static_cast<int>(Cell::kGru)) {
+    const float g_h = args.d_h[o] + to_float(d_y[o]);
+    const auto g = gm::gru_backward<Math>(act[j], act[H + j], act[2 * H + j],
+                                          args.extra_t[(size_t)b * H + j], args.h_prev_t[o], g_h);
+    d_gx[j] = g.d_r, d_gx[H + j] = g.d_z, d_gx[2 * H + j] = g.d_n;
+    float* d_gh = args.d_gh_t + (size_t)b * gH;
+    d_gh[j] = g.d_r, d_gh[H + j] = g.d_z, d_gh[2 * H + j] = g.d_a_n;
+    args.d_h_direct[o] = g.d_h_direct;
+  } else {
+    constexpr bool kRelu = kCell == static_cast<int>(Cell::kRnnRelu);
+    d_gx[j] = gm::rnn_backward<Math, kRelu>(act[j], args.d_h[o] + to_float(d_y[o]));
+  }
+}
+
+template <typename T>
+__global__ void add_output_grad_kernel(int batch, int active, int width, const float* d_h,
+                                       const T* d_y, float* out) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= batch * width) return;
+  out[idx] = (idx / width) < active ? d_h[idx] + to_float(d_y[idx]) : 0.f;
+}
+
+// Calls f.template operator()<T>() with T the C++ type of dtype.
+template <typename F>
+cudaError_t with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename F>
+cudaError_t with_cell(Cell cell, F&& f) {
+  switch (cell) {
+    case Cell::kLstm: return f(std::integral_constant<int, 0>{});
+    case Cell::kGru: return f(std::integral_constant<int, 1>{});
+    case Cell::kRnnTanh: return f(std::integral_constant<int, 2>{});
+    case Cell::kRnnRelu: return f(std::integral_constant<int, 3>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+dim3 tiles(int cols, int rows) {
+  return dim3((cols + kUnits - 1) / kUnits, (rows + kRows - 1) / kRows);
+}
+
+}  // namespace
+
+int step_forward(const StepForwardArgs& args, void* stream_ptr) {
+  if (args.batch == 0) return cudaSuccess;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  return with_cell(args.cell, [&](auto cell) {
+    return with_dtype(args.dtype, [&](auto type) {
+      using T = decltype(type);
+      step_forward_kernel<decltype(cell)::value, T>
+          <<<tiles(args.hidden, args.batch), dim3(kUnits, kRows), 0, stream>>>(args);
+      return cudaGetLastError();
+    });
+  });
+}
+
+int rowmat(const RowMatArgs& args, void* stream_ptr) {
+  if (args.batch == 0) return cudaSuccess;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  return with_dtype(args.mat_dtype, [&](auto mat_type) {
+    using TM = decltype(mat_type);
+    auto launch = [&](auto a_type) {
+      using TA = decltype(a_type);
+      rowmat_kernel<TA, TM><<<tiles(args.q, args.batch), dim3(kUnits, kRows), 0, stream>>>(args);
+      return cudaGetLastError();
+    };
+    return args.a_dtype == DType::kFloat32 ? launch(float{}) : launch(TM{});
+  });
+}
+
+int step_backward(const StepBackwardArgs& args, void* stream_ptr) {
+  const int n = args.active * args.hidden;
+  if (n == 0) return cudaSuccess;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  return with_cell(args.cell, [&](auto cell) {
+    return with_dtype(args.dtype, [&](auto type) {
+      using T = decltype(type);
+      step_backward_kernel<decltype(cell)::value, T><<<(n + 255) / 256, 256, 0, stream>>>(args);
+      return cudaGetLastError();
+    });
+  });
+}
+
+int add_output_grad(DType dtype, int batch, int active, int width, const float* d_h,
+                    const void* d_y_t, float* out, void* stream_ptr) {
+  const int n = batch * width;
+  if (n == 0) return cudaSuccess;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  return with_dtype(dtype, [&](auto type) {
+    using T = decltype(type);
+    add_output_grad_kernel<T>
+        <<<(n + 255) / 256, 256, 0, stream>>>(batch, active, width, d_h, static_cast<const T*>(d_y_t), out);
+    return cudaGetLastError();
+  });
+}
+
+const char* error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
+
+}  // namespace cnnlstm_fast::cuda

@@ -1,0 +1,270 @@
+// CUDA implementations of the torch.library ops cnnlstm_fast::recurrence_forward and
+// recurrence_backward (schema in csrc/cpu/recurrence.cpp; same saved-state contract as
+// the reference backend, saved tensors in float32).
+//
+// The host runs the time loop and launches the per-step kernels of csrc/cuda/ on the
+// caller's current stream (taken from c10, so no CUDA headers of torch are needed and
+// a CPU-only torch compiles this file). dW_hh and dW_hr are one ATen GEMM each after
+// the loop. Compiled only when setup.py found nvcc (CNNLSTM_FAST_WITH_CUDA).
+#ifdef CNNLSTM_FAST_WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+
+#include "cuda/persistent.h"
+#include "cuda/recurrence.h"
+
+namespace cnnlstm_fast::cuda {
+namespace {
+
+using at::Tensor;
+using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+void check_launch(int error, const char* kernel) {
+  TORCH_CHECK(error == 0, "cnnlstm_fast cuda backend: launching ", kernel, " failed: ",
+              error_string(error));
+}
+
+void* current_stream(const at::Device& device) {
+  const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  return impl->getStream(device).native_handle();
+}
+
+Cell parse_cell(std::string_view cell) {
+  if (cell == "lstm") return Cell::kLstm;
+  if (cell == "gru") return Cell::kGru;
+  if (cell == "rnn_tanh") return Cell::kRnnTanh;
+  TORCH_CHECK(cell == "rnn_relu", "cell must be lstm, gru, rnn_tanh or rnn_relu, got ", cell);
+  return Cell::kRnnRelu;
+}
+
+int64_t gates_of(Cell cell) { return cell == Cell::kLstm ? 4 : cell == Cell::kGru ? 3 : 1; }
+
+DType dtype_of(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16 for the cuda backend, got ",
+                  t.scalar_type());
+  }
+}
+
+// Active rows per step, from the CPU batch_sizes tensor (sorted, decreasing).
+std::vector<int64_t> active_rows(const std::optional<Tensor>& batch_sizes, int64_t steps,
+                                 int64_t batch) {
+  if (!batch_sizes.has_value()) return std::vector<int64_t>(steps, batch);
+  const Tensor sizes = batch_sizes->to(at::kCPU, at::kLong).contiguous();
+  TORCH_CHECK(sizes.numel() == steps, "batch_sizes must have ", steps, " entries, got ",
+              sizes.numel());
+  const int64_t* p = sizes.data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + steps);
+}
+
+// CNNLSTM_FAST_CUDA_KERNEL: "auto" (default: persistent where it fits), "step" or
+// "persistent" (an error where it does not fit). Lets tests and benchmarks pin a path.
+std::string kernel_choice() {
+  const char* v = std::getenv("CNNLSTM_FAST_CUDA_KERNEL");
+  const std::string choice = v && *v ? v : "auto";
+  TORCH_CHECK(choice == "auto" || choice == "step" || choice == "persistent",
+              "CNNLSTM_FAST_CUDA_KERNEL must be auto, step or persistent, got '", choice, "'");
+  return choice;
+}
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.defined() && t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, const Tensor& h0,
+                            const std::optional<Tensor>& c0, const Tensor& w_hh,
+                            const std::optional<Tensor>& w_hr, const std::optional<Tensor>& b_hn,
+                            const std::optional<Tensor>& batch_sizes, bool reverse,
+                            bool need_saved) {
+  const c10::DeviceGuard guard(gx_in.device());
+  const Cell cell = parse_cell(cell_name);
+  const DType dtype = dtype_of(gx_in, "gx");
+  const Tensor gx = gx_in.contiguous();
+  const int64_t steps = gx.size(0), batch = gx.size(1), gate_width = gx.size(2);
+  const int64_t hidden = gate_width / gates_of(cell), out = h0.size(1);
+  const bool lstm = cell == Cell::kLstm, proj = w_hr.has_value();
+  const auto f32 = gx.options().dtype(at::kFloat);
+  const Tensor w_hh_t = w_hh.to(gx.scalar_type()).t().contiguous();
+  const Tensor w_hr_t = proj ? w_hr->to(gx.scalar_type()).t().contiguous() : Tensor();
+  const Tensor bias_n = b_hn.has_value() ? b_hn->to(gx.scalar_type()).contiguous() : Tensor();
+
+  Tensor h[2] = {h0.to(at::kFloat).contiguous().clone(), at::empty({batch, out}, f32)};
+  Tensor c[2];
+  if (lstm) c[0] = c0->to(at::kFloat).contiguous().clone(), c[1] = at::empty({batch, hidden}, f32);
+  const Tensor m = proj ? at::empty({batch, hidden}, f32) : Tensor();
+  Tensor y = at::empty({steps, batch, out}, gx.options());
+  const Tensor none = at::empty({0}, f32);
+  Tensor act = need_saved ? at::zeros({steps, batch, gate_width}, f32) : none;
+  Tensor h_prev = need_saved ? at::empty({steps, batch, out}, f32) : none;
+  Tensor extra = need_saved && cell != Cell::kRnnTanh && cell != Cell::kRnnRelu
+                     ? at::zeros({steps, batch, hidden}, f32)
+                     : none;
+  const auto rows = active_rows(batch_sizes, steps, batch);
+  void* stream = current_stream(gx.device());
+
+  const std::string choice = kernel_choice();
+  PersistentPlan plan;
+  if (!proj && choice != "step") {
+    check_launch(persistent_forward_plan(cell, dtype, batch, hidden, &plan), "persistent plan");
+    TORCH_CHECK(plan.usable || choice != "persistent",
+                "CNNLSTM_FAST_CUDA_KERNEL=persistent, but W_hh (hidden_size ", hidden,
+                ") does not fit co-resident on this device");
+  }
+  if (plan.usable) {
+    const Tensor rows_dev =
+        batch_sizes.has_value()
+            ? at::tensor(std::vector<int32_t>(rows.begin(), rows.end()), gx.options().dtype(at::kInt))
+            : Tensor();
+    Tensor h_buf = at::empty({2, batch, hidden}, f32);
+    h_buf[0].copy_(h[0]);
+    PersistentForwardArgs a{};
+    a.cell = cell, a.dtype = dtype;
+    a.steps = steps, a.batch = batch, a.hidden = hidden, a.reverse = reverse;
+    a.active_rows = rows_dev.defined() ? rows_dev.data_ptr<int32_t>() : nullptr;
+    a.gx = gx.data_ptr(), a.w_hh_t = w_hh_t.data_ptr();
+    a.b_hn = bias_n.defined() ? bias_n.data_ptr() : nullptr;
+    a.h_buf = ptr<float>(h_buf), a.c_state = lstm ? ptr<float>(c[0]) : nullptr;
+    a.y = y.data_ptr();
+    a.act = need_saved ? ptr<float>(act) : nullptr;
+    a.h_prev_all = need_saved ? ptr<float>(h_prev) : nullptr;
+    a.extra = need_saved ? ptr<float>(extra) : nullptr;
+    check_launch(persistent_forward(a, plan, stream), "persistent_forward");
+    const Tensor c_t = lstm ? c[0].to(c0->scalar_type()) : none;
+    return {y, h_buf[steps % 2].to(h0.scalar_type()), c_t, act, h_prev, extra};
+  }
+
+  int cur = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = reverse ? steps - 1 - s : s;
+    if (need_saved) h_prev[t].copy_(h[cur]);
+    StepForwardArgs a{};
+    a.cell = cell, a.dtype = dtype;
+    a.batch = batch, a.active = rows[t], a.hidden = hidden, a.out_size = out;
+    a.gx_t = gx[t].data_ptr(), a.h_prev = ptr<float>(h[cur]), a.w_hh_t = w_hh_t.data_ptr();
+    a.b_hn = bias_n.defined() ? bias_n.data_ptr() : nullptr;
+    a.h_next = ptr<float>(h[1 - cur]), a.y_t = y[t].data_ptr();
+    if (lstm) a.c_prev = ptr<float>(c[cur]), a.c_next = ptr<float>(c[1 - cur]);
+    a.m_out = proj ? ptr<float>(m) : nullptr;
+    a.act_t = need_saved ? ptr<float>(act[t]) : nullptr;
+    a.extra_t = need_saved && extra.numel() ? ptr<float>(extra[t]) : nullptr;
+    check_launch(step_forward(a, stream), "step_forward");
+    if (proj) {  // h = m W_hr^T for active rows; inactive rows keep h
+      RowMatArgs r{};
+      r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
+      r.batch = batch, r.active = rows[t], r.p = hidden, r.q = out;
+      r.a = m.data_ptr(), r.mat = w_hr_t.data_ptr(), r.passthrough = ptr<float>(h[cur]);
+      r.out = ptr<float>(h[1 - cur]), r.y = y[t].data_ptr();
+      check_launch(rowmat(r, stream), "rowmat (projection)");
+    }
+    cur = 1 - cur;
+  }
+  const Tensor c_t = lstm ? c[cur].to(c0->scalar_type()) : none;
+  return {y, h[cur].to(h0.scalar_type()), c_t, act, h_prev, extra};
+}
+
+Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act, const Tensor& h_prev,
+                             const std::optional<Tensor>& extra, const Tensor& w_hh,
+                             const std::optional<Tensor>& w_hr,
+                             const std::optional<Tensor>& batch_sizes, bool reverse,
+                             const Tensor& d_y_in, const Tensor& d_hT,
+                             const std::optional<Tensor>& d_cT) {
+  const c10::DeviceGuard guard(act.device());
+  const Cell cell = parse_cell(cell_name);
+  const DType dtype = dtype_of(d_y_in, "d_y");
+  const Tensor d_y = d_y_in.contiguous();
+  const int64_t steps = act.size(0), batch = act.size(1), gate_width = act.size(2);
+  const int64_t hidden = gate_width / gates_of(cell), out = h_prev.size(2);
+  const bool lstm = cell == Cell::kLstm, gru = cell == Cell::kGru, proj = w_hr.has_value();
+  const auto f32 = act.options().dtype(at::kFloat);
+  const Tensor w_hh_c = w_hh.to(d_y.scalar_type()).contiguous();
+  const Tensor w_hr_c = proj ? w_hr->to(d_y.scalar_type()).contiguous() : Tensor();
+
+  Tensor dh[2] = {d_hT.to(at::kFloat).contiguous().clone(), at::empty({batch, out}, f32)};
+  Tensor dc;
+  if (lstm) {
+    dc = d_cT.has_value() ? d_cT->to(at::kFloat).contiguous().clone()
+                          : at::zeros({batch, hidden}, f32);
+  }
+  Tensor d_gx = at::zeros({steps, batch, gate_width}, f32);
+  Tensor d_gh = gru ? at::zeros({steps, batch, gate_width}, f32) : d_gx;
+  const Tensor d_h_direct = gru ? at::empty({batch, out}, f32) : Tensor();
+  const Tensor g_all = proj ? at::zeros({steps, batch, out}, f32) : Tensor();
+  const Tensor m_all = proj ? at::zeros({steps, batch, hidden}, f32) : Tensor();
+  const Tensor d_m = proj ? at::empty({batch, hidden}, f32) : Tensor();
+  const Tensor extra_c = extra.has_value() && extra->numel() ? extra->contiguous() : Tensor();
+  const auto rows = active_rows(batch_sizes, steps, batch);
+  void* stream = current_stream(act.device());
+
+  int cur = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = reverse ? s : steps - 1 - s;  // forward's order, backwards
+    const int active = static_cast<int>(rows[t]);
+    if (proj) {  // d_m = (d_h + d_y[t]) W_hr
+      check_launch(add_output_grad(dtype, batch, active, out, ptr<float>(dh[cur]),
+                                   d_y[t].data_ptr(), ptr<float>(g_all[t]), stream),
+                   "add_output_grad");
+      RowMatArgs r{};
+      r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
+      r.batch = batch, r.active = active, r.p = out, r.q = hidden;
+      r.a = g_all[t].data_ptr(), r.mat = w_hr_c.data_ptr(), r.out = ptr<float>(d_m);
+      check_launch(rowmat(r, stream), "rowmat (projection backward)");
+    }
+    StepBackwardArgs a{};
+    a.cell = cell, a.dtype = dtype;
+    a.batch = batch, a.active = active, a.hidden = hidden, a.out_size = out;
+    a.act_t = ptr<float>(act[t]);
+    a.extra_t = extra_c.defined() ? ptr<float>(extra_c[t]) : nullptr;
+    a.h_prev_t = ptr<float>(h_prev[t]);
+    a.d_h = ptr<float>(dh[cur]), a.d_y_t = d_y[t].data_ptr();
+    a.d_m = proj ? ptr<float>(d_m) : nullptr;
+    a.d_c = lstm ? ptr<float>(dc) : nullptr;
+    a.d_gx_t = ptr<float>(d_gx[t]);
+    a.d_gh_t = gru ? ptr<float>(d_gh[t]) : nullptr;
+    a.d_h_direct = gru ? ptr<float>(d_h_direct) : nullptr;
+    a.m_t = proj ? ptr<float>(m_all[t]) : nullptr;
+    check_launch(step_backward(a, stream), "step_backward");
+    // d_h for the previous step: d_gh W_hh (+ d_h z for GRU); inactive rows carry d_h
+    RowMatArgs r{};
+    r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
+    r.batch = batch, r.active = active, r.p = gate_width, r.q = out;
+    r.a = d_gh[t].data_ptr(), r.mat = w_hh_c.data_ptr();
+    r.addend = gru ? ptr<float>(d_h_direct) : nullptr;
+    r.passthrough = ptr<float>(dh[cur]), r.out = ptr<float>(dh[1 - cur]);
+    check_launch(rowmat(r, stream), "rowmat (d_h)");
+    cur = 1 - cur;
+  }
+  const Tensor none = at::empty({0}, f32);
+  const Tensor d_w_hh =
+      d_gh.reshape({-1, gate_width}).t().mm(h_prev.reshape({-1, out})).to(w_hh.scalar_type());
+  const Tensor d_w_hr = proj ? g_all.reshape({-1, out}).t().mm(m_all.reshape({-1, hidden}))
+                                   .to(w_hr->scalar_type())
+                             : none;
+  const Tensor d_b_hn = gru ? d_gh.narrow(2, 2 * hidden, hidden).sum(at::IntArrayRef{0, 1}) : none;
+  const Tensor dc0 = lstm ? dc.to(d_cT.has_value() ? d_cT->scalar_type() : d_hT.scalar_type())
+                          : none;
+  return {d_gx.to(d_y.scalar_type()), dh[cur].to(d_hT.scalar_type()), dc0, d_w_hh, d_w_hr, d_b_hn};
+}
+
+}  // namespace
+}  // namespace cnnlstm_fast::cuda
+
+TORCH_LIBRARY_IMPL(cnnlstm_fast, CUDA, m) {
+  m.impl("recurrence_forward", &cnnlstm_fast::cuda::recurrence_forward);
+  m.impl("recurrence_backward", &cnnlstm_fast::cuda::recurrence_backward);
+}
+
+#endif  // CNNLSTM_FAST_WITH_CUDA
