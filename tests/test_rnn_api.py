@@ -98,9 +98,26 @@ def test_registry_and_auto_resolution():
     assert report["reference"] is None and report["torch"] is None
     # auto picks from the dispatch table, which ends with torch, and never the slow spec
     chosen = backends.resolve("auto", _spec())
-    assert chosen.name in backends.AUTO_PREFERENCE["cpu"]
+    assert chosen.name in [name for name, _ in backends.AUTO_PREFERENCE["cpu"]]
     assert chosen.name != "reference"
+    assert names[-1] == "reference"  # best first: the slow specification comes last
     assert backends.resolve("reference", _spec()).name == "reference"
+
+
+def test_auto_follows_the_measured_rules():
+    """auto takes a backend only where its rule (backed by benchmark results) says it
+    beats torch.nn, and torch.nn everywhere else."""
+    for device, rules in backends.AUTO_PREFERENCE.items():
+        assert rules[-1] == ("torch", None), device
+    gru = RecurrenceSpec("gru", 4, 0, False, torch.device("cpu"), torch.float32, 2, 3, False)
+    lstm = _spec()
+    expect_cpu = backends.backend_report().get("cpu") is None
+    assert backends.resolve("auto", gru).name == ("cpu" if expect_cpu else "torch")
+    assert backends.resolve("auto", lstm).name == "torch"
+    big = RecurrenceSpec("gru", 4, 0, False, torch.device("cpu"), torch.float32, 512, 3, False)
+    assert backends.resolve("auto", big).name == "torch"
+    f64 = RecurrenceSpec("gru", 4, 0, False, torch.device("cpu"), torch.bfloat16, 2, 3, False)
+    assert backends.resolve("auto", f64).name == "torch"  # cpu does not support bf16
 
 
 def test_set_backend_and_use_backend():

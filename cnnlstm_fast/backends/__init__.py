@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .base import CELLS, GATES, Backend, RecurrenceSpec
+from .cpu import CpuBackend
+from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .torch_nn import TorchBackend
+from .triton import TritonBackend
 
 __all__ = [
     "AUTO_PREFERENCE",
@@ -41,13 +44,24 @@ __all__ = [
 
 ENV_VAR = "CNNLSTM_FAST_BACKEND"
 
-#: Order in which ``auto`` tries backends per device type, fastest first. It is
-#: backed by the committed benchmark results: a backend goes before ``torch`` only
-#: where it measured faster than torch.nn.
-AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("torch",),
-    "cuda": ("torch",),
+def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
+    """Where the ``cpu`` backend measured faster than torch.nn on CPU, forward and
+    forward+backward (benchmarks/results/cpu/): GRU up to batch 32. torch.nn runs LSTM
+    through oneDNN, which our per-step GEMMs do not beat yet."""
+    return spec.cell == "gru" and spec.batch <= 32
+
+
+#: Per device type, the backends ``auto`` tries in order, each with the rule that says
+#: where it is faster than torch.nn (None: everywhere it is supported). Backed by the
+#: committed benchmark results; ``torch`` ends every list.
+AUTO_PREFERENCE: dict[str, tuple[tuple[str, Callable[[RecurrenceSpec], bool] | None], ...]] = {
+    "cpu": (("cpu", _cpu_beats_torch), ("torch", None)),
+    "cuda": (("torch", None),),
 }
+
+#: How ``available_backends()`` ranks: the compiled kernels, then torch.nn, then the
+#: pure-PyTorch specification.
+_RANK = ("cuda", "triton", "cpu", "torch", "reference")
 
 _REGISTRY: dict[str, Backend] = {}
 
@@ -85,13 +99,8 @@ def _check_name(name: str) -> str:
 
 def available_backends() -> list[str]:
     """Names of the backends usable on this machine, best first."""
-    order: list[str] = []
-    for device in ("cuda", "cpu"):
-        for name in AUTO_PREFERENCE.get(device, ()):
-            if name not in order:
-                order.append(name)
-    order += [n for n in _REGISTRY if n not in order]
-    return [n for n in order if n in _REGISTRY and _REGISTRY[n].unavailable_reason() is None]
+    order = [n for n in _RANK if n in _REGISTRY] + [n for n in _REGISTRY if n not in _RANK]
+    return [n for n in order if _REGISTRY[n].unavailable_reason() is None]
 
 
 def backend_report() -> dict[str, str | None]:
@@ -153,12 +162,13 @@ def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
                 f"it supports {backend.supports}"
             )
         return backend
-    for candidate in AUTO_PREFERENCE.get(spec.device.type, ("torch",)):
+    for candidate, faster in AUTO_PREFERENCE.get(spec.device.type, ()):
         backend = _REGISTRY.get(candidate)
         if (
             backend is not None
             and backend.unavailable_reason() is None
             and backend.unsupported_reason(spec) is None
+            and (faster is None or faster(spec))
         ):
             return backend
     return _REGISTRY["torch"]
@@ -166,3 +176,6 @@ def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
 
 register(TorchBackend())
 register(ReferenceBackend())
+register(CpuBackend())
+register(CudaBackend())
+register(TritonBackend())
