@@ -6,7 +6,9 @@
 
 from ._version import __version__
 from .backends import available_backends, get_default, set_backend, use_backend
+from . import models
 from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .nn.swap import swap, unswap
 
 __all__ = [
     "GRU",
@@ -19,5 +21,7 @@ __all__ = [
     "available_backends",
     "get_default",
     "set_backend",
+    "swap",
+    "unswap",
     "use_backend",
 ]

@@ -113,8 +113,12 @@ class _PackedLayout:
 class _BackendMixin:
     """The ``backend`` attribute shared by the sequence modules and the cells."""
 
-    def _set_backend_name(self, backend: str) -> None:
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
         self.backend = backends._check_name(backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
 
     def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool):
         cell = _cell_of(self)
@@ -154,13 +158,6 @@ class _BackendMixin:
 
 class _SequenceMixin(_BackendMixin):
     """forward() of LSTM/GRU/RNN on the recurrence op of the resolved backend."""
-
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_backend_name(backend)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
 
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
@@ -289,13 +286,6 @@ class _SequenceMixin(_BackendMixin):
 
 class _CellMixin(_BackendMixin):
     """forward() of the cells: one step of the recurrence op (T = 1)."""
-
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_backend_name(backend)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
 
     def forward(self, input, hx=None):
         batch = input.size(0) if input.dim() == 2 else 1
