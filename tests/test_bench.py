@@ -1,41 +1,117 @@
-"""The benchmark runs end to end on a tiny config and writes sane JSON rows."""
+"""The benchmark CLI, the pytest-benchmark suite and the README's generated section."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import cnnlstm_fast
 from cnnlstm_fast import bench
+from cnnlstm_fast.bench import report, suites
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--device", "cpu", "--config", "B=2,T=3,I=5,H=4", "--reps", "2", "--no-progress"]
 
 
-def test_bench_tiny_json(tmp_path, capsys):
+def test_bench_tiny_json_csv_compare(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    argv = ["--device", "cpu", "--batch", "2", "--steps", "3", "--input-size", "5",
-            "--hidden-size", "4", "--reps", "2", "--json", str(path)]
-    bench.main(argv)
-    report = json.loads(path.read_text())
-    rows = report["results"]
-    providers = ["torch.nn", *cnnlstm_fast.available_backends()]
-    assert {"reference", "torch"} <= set(providers)
-    expected = {(c, m, p) for c in ("lstm", "gru") for m in bench.MODES for p in providers}
+    bench.main([*TINY, "--json", str(path), "--csv", str(tmp_path / "bench.csv")])
+    result = json.loads(path.read_text())
+    rows = result["results"]
+    ours = [b for b in cnnlstm_fast.available_backends() if b != "torch"]
+    assert {"reference", "cpu"} <= set(ours)
+    expected = {(c, m, p) for c in suites.CELLS for m in suites.MODES for p in ["torch.nn", *ours]}
     assert {(r["cell"], r["mode"], r["provider"]) for r in rows} == expected
     for row in rows:
         assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
         assert row["us_per_step"] == pytest.approx(row["median_ms"] * 1e3 / 3)
-        assert row["gflops"] > 0 and row["speedup"] > 0
+        assert row["tflops"] > 0 and row["speedup"] > 0 and row["pct_peak"] > 0
+        assert row["peak_mib"] is None  # CPU: not measured, not invented
         if row["provider"] == "torch.nn":
             assert row["speedup"] == 1.0
-    assert report["environment"]["torch"] == cnnlstm_fast.env.collect()["torch"]
-    assert "torch.nn" in capsys.readouterr().out
+    assert result["peak_tflops"]["float32"] > 0
+    assert result["environment"]["torch"] == cnnlstm_fast.env.collect()["torch"]
+    assert any("flashrnn" in note for note in result["notes"])  # not installed here
+    assert {s["provider"] for s in result["skipped"]} == {"flashrnn"}
+    assert len((tmp_path / "bench.csv").read_text().splitlines()) == len(rows) + 1
+    bench.main([*TINY, "--cells", "gru", "--modes", "forward", "--compare", str(path)])
+    out = capsys.readouterr().out
+    assert "torch.nn" in out and "change against" in out
+
+
+def test_reference_skipped_above_its_limit():
+    result = bench.main([*TINY, "--cells", "lstm", "--modes", "forward",
+                         "--providers", "reference", "--limit", "reference=2"])
+    assert [r["provider"] for r in result["results"]] == ["torch.nn"]
+    assert "limit 2" in result["skipped"][0]["reason"]
+
+
+def test_unsupported_dtype_is_skipped_with_a_note():
+    result = bench.main([*TINY, "--cells", "gru", "--modes", "forward", "--dtype", "bfloat16",
+                         "--providers", "cpu"])
+    assert [s["provider"] for s in result["skipped"]] == ["cpu"]
+
+
+def test_plot(tmp_path):
+    rows = [dict(cell="lstm", mode="forward", dtype="float32", sweep="batch", batch=b,
+                 provider=p, speedup=s) for b in (1, 2) for p, s in (("torch.nn", 1.0), ("cpu", 1.5))]
+    assert [Path(p).name for p in report.plot(rows, str(tmp_path))] == ["speedup-batch-float32.png"]
+
+
+def test_suites_shapes():
+    shapes = suites.shapes("flashrnn", "cuda")
+    assert shapes[0] == suites.CANONICAL
+    assert {s["batch"] for s in shapes if s.get("sweep") == "batch"} == set(suites.BATCHES)
+    assert {s["steps"] for s in shapes if s.get("sweep") == "steps"} == set(suites.STEPS)
+    assert {s["hidden_size"] for s in suites.shapes("hidden-sweep", "cuda")} == set(suites.HIDDENS)
+    configs = suites.make_configs(shapes, ["lstm"], ["bfloat16"], ["forward"], "cuda")
+    assert len(configs) == len({c.name for c in configs})  # the sweeps meet at B=16 once
 
 
 def test_flops_count():
-    cfg = bench.Config("lstm", 16, 32, 128, 64, 2, "float32", "forward", "cpu")
+    cfg = suites.Config("lstm", 16, 32, 128, 64, layers=2)
     assert cfg.flops == 8 * 32 * 16 * 64 * (128 + 64) + 8 * 32 * 16 * 64 * (64 + 64)
-    gru = bench.Config("gru", 16, 32, 128, 64, 1, "float32", "forward_backward", "cpu")
+    gru = suites.Config("gru", 16, 32, 128, 64, mode="forward_backward")
     assert gru.flops == 3 * 6 * 32 * 16 * 64 * (128 + 64)
+    bi = suites.Config("lstm", 1, 1, 3, 2, layers=2, directions=2)
+    assert bi.flops == 2 * 8 * 2 * (3 + 2) + 2 * 8 * 2 * (4 + 2)
 
 
-def test_unknown_provider_is_an_error():
+@pytest.mark.parametrize("argv", [["--providers", "no_such_backend"], ["--config", "B=2,T=3"],
+                                  ["--dtype", "float64"], ["--limit", "reference"]])
+def test_bad_arguments_are_errors(argv):
     with pytest.raises(SystemExit):
-        bench.main(["--device", "cpu", "--providers", "no_such_backend"])
+        bench.main(["--device", "cpu", *argv])
+
+
+def test_pytest_benchmark_suite_smoke():
+    """What CI runs of benchmarks/: every test once, tiny shapes, benchmarking disabled."""
+    env = {**os.environ, "CNNLSTM_FAST_BENCH_TINY": "1", "CNNLSTM_FAST_BENCH_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable", "-q", "-x",
+         "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout
+
+
+def test_readme_performance_section_is_generated():
+    spec = importlib.util.spec_from_file_location("perf_report", ROOT / "benchmarks" / "report.py")
+    perf_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf_report)
+    readme = (ROOT / "README.md").read_text()
+    assert perf_report.update(readme, perf_report.render()) == readme, (
+        "README.md performance section differs from benchmarks/results: run python benchmarks/report.py")
+
+
+def test_console_script_entry_point():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("cnnlstm-fast-bench", "cnnlstm_fast.bench:main") == "cnnlstm_fast.bench:main"
+    done = subprocess.run([sys.executable, "-m", "cnnlstm_fast.bench", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--suite" in done.stdout

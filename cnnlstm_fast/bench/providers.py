@@ -1,0 +1,232 @@
+"""The things timed side by side: torch.nn (the baseline), each of our backends,
+torch.compile of the ``reference`` recurrence and FlashRNN. Each provider turns a
+:class:`Config` into a step closure on fixed random data, or raises :class:`Skip`
+with the reason it cannot run that configuration here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import cnnlstm_fast
+
+from .suites import DTYPES_TORCH as DTYPES
+from .suites import FRAME, GATES, Config
+
+BASELINE = "torch.nn"
+COMPILED = "torch.compile"
+FLASHRNN = "flashrnn"
+LAYERS = {"lstm": (nn.LSTM, cnnlstm_fast.LSTM), "gru": (nn.GRU, cnnlstm_fast.GRU)}
+
+#: Cost limits, in sequential steps (T x layers x directions). ``reference`` makes a
+#: few PyTorch calls per step; torch.compile unrolls the loop, so its compile time
+#: grows with the steps (~40 s for 16 steps on a CPU core).
+LIMITS = {"reference": 1024, COMPILED: 64}
+
+
+class Skip(Exception):
+    """A provider cannot (or should not) run a configuration; the message says why."""
+
+
+def default_providers(device_type: str) -> list[str]:
+    """torch.nn, our available backends (``torch`` is torch.nn itself, so left out),
+    torch.compile on CUDA (on CPU its compile time is too long for a default), FlashRNN."""
+    ours = [b for b in cnnlstm_fast.available_backends() if b != "torch"]
+    return [BASELINE, *ours, *([COMPILED] if device_type == "cuda" else []), FLASHRNN]
+
+
+def known_providers() -> list[str]:
+    return [BASELINE, *cnnlstm_fast.available_backends(), COMPILED, FLASHRNN]
+
+
+def _check_limit(cfg: Config, provider: str, limits: dict[str, int]) -> None:
+    limit = limits.get(provider)
+    if limit is not None and cfg.recurrent_steps > limit:
+        raise Skip(f"{cfg.recurrent_steps} sequential steps (T x layers x directions) "
+                   f"> limit {limit} for {provider}; raise it with --limit {provider}=N")
+
+
+def _flashrnn() -> Callable:
+    try:
+        from flashrnn import flashrnn
+    except Exception as error:  # not installed, or a broken install
+        raise Skip(f"flashrnn not importable ({type(error).__name__}: {error})") from None
+    return flashrnn
+
+
+def _layer_step(cfg: Config, module: Callable, dtype: torch.dtype, params) -> Callable[[], None]:
+    x = torch.randn(cfg.steps, cfg.batch, cfg.input_size, device=cfg.device, dtype=dtype)
+    if cfg.mode == "forward":
+
+        def forward():
+            with torch.no_grad():
+                module(x)
+
+        return forward
+    x.requires_grad_(True)
+    dy = torch.randn(cfg.steps, cfg.batch, cfg.hidden_size * cfg.directions,
+                     device=cfg.device, dtype=dtype)
+    inputs = [x, *params]
+
+    def forward_backward():
+        y, _ = module(x)
+        torch.autograd.grad(y, inputs, dy)
+
+    return forward_backward
+
+
+def _flashrnn_step(cfg: Config, dtype: torch.dtype) -> Callable[[], None]:
+    """FlashRNN's fused kernel on one layer, one direction, one head of size H: the
+    recurrence only (its input is G_x), so it is timed against slightly less work."""
+    flashrnn = _flashrnn()
+    if cfg.layers != 1 or cfg.directions != 1 or not cfg.device.startswith("cuda"):
+        raise Skip("flashrnn: one layer, one direction, CUDA only")
+    gates, hidden = GATES[cfg.cell], cfg.hidden_size
+    grad = cfg.mode == "forward_backward"
+    make = lambda *shape: torch.randn(*shape, device=cfg.device, dtype=dtype, requires_grad=grad)  # noqa: E731
+    wx = make(cfg.batch, cfg.steps, gates, 1, hidden)
+    r = make(gates, 1, hidden, hidden)
+    b = make(gates, 1, hidden)
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+
+    def run():
+        return flashrnn(wx, r, b, function=cfg.cell, backend="cuda_fused", dtype=name)[0]
+
+    if not grad:
+        def forward():
+            with torch.no_grad():
+                run()
+        return forward
+
+    def forward_backward():
+        y = run()
+        torch.autograd.grad(y, [wx, r, b], torch.ones_like(y))
+
+    return forward_backward
+
+
+def layer_steps(cfg: Config, providers: list[str], limits: dict[str, int]) -> tuple[dict, dict]:
+    """(provider -> step closure, provider -> skip reason) for a bare-layer config; every
+    module has the baseline's weights."""
+    torch_cls, our_cls = LAYERS[cfg.cell]
+    dtype = DTYPES[cfg.dtype]
+    kwargs = dict(num_layers=cfg.layers, bidirectional=cfg.directions == 2,
+                  device=cfg.device, dtype=dtype)
+    baseline = torch_cls(cfg.input_size, cfg.hidden_size, **kwargs)
+    steps, skipped = {}, {}
+    for provider in providers:
+        try:
+            _check_limit(cfg, provider, limits)
+            if provider == BASELINE:
+                steps[provider] = _layer_step(cfg, baseline, dtype, list(baseline.parameters()))
+            elif provider == FLASHRNN:
+                steps[provider] = _flashrnn_step(cfg, dtype)
+            else:
+                backend = "reference" if provider == COMPILED else provider
+                module = our_cls(cfg.input_size, cfg.hidden_size, backend=backend, **kwargs)
+                module.load_state_dict(baseline.state_dict())
+                run = torch.compile(module) if provider == COMPILED else module
+                steps[provider] = _layer_step(cfg, run, dtype, list(module.parameters()))
+        except Skip as why:
+            skipped[provider] = str(why)
+    return steps, skipped
+
+
+def _models():
+    try:
+        from cnnlstm_fast import models
+        return models.CNNLSTM
+    except Exception as error:
+        raise Skip(f"cnnlstm_fast.models.CNNLSTM not importable ({type(error).__name__}: {error})") from None
+
+
+def model_input(cfg: Config) -> torch.Tensor:
+    shape = (cfg.batch, cfg.steps, cfg.input_size)
+    if cfg.model == "cnnlstm-2d":
+        shape += (FRAME, FRAME)
+    return torch.randn(*shape, device=cfg.device, dtype=DTYPES[cfg.dtype])
+
+
+def build_model(cfg: Config, backend: str) -> nn.Module:
+    cnnlstm = _models()
+    return cnnlstm(cfg.input_size, 10, conv=cfg.model.split("-")[1], rnn=cfg.cell,
+                   hidden_size=cfg.hidden_size, num_layers=cfg.layers,
+                   bidirectional=cfg.directions == 2, backend=backend).to(
+        device=cfg.device, dtype=DTYPES[cfg.dtype])
+
+
+def _model_step(cfg: Config, model: nn.Module) -> Callable[[], None]:
+    x = model_input(cfg)
+    if cfg.mode == "forward":
+        model.eval()
+
+        def forward():
+            with torch.no_grad():
+                model(x)
+
+        return forward
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def train_step():
+        out = model(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train_step
+
+
+def model_flops(cfg: Config) -> int:
+    """FLOPs of one forward (x3 for a training step) counted by FlopCounterMode on the
+    model with the ``reference`` backend, whose every matmul is a visible aten op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(dataclasses.replace(cfg, device="cpu", dtype="float32"), "reference").eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(model_input(dataclasses.replace(cfg, device="cpu", dtype="float32")))
+    return counter.get_total_flops() * (3 if cfg.mode == "forward_backward" else 1)
+
+
+def model_steps(cfg: Config, providers: list[str], limits: dict[str, int]) -> tuple[dict, dict]:
+    """As :func:`layer_steps` for a whole CNN-LSTM; the baseline is backend="torch"
+    (torch.nn layers). A training step is forward, loss, backward and an SGD step."""
+    steps, skipped = {}, {}
+    try:
+        baseline = build_model(cfg, "torch")
+    except Skip as why:
+        return {}, {p: str(why) for p in providers}
+    for provider in providers:
+        try:
+            _check_limit(cfg, provider, limits)
+            if provider in (COMPILED, FLASHRNN):
+                raise Skip(f"{provider}: not a CNNLSTM backend")
+            if provider == BASELINE:
+                model = baseline
+            else:
+                model = build_model(cfg, provider)
+                model.load_state_dict(baseline.state_dict())
+            steps[provider] = _model_step(cfg, model)
+        except Skip as why:
+            skipped[provider] = str(why)
+    return steps, skipped
+
+
+def step_for(cfg: Config, provider: str, limits: dict[str, int] = LIMITS) -> Callable[[], None]:
+    """One provider's warmed-up step on ``cfg`` (the pytest-benchmark suite's unit);
+    raises :class:`Skip` when it cannot run it."""
+    make = model_steps if cfg.model else layer_steps
+    steps, skipped = make(cfg, [provider], limits)
+    if provider in skipped:
+        raise Skip(skipped[provider])
+    step = steps[provider]
+    try:
+        step()
+    except Exception as error:
+        raise Skip(f"{type(error).__name__}: {error}") from None
+    return step

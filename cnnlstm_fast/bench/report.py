@@ -1,0 +1,138 @@
+"""Output of a benchmark run: the terminal table (rich), JSON and CSV result files,
+PNG speedup charts (matplotlib) and the change against an earlier run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+COLUMNS = (
+    ("cell", "cell", "{}"), ("B", "batch", "{}"), ("T", "steps", "{}"), ("I", "input_size", "{}"),
+    ("H", "hidden_size", "{}"), ("L", "layers", "{}"), ("dir", "directions", "{}"),
+    ("dtype", "dtype", "{}"), ("mode", "mode", "{}"), ("provider", "provider", "{}"),
+    ("median ms", "median_ms", "{:.3f}"), ("p20", "p20_ms", "{:.3f}"), ("p80", "p80_ms", "{:.3f}"),
+    ("speedup", "speedup", "{:.2f}x"), ("us/step", "us_per_step", "{:.1f}"),
+    ("TFLOP/s", "tflops", "{:.3g}"), ("% peak", "pct_peak", "{:.1f}"), ("peak MiB", "peak_mib", "{:.1f}"),
+)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if key == "cell" and row.get("model"):
+        return f"{row['model']}-{value}"
+    return "-" if value is None else fmt.format(value)
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=220)  # logs: no squeezing
+
+
+def print_table(rows: list[dict], title: str, notes: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header, _, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*(_cell(row, key, fmt) for _, key, fmt in COLUMNS))
+    console = _console()
+    console.print(table)
+    for note in notes:
+        console.print(f"note: {note}", highlight=False)
+
+
+def skip_notes(skipped: list[dict]) -> list[str]:
+    """One line per (provider, reason), with how many configurations it hit."""
+    counts = defaultdict(int)
+    for item in skipped:
+        counts[(item["provider"], item["reason"])] += 1
+    return [f"{provider} skipped in {n} config(s): {reason}" for (provider, reason), n in counts.items()]
+
+
+def write_json(path: str, report: dict) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["provider"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], directory: str) -> list[str]:
+    """One PNG per swept variable and dtype: speedup vs torch.nn against the swept value,
+    one line per provider, one panel per cell and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = defaultdict(list)
+    for row in rows:
+        if row.get("sweep") and row.get("speedup") is not None:
+            groups[(row["sweep"], row["dtype"])].append(row)
+    written = []
+    for (sweep, dtype), group in sorted(groups.items()):
+        panels = sorted({(r["cell"], r["mode"]) for r in group})
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        for ax, (cell, mode) in zip(axes[0], panels):
+            lines = defaultdict(list)
+            for r in group:
+                if (r["cell"], r["mode"]) == (cell, mode):
+                    lines[r["provider"]].append((r[sweep], r["speedup"]))
+            for provider, points in sorted(lines.items()):
+                xs, ys = zip(*sorted(points))
+                ax.plot(xs, ys, marker="o", label=provider)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set(title=f"{cell} {mode} {dtype}", xlabel=sweep, ylabel="speedup vs torch.nn")
+            ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = out / f"speedup-{sweep}-{dtype}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("model", "cell", "batch", "steps", "input_size", "hidden_size",
+                                      "layers", "directions", "dtype", "mode", "provider"))
+
+
+def compare(old: dict, rows: list[dict]) -> list[dict]:
+    """Rows present in both runs: old and new median and the relative change."""
+    before = {_key(r): r for r in old["results"]}
+    changes = []
+    for row in rows:
+        prev = before.get(_key(row))
+        if prev is not None:
+            changes.append({**row, "old_ms": prev["median_ms"],
+                            "change": row["median_ms"] / prev["median_ms"] - 1,
+                            "old_speedup": prev.get("speedup")})
+    return changes
+
+
+def print_compare(changes: list[dict], old: dict) -> None:
+    from rich.table import Table
+
+    env = old.get("environment", {})
+    table = Table(title=f"change against {old.get('device')} at {env.get('git_commit')} "
+                        "(negative: faster now)")
+    for header in ("config", "provider", "old ms", "new ms", "change", "old speedup", "new speedup"):
+        table.add_column(header, justify="right")
+    for c in changes:
+        style = "green" if c["change"] < -0.05 else "red" if c["change"] > 0.05 else None
+        fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+        table.add_row(c["config"], c["provider"], f"{c['old_ms']:.3f}", f"{c['median_ms']:.3f}",
+                      f"{100 * c['change']:+.1f}%", fmt(c["old_speedup"]), fmt(c["speedup"]), style=style)
+    _console().print(table)
