@@ -4,7 +4,7 @@ VENV ?= .venv
 # Pinned: on a CPU machine this resolves to the local CPU wheel; an unpinned torch
 # would download several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,bench
+EXTRAS ?= test,bench,examples
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --quiet --disable-pip-version-check

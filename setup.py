@@ -170,6 +170,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "numpy"],
         "bench": ["rich", "matplotlib", "pytest-benchmark"],
+        "examples": ["scikit-learn", "matplotlib", "rich"],
     },
     entry_points={"console_scripts": ["cnnlstm-fast-bench = cnnlstm_fast.bench:main"]},
     ext_modules=[EXTENSION],

@@ -1,0 +1,166 @@
+"""Swap our layers into an existing model in place, and back.
+
+``swap`` re-classes each torch.nn recurrent module to ours (``module.__class__ =
+cnnlstm_fast.nn.LSTM`` etc.) and sets its ``backend``. Our classes add no state but
+``backend`` and no ``__init__`` work, so the re-classed object is the complete module:
+the same object, hence the same Parameter objects (optimizers built before the swap
+keep updating them), buffers, hooks, training mode, device, dtype and state_dict keys,
+and every place that refers to it (a module registered under several parents or names,
+a closure, an optimizer) sees the swap without any tree rewriting. Building a new
+module and copying ``__dict__`` across would have to find and replace each of those
+references; re-classing cannot miss one.
+
+A user's subclass of a torch.nn layer is swapped only with ``include_subclasses=True``,
+into a class derived from both theirs and ours (``(UserLSTM, cnnlstm_fast.nn.LSTM)``):
+their methods, ``forward`` overrides included, come first and reach our ``forward``
+through ``super()``. ``unswap`` restores the original class.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+
+from torch import nn
+
+from .. import backends
+from . import rnn
+
+__all__ = ["swap", "unswap"]
+
+logger = logging.getLogger(__name__)
+
+#: torch.nn class -> our class.
+OURS: dict[type, type] = {
+    nn.LSTM: rnn.LSTM,
+    nn.GRU: rnn.GRU,
+    nn.RNN: rnn.RNN,
+    nn.LSTMCell: rnn.LSTMCell,
+    nn.GRUCell: rnn.GRUCell,
+    nn.RNNCell: rnn.RNNCell,
+}
+
+# One combined class per user subclass, so repeated swaps give the same class.
+_COMBINED: dict[type, type] = {}
+
+
+def _combined_class(user_cls: type) -> type:
+    """The class deriving from ``user_cls`` and ours, user methods first."""
+    if user_cls not in _COMBINED:
+        torch_cls = next(c for c in user_cls.__mro__ if c in OURS)
+        combined = type(
+            user_cls.__name__,
+            (user_cls, OURS[torch_cls]),
+            {
+                "__module__": user_cls.__module__,
+                "__qualname__": user_cls.__qualname__,
+                "__reduce_ex__": _reduce_combined,
+                "_cnnlstm_fast_user_class": user_cls,
+            },
+        )
+        combined.__signature__ = inspect.signature(user_cls)
+        _COMBINED[user_cls] = combined
+    return _COMBINED[user_cls]
+
+
+def _new_combined(user_cls: type) -> nn.Module:
+    return object.__new__(_combined_class(user_cls))
+
+
+def _reduce_combined(self, protocol):
+    # pickle finds a class by module and name, which give the user's class, not the
+    # combined one: rebuild the combined class from the user's on load instead.
+    return _new_combined, (self._cnnlstm_fast_user_class,), self.__getstate__()
+
+
+def _target_class(module: nn.Module, include_subclasses: bool) -> type | None:
+    """The class ``module`` becomes on a swap, or None if it is not swapped."""
+    cls = type(module)
+    if isinstance(module, rnn._BackendMixin):
+        return cls  # already ours: only the backend changes
+    if cls in OURS:
+        return OURS[cls]
+    if include_subclasses and isinstance(module, tuple(OURS)):
+        return _combined_class(cls)
+    return None
+
+
+def swap(
+    model: nn.Module,
+    backend: str = "auto",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    *,
+    include_subclasses: bool = False,
+) -> nn.Module:
+    """Makes every torch.nn LSTM/GRU/RNN/LSTMCell/GRUCell/RNNCell in ``model`` ours, in place.
+
+    Args:
+        model: any module; ``model`` itself may be a recurrent layer.
+        backend: the ``backend`` the swapped modules get ("auto" or a registered name).
+        filter_fn: ``filter_fn(module, qualified_name) -> bool`` chooses which candidates
+            to swap (default: all). A module registered under several names is offered
+            once, under its first name in ``model.named_modules()`` order ("" for ``model``).
+        include_subclasses: also swap users' subclasses of the torch.nn layers (exact
+            types only by default), into a class derived from theirs and ours.
+
+    Modules that are already ours get ``backend`` set. The modules stay the same
+    objects (see the module docstring), so parameters, buffers, hooks, training mode,
+    device, dtype and state_dict keys are unchanged. What was swapped is logged at INFO
+    on the ``cnnlstm_fast.nn.swap`` logger, one line per call.
+
+    Returns:
+        ``model``.
+    """
+    backends._check_name(backend)
+    swapped, skipped = [], []
+    for name, module in model.named_modules():
+        target = _target_class(module, include_subclasses)
+        if target is None:
+            if isinstance(module, tuple(OURS)):
+                skipped.append(f"{name or '<model>'} ({type(module).__qualname__}: a subclass; "
+                               "pass include_subclasses=True)")
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            skipped.append(f"{name or '<model>'} (filter_fn)")
+            continue
+        what = "already ours" if isinstance(module, rnn._BackendMixin) else "torch.nn"
+        swapped.append(f"{name or '<model>'} ({type(module).__qualname__}, {what})")
+        module.__class__ = target
+        module.backend = backend
+    logger.info(
+        "swap(backend=%r): %d module(s) now cnnlstm_fast: %s%s",
+        backend,
+        len(swapped),
+        ", ".join(swapped) or "none",
+        f"; not swapped: {', '.join(skipped)}" if skipped else "",
+    )
+    return model
+
+
+def unswap(model: nn.Module) -> nn.Module:
+    """Gives every one of our recurrent modules in ``model`` its torch.nn class back, in place.
+
+    The inverse of :func:`swap`: modules stay the same objects with the same parameters.
+    Modules built as ours (``cnnlstm_fast.LSTM(...)``) become plain torch.nn layers too;
+    users' subclasses swapped with ``include_subclasses=True`` get their own class back.
+
+    Returns:
+        ``model``.
+    """
+    restored = []
+    for name, module in model.named_modules():
+        if not isinstance(module, rnn._BackendMixin):
+            continue
+        cls = type(module)
+        if "_cnnlstm_fast_user_class" in cls.__dict__:
+            original = cls._cnnlstm_fast_user_class
+        elif cls in OURS.values():
+            original = rnn._torch_class_of_type(cls)
+        else:
+            continue  # a user's subclass of ours: theirs to keep
+        module.__class__ = original
+        del module.backend
+        restored.append(f"{name or '<model>'} ({original.__qualname__})")
+    logger.info("unswap: %d module(s) now torch.nn: %s", len(restored), ", ".join(restored) or "none")
+    return model
