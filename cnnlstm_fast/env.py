@@ -30,14 +30,18 @@ def cpu_name() -> str:
 
 
 def _git_commit() -> str | None:
-    """The source tree's commit (with '-dirty' if modified), or None outside a checkout."""
+    """The source tree's commit (with '-dirty' if modified), or None outside a checkout.
+
+    Result files under benchmarks/results/ do not count as modifications: a run of
+    several suites rewrites them one after the other."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)benchmarks/results"],
             cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):

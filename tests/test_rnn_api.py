@@ -113,7 +113,9 @@ def test_auto_follows_the_measured_rules():
     lstm = _spec()
     expect_cpu = backends.backend_report().get("cpu") is None
     assert backends.resolve("auto", gru).name == ("cpu" if expect_cpu else "torch")
-    assert backends.resolve("auto", lstm).name == "torch"
+    assert backends.resolve("auto", lstm).name == "torch"  # small LSTM: oneDNN is faster
+    wide = RecurrenceSpec("lstm", 1024, 0, False, torch.device("cpu"), torch.float32, 16, 3, False)
+    assert backends.resolve("auto", wide).name == ("cpu" if expect_cpu else "torch")
     big = RecurrenceSpec("gru", 4, 0, False, torch.device("cpu"), torch.float32, 512, 3, False)
     assert backends.resolve("auto", big).name == "torch"
     f64 = RecurrenceSpec("gru", 4, 0, False, torch.device("cpu"), torch.bfloat16, 2, 3, False)

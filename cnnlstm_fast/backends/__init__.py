@@ -45,10 +45,17 @@ __all__ = [
 ENV_VAR = "CNNLSTM_FAST_BACKEND"
 
 def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
-    """Where the ``cpu`` backend measured faster than torch.nn on CPU, forward and
-    forward+backward (benchmarks/results/cpu/): GRU up to batch 32. torch.nn runs LSTM
-    through oneDNN, which our per-step GEMMs do not beat yet."""
-    return spec.cell == "gru" and spec.batch <= 32
+    """Where the ``cpu`` backend measured faster than torch.nn on CPU in both forward and
+    forward+backward (benchmarks/results/cpu-xeon-2.50ghz/: batch-sweep, hidden-sweep,
+    h1024-b*, issue3-*). GRU: torch.nn runs ATen's step loop, ours wins up to batch 32
+    (hidden <= 512) and from batch 2 to 64 at larger hidden sizes. LSTM: torch.nn runs
+    oneDNN, which wins at hidden <= 256; ours wins from hidden 512, batch 2 to 64. The
+    measured range ends there, so larger batches stay with torch.nn."""
+    if spec.cell == "gru":
+        return spec.batch <= 32 if spec.hidden_size <= 512 else 2 <= spec.batch <= 64
+    if spec.cell == "lstm":
+        return spec.hidden_size >= 512 and 2 <= spec.batch <= 64
+    return False
 
 
 #: Per device type, the backends ``auto`` tries in order, each with the rule that says
