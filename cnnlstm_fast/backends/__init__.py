@@ -17,6 +17,8 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 
+import torch
+
 from .base import CELLS, GATES, Backend, RecurrenceSpec
 from .cpu import CpuBackend
 from .cuda import CudaBackend
@@ -104,15 +106,23 @@ def _check_name(name: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
+def _unavailable(name: str) -> str | None:
+    """``unavailable_reason()`` of a registered backend. Under torch.compile it runs
+    eagerly at trace time and its answer is a constant of the graph (it imports
+    modules and loads the extension, which Dynamo cannot trace)."""
+    return _REGISTRY[name].unavailable_reason()
+
+
 def available_backends() -> list[str]:
     """Names of the backends usable on this machine, best first."""
     order = [n for n in _RANK if n in _REGISTRY] + [n for n in _REGISTRY if n not in _RANK]
-    return [n for n in order if _REGISTRY[n].unavailable_reason() is None]
+    return [n for n in order if _unavailable(n) is None]
 
 
 def backend_report() -> dict[str, str | None]:
     """Maps every registered backend to None (available) or why it is not."""
-    return {name: b.unavailable_reason() for name, b in _REGISTRY.items()}
+    return {name: _unavailable(name) for name in _REGISTRY}
 
 
 _default: str | None = None  # read from the environment on first use
@@ -159,7 +169,7 @@ def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
     name = requested if requested != "auto" else _process_default()
     if name != "auto":
         backend = get_backend(name)
-        why = backend.unavailable_reason()
+        why = _unavailable(name)
         if why is not None:
             raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
         why = backend.unsupported_reason(spec)
@@ -173,7 +183,7 @@ def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
         backend = _REGISTRY.get(candidate)
         if (
             backend is not None
-            and backend.unavailable_reason() is None
+            and _unavailable(candidate) is None
             and backend.unsupported_reason(spec) is None
             and (faster is None or faster(spec))
         ):

@@ -79,7 +79,9 @@ class CompiledOpsBackend(Backend):
         return None
 
     def forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
-        y, h_t, c_t, act, h_prev, extra = ops().recurrence_forward(
+        # torch.ops directly (not ops()): Dynamo traces this call, and unavailable_reason()
+        # has loaded the extension and registered the fakes before any forward.
+        y, h_t, c_t, act, h_prev, extra = torch.ops.cnnlstm_fast.recurrence_forward(
             spec.cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, spec.reverse, need_saved
         )
         saved = ()
@@ -89,7 +91,7 @@ class CompiledOpsBackend(Backend):
 
     def backward(self, spec, saved, batch_sizes, d_y, d_hT, d_cT):
         act, h_prev, extra, w_hh, w_hr = saved
-        d_gx, dh0, dc0, d_w_hh, d_w_hr, d_b_hn = ops().recurrence_backward(
+        d_gx, dh0, dc0, d_w_hh, d_w_hr, d_b_hn = torch.ops.cnnlstm_fast.recurrence_backward(
             spec.cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, spec.reverse,
             d_y, d_hT, d_cT,
         )
