@@ -14,10 +14,12 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 #include "cuda/persistent.h"
 #include "cuda/recurrence.h"
@@ -67,7 +69,30 @@ std::vector<int64_t> active_rows(const std::optional<Tensor>& batch_sizes, int64
   TORCH_CHECK(sizes.numel() == steps, "batch_sizes must have ", steps, " entries, got ",
               sizes.numel());
   const int64_t* p = sizes.data_ptr<int64_t>();
-  return std::vector<int64_t>(p, p + steps);
+  std::vector<int64_t> rows(p, p + steps);
+  for (int64_t n : rows) {
+    TORCH_CHECK(n >= 0 && n <= batch, "batch_sizes entries must lie in [0, ", batch, "], got ", n);
+  }
+  return rows;
+}
+
+// The shape checks of the CPU kernels (csrc/cpu/recurrence.cpp), plus the device: the
+// dispatcher picks this kernel when any argument is on CUDA, and a tensor elsewhere
+// would reach a kernel as a pointer it cannot read.
+void check_tensor(const Tensor& t, const char* name, const at::Device& device,
+                  std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.device() == device, "cnnlstm_fast cuda backend: ", name, " must be on ", device,
+              ", got ", t.device());
+  TORCH_CHECK(t.sizes().equals(shape), "cnnlstm_fast cuda backend: ", name, " must have shape ",
+              c10::IntArrayRef(shape), ", got ", t.sizes());
+}
+
+// Saved tensors are read by the kernels as float32.
+void check_saved(const Tensor& t, const char* name, const at::Device& device,
+                 std::initializer_list<int64_t> shape) {
+  check_tensor(t, name, device, shape);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "cnnlstm_fast cuda backend: ", name,
+              " must be float32 (as forward saves it), got ", t.scalar_type());
 }
 
 // CNNLSTM_FAST_CUDA_KERNEL: "auto" (default: persistent where it fits), "step" or
@@ -90,13 +115,28 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
                             const std::optional<Tensor>& w_hr, const std::optional<Tensor>& b_hn,
                             const std::optional<Tensor>& batch_sizes, bool reverse,
                             bool need_saved) {
+  TORCH_CHECK(gx_in.is_cuda() && gx_in.dim() == 3,
+              "cnnlstm_fast cuda backend: gx must be a 3-D CUDA tensor, got ", gx_in.dim(),
+              "-D on ", gx_in.device());
   const c10::DeviceGuard guard(gx_in.device());
   const Cell cell = parse_cell(cell_name);
   const DType dtype = dtype_of(gx_in, "gx");
   const Tensor gx = gx_in.contiguous();
   const int64_t steps = gx.size(0), batch = gx.size(1), gate_width = gx.size(2);
-  const int64_t hidden = gate_width / gates_of(cell), out = h0.size(1);
+  TORCH_CHECK(gate_width % gates_of(cell) == 0, "cnnlstm_fast cuda backend: gx's last dim (",
+              gate_width, ") must be a multiple of ", gates_of(cell), " for cell ", cell_name);
+  const int64_t hidden = gate_width / gates_of(cell);
   const bool lstm = cell == Cell::kLstm, proj = w_hr.has_value();
+  TORCH_CHECK(!proj || lstm, "w_hr (projection) is only supported for lstm");
+  TORCH_CHECK(!b_hn.has_value() || cell == Cell::kGru, "b_hn is only used by gru");
+  TORCH_CHECK(lstm == c0.has_value(), "c0 must be given for lstm and only for lstm");
+  const int64_t out = proj ? w_hr->size(0) : hidden;
+  const at::Device device = gx.device();
+  check_tensor(h0, "h0", device, {batch, out});
+  check_tensor(w_hh, "w_hh", device, {gate_width, out});
+  if (proj) check_tensor(*w_hr, "w_hr", device, {out, hidden});
+  if (b_hn.has_value()) check_tensor(*b_hn, "b_hn", device, {hidden});
+  if (lstm) check_tensor(*c0, "c0", device, {batch, hidden});
   const auto f32 = gx.options().dtype(at::kFloat);
   const Tensor w_hh_t = w_hh.to(gx.scalar_type()).t().contiguous();
   const Tensor w_hr_t = proj ? w_hr->to(gx.scalar_type()).t().contiguous() : Tensor();
@@ -120,7 +160,8 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
   PersistentPlan plan;
   if (!proj && choice != "step") {
     check_launch(persistent_forward_plan(cell, dtype, batch, hidden, &plan), "persistent plan");
-    TORCH_CHECK(plan.usable || choice != "persistent",
+    // an empty batch has nothing to launch: the step loop returns h0 and c0 as they are
+    TORCH_CHECK(plan.usable || choice != "persistent" || batch == 0,
                 "CNNLSTM_FAST_CUDA_KERNEL=persistent, but W_hh (hidden_size ", hidden,
                 ") does not fit co-resident on this device");
   }
@@ -176,19 +217,38 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
   return {y, h[cur].to(h0.scalar_type()), c_t, act, h_prev, extra};
 }
 
-Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act, const Tensor& h_prev,
+Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
+                             const Tensor& h_prev_in,
                              const std::optional<Tensor>& extra, const Tensor& w_hh,
                              const std::optional<Tensor>& w_hr,
                              const std::optional<Tensor>& batch_sizes, bool reverse,
                              const Tensor& d_y_in, const Tensor& d_hT,
                              const std::optional<Tensor>& d_cT) {
-  const c10::DeviceGuard guard(act.device());
+  TORCH_CHECK(act_in.is_cuda() && act_in.dim() == 3,
+              "cnnlstm_fast cuda backend: act must be a 3-D CUDA tensor, got ", act_in.dim(),
+              "-D on ", act_in.device());
+  const c10::DeviceGuard guard(act_in.device());
   const Cell cell = parse_cell(cell_name);
   const DType dtype = dtype_of(d_y_in, "d_y");
-  const Tensor d_y = d_y_in.contiguous();
-  const int64_t steps = act.size(0), batch = act.size(1), gate_width = act.size(2);
-  const int64_t hidden = gate_width / gates_of(cell), out = h_prev.size(2);
+  const int64_t steps = act_in.size(0), batch = act_in.size(1), gate_width = act_in.size(2);
+  const int64_t hidden = gate_width / gates_of(cell);
   const bool lstm = cell == Cell::kLstm, gru = cell == Cell::kGru, proj = w_hr.has_value();
+  const int64_t out = proj ? w_hr->size(0) : hidden;
+  const at::Device device = act_in.device();
+  check_saved(act_in, "act", device, {steps, batch, gate_width});
+  check_saved(h_prev_in, "h_prev", device, {steps, batch, out});
+  if (lstm || gru) {
+    TORCH_CHECK(extra.has_value(), "extra must be given for ", cell_name);
+    check_saved(*extra, "extra", device, {steps, batch, hidden});
+  }
+  check_tensor(w_hh, "w_hh", device, {gate_width, out});
+  if (proj) check_tensor(*w_hr, "w_hr", device, {out, hidden});
+  check_tensor(d_y_in, "d_y", device, {steps, batch, out});
+  check_tensor(d_hT, "d_hT", device, {batch, out});
+  if (lstm && d_cT.has_value()) check_tensor(*d_cT, "d_cT", device, {batch, hidden});
+  // the kernels index the saved tensors as dense (steps, batch, width) arrays
+  const Tensor act = act_in.contiguous(), h_prev = h_prev_in.contiguous();
+  const Tensor d_y = d_y_in.contiguous();
   const auto f32 = act.options().dtype(at::kFloat);
   const Tensor w_hh_c = w_hh.to(d_y.scalar_type()).contiguous();
   const Tensor w_hr_c = proj ? w_hr->to(d_y.scalar_type()).contiguous() : Tensor();

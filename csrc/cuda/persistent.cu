@@ -102,6 +102,10 @@ __global__ void __launch_bounds__(kThreads)
       if (b >= active) {  // inactive row: keep the state, output 0
         hn[o] = h_old;
         y_all[(size_t)t * B * H + o] = store_f<T>(0.f);
+        // saved as the reference saves it: the cell state before the step, every row
+        if constexpr (kCell == 0) {
+          if (a.extra) a.extra[(size_t)t * B * H + o] = a.c_state[o];
+        }
         continue;
       }
       const T* gx = gx_all + ((size_t)t * B + b) * gH;
@@ -159,6 +163,14 @@ int with_types(Cell cell, DType dtype, F&& f) {
 
 int gates_of(Cell cell) { return cell == Cell::kLstm ? 4 : cell == Cell::kGru ? 3 : 1; }
 
+// A failed runtime call also leaves its error as this runtime's last error (the
+// extension links its own static cudart), which the next cudaGetLastError() after a
+// per-step launch would report again as that launch's failure: clear it here.
+int reported(cudaError_t e) {
+  if (e != cudaSuccess) cudaGetLastError();
+  return e;
+}
+
 }  // namespace
 
 int persistent_forward_plan(Cell cell, DType dtype, int batch, int hidden, PersistentPlan* plan) {
@@ -168,7 +180,7 @@ int persistent_forward_plan(Cell cell, DType dtype, int batch, int hidden, Persi
   if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (!err) err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (!err) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
-  if (err) return err;
+  if (err) return reported(err);
   if (!coop || batch <= 0 || hidden <= 0) return cudaSuccess;
   const int g = gates_of(cell);
   return with_types(cell, dtype, [&](auto cell_c, auto type) -> int {
@@ -179,10 +191,10 @@ int persistent_forward_plan(Cell cell, DType dtype, int batch, int hidden, Persi
       if (smem > (size_t)smem_optin) return cudaSuccess;  // larger units only need more
       cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            (int)smem);
-      if (e) return e;
+      if (e) return reported(e);
       int per_sm = 0;
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-      if (e) return e;
+      if (e) return reported(e);
       const int blocks = (hidden + units - 1) / units;
       if (per_sm > 0 && blocks <= per_sm * sms) {
         int lanes = 32;
@@ -204,9 +216,10 @@ int persistent_forward(const PersistentForwardArgs& args, const PersistentPlan& 
     PersistentForwardArgs a = args;
     int units = plan.units, lanes = plan.lanes;
     void* params[] = {&a, &units, &lanes};
-    return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(plan.blocks),
-                                       dim3(kThreads), params, plan.smem_bytes,
-                                       static_cast<cudaStream_t>(stream));
+    return reported(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel),
+                                                dim3(plan.blocks), dim3(kThreads), params,
+                                                plan.smem_bytes,
+                                                static_cast<cudaStream_t>(stream)));
   });
 }
 

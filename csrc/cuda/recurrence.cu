@@ -89,7 +89,10 @@ __global__ void step_forward_kernel(StepForwardArgs args) {
       static_cast<T*>(args.y_t)[(size_t)b * Hout + j] = from_float<T>(0.f);
     }
     if constexpr (kCell == static_cast<int>(Cell::kLstm)) {
-      args.c_next[(size_t)b * H + j] = args.c_prev[(size_t)b * H + j];
+      const float c_prev = args.c_prev[(size_t)b * H + j];
+      args.c_next[(size_t)b * H + j] = c_prev;
+      // saved as the reference saves it: the cell state before the step, every row
+      if (args.extra_t) args.extra_t[(size_t)b * H + j] = c_prev;
     }
     return;
   }
