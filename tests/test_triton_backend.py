@@ -25,12 +25,18 @@ if backends.backend_report().get("triton") is not None:
 from cnnlstm_fast.kernels.triton import launch  # noqa: E402
 
 REFERENCE = ReferenceBackend()
+#: Tests on CPU tensors need the interpreter; on a GPU machine (conftest leaves
+#: TRITON_INTERPRET unset there) the gpu-marked tests run the same checks on CUDA.
+interpreter_only = pytest.mark.skipif(not launch.INTERPRETING,
+                                      reason="CPU tensors need TRITON_INTERPRET=1")
 GRAD_NAMES = ("dG_x", "dh0", "dc0", "dW_hh", "dW_hr", "db_hn")
 
 
 def make_case(cell, batch, hidden, steps, proj=0, reverse=False, lengths=None,
               dtype=torch.float32, device="cpu"):
-    """Random recurrence inputs and cotangents; ``lengths`` sorted decreasing."""
+    """Random recurrence inputs and cotangents; ``lengths`` sorted decreasing. Weights
+    are scaled by 1/sqrt(fan_in) like torch's init, so that at GPU sizes the gates are
+    not saturated (which would hide errors) and relu states do not blow up."""
     gates, out = GATES[cell], proj or hidden
     batch_sizes = None
     if lengths is not None:
@@ -45,7 +51,8 @@ def make_case(cell, batch, hidden, steps, proj=0, reverse=False, lengths=None,
     args = dict(
         gx=rand(steps, batch, gates * hidden), h0=rand(batch, out),
         c0=rand(batch, hidden) if cell == "lstm" else None,
-        w_hh=rand(gates * hidden, out, scale=0.5), w_hr=rand(out, hidden, scale=0.5) if proj else None,
+        w_hh=rand(gates * hidden, out, scale=out ** -0.5),
+        w_hr=rand(out, hidden, scale=hidden ** -0.5) if proj else None,
         b_hn=rand(hidden) if cell == "gru" else None, batch_sizes=batch_sizes,
     )
     cot = dict(d_y=rand(steps, batch, out), d_hT=rand(batch, out),
@@ -114,6 +121,7 @@ def _case_id(case):
     return f"{cell}-B{b}-H{h}-T{t}-P{p}{'-rev' if rev else ''}{'-var' if lengths else ''}"
 
 
+@interpreter_only
 @pytest.mark.parametrize("case", FP32_CASES, ids=_case_id)
 def test_step_kernels_match_reference_fp32(case):
     cell, b, h, t, p, rev, lengths = case
@@ -121,6 +129,7 @@ def test_step_kernels_match_reference_fp32(case):
     compare(triton_run(spec, args, cot), reference_run(spec, args, cot), 1e-5, 1e-5)
 
 
+@interpreter_only
 @pytest.mark.parametrize(
     "case",
     [("lstm", 3, 5, 3, 0, True, [3, 2, 1]), ("gru", 3, 5, 3, 0, False, [3, 2, 1]),
@@ -146,6 +155,7 @@ def _error_vs_fp64(outs_grads, exact):
     return errs
 
 
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "case",
@@ -167,6 +177,7 @@ def test_step_kernels_low_precision(case, dtype):
     assert max(errs.values()) <= bound, f"errors {errs} exceed {bound:.2e}"
 
 
+@interpreter_only
 def test_registered_and_reports_its_limits():
     backend = backends.get_backend("triton")
     assert "triton" in clf.available_backends()
@@ -180,6 +191,7 @@ def test_registered_and_reports_its_limits():
     assert launch.persistent_config(512, 1024, 4, 2, 8) is None  # grid > SM count
 
 
+@interpreter_only
 def test_lstm_module_matches_torch_nn():
     torch.manual_seed(1)
     ours, theirs = make_pair("LSTM", "triton", input_size=3, hidden_size=5, num_layers=1,
@@ -194,6 +206,7 @@ def test_lstm_module_matches_torch_nn():
         assert_close(g, p_grads_t[name], 1e-5, 1e-5, f"d {name}")
 
 
+@interpreter_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 def test_gru_module_low_precision_within_twice_torch_error(dtype):
     """DESIGN.md's rule: error vs fp64 at most twice torch.nn's error in that dtype."""
@@ -232,7 +245,24 @@ GPU_CASES = [
 def test_gpu_kernels_match_reference_fp32(case, mode):
     cell, b, h, t, p, rev, lengths = case
     spec, args, cot = make_case(cell, b, h, t, p, rev, lengths, device="cuda")
-    compare(triton_run(spec, args, cot, mode=mode), reference_run(spec, args, cot), 1e-4, 1e-4)
+    want = reference_run(spec, args, cot)
+    compare(triton_run(spec, args, cot, mode=mode), want, 1e-4, 1e-4)
+    # Inference (no saved state): the persistent kernel's double-buffered h.
+    outs = launch.forward(spec, **args, need_saved=False, mode=mode)[:3]
+    for name, a, b in zip(("Y", "h_T", "c_T"), outs, want[0]):
+        if a is not None:
+            assert_close(a, b, 1e-4, 1e-4, f"{name} without saved state")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_mode_runs_persistent_where_it_fits():
+    """Guards the "auto" GPU tests above against passing vacuously on the per-step path
+    (no fallback for lack of shared memory either)."""
+    for cell, b, h in (("lstm", 16, 256), ("gru", 32, 512), ("rnn_tanh", 5, 1024)):
+        spec, args, _ = make_case(cell, b, h, 4, device="cuda")
+        assert launch._persistent_choice(spec, args["gx"], False) is not None, cell
+        launch.forward(spec, **args, need_saved=False)
+        assert launch._persistent_choice(spec, args["gx"], False) is not None, cell
 
 
 @pytest.mark.gpu

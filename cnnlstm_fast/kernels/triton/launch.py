@@ -14,6 +14,7 @@ multiple of 16) classes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -37,6 +38,11 @@ PERSISTENT_ON_CHIP_BYTES = 160 * 1024
 
 #: Spins of one grid barrier before the persistent kernel gives up (see persistent.py).
 PERSISTENT_SPIN_LIMIT = 1 << 24
+
+#: (cell, batch, hidden, dtype, device index) whose persistent kernel needs more shared
+#: memory than the GPU has (the on-chip estimate above is rough: fp16 H=768..1024
+#: needs ~192 KiB, more than an A100's 163 KiB): "auto" runs them per step.
+_persistent_out_of_resources: set[tuple] = set()
 
 
 class StepConfig(NamedTuple):
@@ -99,8 +105,14 @@ def _order(steps: int, reverse: bool) -> range:
     return range(steps - 1, -1, -1) if reverse else range(steps)
 
 
+def _persistent_key(spec, gx) -> tuple:
+    return (spec.cell, gx.shape[1], spec.hidden_size, gx.dtype, gx.device.index)
+
+
 def _persistent_choice(spec, gx, proj: bool) -> StepConfig | None:
     if proj or INTERPRETING or gx.device.type != "cuda":
+        return None
+    if _persistent_key(spec, gx) in _persistent_out_of_resources:
         return None
     steps, batch, _ = gx.shape
     return persistent_config(
@@ -108,10 +120,22 @@ def _persistent_choice(spec, gx, proj: bool) -> StepConfig | None:
     )
 
 
+def _on_device(device: torch.device):
+    """Triton launches on torch's current device and its current stream: make the
+    tensors' device current (a tensor on cuda:1 with cuda:0 current would be read
+    through the wrong context)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved, mode="auto"):
     """Runs the recurrence. ``mode``: "auto" (persistent where it fits, else per step),
     "step", or "persistent" (raises if not possible; in the interpreter only a grid of
     one program can run it)."""
+    with _on_device(gx.device):
+        return _forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved, mode)
+
+
+def _forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved, mode):
     steps, batch, gate_width = gx.shape
     hidden, out_size, gates = spec.hidden_size, h0.shape[1], spec.gates
     proj = w_hr is not None
@@ -136,9 +160,20 @@ def forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved, mode="a
         return (t + 1, t) if spec.reverse else (t, t + 1)
 
     common = dict(CELL=CELL_IDS[spec.cell], NGATES=gates, INTERPRET=INTERPRETING)
-    if mode == "persistent" or (mode == "auto" and _persistent_choice(spec, gx, proj)):
-        cfg = _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, rows, need_saved)
-    else:
+    persistent = mode == "persistent" or (mode == "auto" and _persistent_choice(spec, gx, proj))
+    if persistent:
+        if proj:
+            raise ValueError("the persistent kernel has no projection (proj_size); use mode='step'")
+        try:
+            _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, batch_sizes,
+                            need_saved)
+        except triton.runtime.OutOfResources:
+            # Raised when the kernel is loaded, before anything ran: no state changed.
+            if mode == "persistent":
+                raise
+            _persistent_out_of_resources.add(_persistent_key(spec, gx))
+            persistent = False
+    if not persistent:
         cfg = step_config(batch, hidden, out_size, gx.element_size())
         grid = (triton.cdiv(hidden, cfg.block_h), triton.cdiv(batch, cfg.block_b))
         if proj:
@@ -172,7 +207,7 @@ def forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved, mode="a
     return y, h_t, c_t, saved
 
 
-def _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, rows, need_saved):
+def _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, batch_sizes, need_saved):
     steps, batch, _ = gx.shape
     hidden = spec.hidden_size
     if INTERPRETING:
@@ -190,25 +225,37 @@ def _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, rows, need_
             )
     grid = (triton.cdiv(hidden, cfg.block_h), triton.cdiv(batch, cfg.block_b))
     flags = torch.zeros(2, device=gx.device, dtype=torch.int32)  # barrier counter, timed out
-    batch_sizes = torch.tensor(rows, device=gx.device, dtype=torch.int32)
+    # The row counts reach the device without a host sync (a pageable copy would sync).
+    if batch_sizes is None:
+        rows = torch.full((steps,), batch, device=gx.device, dtype=torch.int32)
+    else:
+        rows = batch_sizes.to(torch.int32)
+        rows = (rows.pin_memory() if gx.is_cuda else rows).to(gx.device, non_blocking=True)
     c_state = gx if c is None else c  # read at the start and written at the end by its owner
     recurrence_forward_persistent[grid](
         gx, h_state, c_state, c_state, y, w_hh, gx if b_hn is None else b_hn,
-        gx if act is None else act, gx if extra is None else extra, batch_sizes, flags,
+        gx if act is None else act, gx if extra is None else extra, rows, flags,
         flags[1:], steps, batch, hidden, PERSISTENT_SPIN_LIMIT,
         CELL=CELL_IDS[spec.cell], NGATES=spec.gates, HAS_B_HN=b_hn is not None,
         SAVE=need_saved, REVERSE=spec.reverse, INTERPRET=INTERPRETING,
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
     )
+    # A host sync per call (the kernel's wait is bounded either way): a timed-out
+    # barrier means wrong outputs, which must not be returned silently. It costs the
+    # overlap of the next launches with this kernel, ~10-50 us of host time per call.
     if int(flags[1]) != 0:
         raise RuntimeError(
             f"persistent kernel: grid barrier timed out with {grid[0] * grid[1]} programs; "
             "they were not co-resident (is another kernel occupying the GPU?)"
         )
-    return cfg
 
 
 def backward(spec, saved, batch_sizes, d_y, d_hT, d_cT):
+    with _on_device(saved[0].device):
+        return _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT)
+
+
+def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT):
     act, h_prev, extra, w_hh, w_hr, m = saved
     steps, batch, gate_width = act.shape
     hidden, out_size = spec.hidden_size, h_prev.shape[2]

@@ -11,7 +11,8 @@ reaches (step + 1) x programs (acquire).
 Co-residency: the barrier needs every program resident at once. The launcher keeps the
 grid <= the SM count and the slice within the on-chip budget, and assumes no other
 kernel occupies the SMs; a spin bounded by ``spin_limit`` turns a violated assumption
-into a flag the launcher reports instead of a hang. No projection (proj_size): the
+into a flag the launcher reports instead of a hang (about spin_limit atomic loads, a
+few seconds, whatever the number of steps). No projection (proj_size): the
 launcher uses the per-step kernels then. In Triton's interpreter, which runs programs
 one after another, only a grid of one program can pass the barrier.
 """
@@ -71,7 +72,11 @@ def recurrence_forward_persistent(
     b_hn = zero
     if HAS_B_HN:
         b_hn += tl.load(b_hn_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # spin_limit bounds each barrier's wait. After a timeout no later barrier waits
+    # (spins_left stays 0), so a launch whose programs are not co-resident ends after
+    # one timeout instead of one per step, and timed_out reports it.
     spins_left = spin_limit
+    timed_out = 0
 
     for s in range(steps):
         if REVERSE:
@@ -129,9 +134,11 @@ def recurrence_forward_persistent(
         while (arrived < target) & (spins_left > 0):
             arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
             spins_left -= 1
+        timed_out |= (arrived < target).to(tl.int32)
+        spins_left = spin_limit * (1 - timed_out)
         tl.debug_barrier()
 
     if CELL == LSTM:
         tl.store(c_out_ptr + offs_h, c, mask=mask)
-    if spins_left <= 0:
+    if timed_out != 0:
         tl.store(timed_out_ptr, 1)
