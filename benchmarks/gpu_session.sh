@@ -13,7 +13,8 @@
 #
 # Usage (device tool, from the repo root):
 #   OUT=$OUT bash benchmarks/gpu_session.sh [budget_seconds]
-# Variables: SUITES, TESTS (pytest -k expression), SKIP (words: build tests sanitizer bench).
+# Variables: SUITES, BENCH_ARGS (extra bench options, e.g. --providers torch.nn,cuda),
+# TESTS (pytest -k expression), SKIP (words: build tests sanitizer bench).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET=${1:-540}
@@ -47,7 +48,7 @@ if ! skipped sanitizer; then
     for tool in memcheck racecheck; do
       CNNLSTM_FAST_CUDA_KERNEL=${SANITIZE_KERNEL:-auto} timeout $(( $(left) / 6 )) \
         compute-sanitizer --tool "$tool" --error-exitcode 9 \
-        "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "fp32 and not 301" \
+        "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "(fp32 and not 301) or (tensor_core and not 768 and not 1024)" \
         >> "$OUT/sanitizer.log" 2>&1
       summary "compute-sanitizer $tool rc=$? ($(tail -n 1 "$OUT/sanitizer.log"))"
     done
@@ -60,7 +61,7 @@ if ! skipped bench; then
   for suite in $SUITES; do
     if [[ $suite == canonical ]]; then what=(--config B=16,T=1024,I=768,H=768); else what=(--suite "$suite"); fi
     timeout $(( $(left) - 10 )) python3 -m cnnlstm_fast.bench "${what[@]}" --device cuda \
-      --no-progress --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1
+      --no-progress ${BENCH_ARGS:-} --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1
     summary "bench $suite rc=$?"
   done
 fi

@@ -95,13 +95,16 @@ void check_saved(const Tensor& t, const char* name, const at::Device& device,
               " must be float32 (as forward saves it), got ", t.scalar_type());
 }
 
-// CNNLSTM_FAST_CUDA_KERNEL: "auto" (default: persistent where it fits), "step" or
-// "persistent" (an error where it does not fit). Lets tests and benchmarks pin a path.
+// CNNLSTM_FAST_CUDA_KERNEL: "auto" (default: the tensor-core persistent kernel where it
+// fits, else the CUDA-core persistent kernel where it fits, else the per-step kernels),
+// "step", "persistent" (CUDA cores) or "mma" (tensor cores); a pinned persistent kernel
+// is an error where it does not fit. Lets tests and benchmarks pin a path.
 std::string kernel_choice() {
   const char* v = std::getenv("CNNLSTM_FAST_CUDA_KERNEL");
   const std::string choice = v && *v ? v : "auto";
-  TORCH_CHECK(choice == "auto" || choice == "step" || choice == "persistent",
-              "CNNLSTM_FAST_CUDA_KERNEL must be auto, step or persistent, got '", choice, "'");
+  TORCH_CHECK(choice == "auto" || choice == "step" || choice == "persistent" || choice == "mma",
+              "CNNLSTM_FAST_CUDA_KERNEL must be auto, step, persistent or mma, got '", choice,
+              "'");
   return choice;
 }
 
@@ -158,12 +161,46 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
 
   const std::string choice = kernel_choice();
   PersistentPlan plan;
-  if (!proj && choice != "step") {
+  if (!proj && (choice == "auto" || choice == "mma")) {
+    check_launch(persistent_mma_forward_plan(cell, dtype, batch, hidden, &plan),
+                 "persistent tensor-core plan");
+  }
+  if (!proj && !plan.usable && (choice == "auto" || choice == "persistent")) {
     check_launch(persistent_forward_plan(cell, dtype, batch, hidden, &plan), "persistent plan");
-    // an empty batch has nothing to launch: the step loop returns h0 and c0 as they are
-    TORCH_CHECK(plan.usable || choice != "persistent" || batch == 0,
-                "CNNLSTM_FAST_CUDA_KERNEL=persistent, but W_hh (hidden_size ", hidden,
-                ") does not fit co-resident on this device");
+  }
+  // an empty batch has nothing to launch: the step loop returns h0 and c0 as they are
+  TORCH_CHECK(plan.usable || choice == "auto" || choice == "step" || batch == 0,
+              "CNNLSTM_FAST_CUDA_KERNEL=", choice, ", but that kernel cannot run ", cell_name,
+              " with hidden_size ", hidden, ", batch ", batch, ", dtype ", gx.scalar_type(),
+              proj ? " and proj_size" : "", " on this device (the tensor-core kernel needs "
+              "float16/bfloat16, an even hidden_size and W_hh spread over at most one block "
+              "per SM; neither persistent kernel supports proj_size)");
+  if (plan.usable && plan.mma) {
+    // h travels between blocks in the input dtype (the tensor cores' operand), so the
+    // state each step reads is h rounded to T, as in torch.nn's (cuDNN's) fp16/bf16 LSTM.
+    const Tensor rows_dev =
+        batch_sizes.has_value()
+            ? at::tensor(std::vector<int32_t>(rows.begin(), rows.end()), gx.options().dtype(at::kInt))
+            : Tensor();
+    Tensor h_ex = at::empty({2, batch, hidden}, gx.options());
+    h_ex[0].copy_(h0);
+    const Tensor w_hh_c = w_hh.to(gx.scalar_type()).contiguous();
+    const Tensor barrier = at::zeros({1}, gx.options().dtype(at::kInt));
+    PersistentForwardArgs a{};
+    a.cell = cell, a.dtype = dtype;
+    a.steps = steps, a.batch = batch, a.hidden = hidden, a.reverse = reverse;
+    a.active_rows = rows_dev.defined() ? rows_dev.data_ptr<int32_t>() : nullptr;
+    a.gx = gx.data_ptr(), a.w_hh = w_hh_c.data_ptr();
+    a.b_hn = bias_n.defined() ? bias_n.data_ptr() : nullptr;
+    a.h_exchange = h_ex.data_ptr(), a.c_state = lstm ? ptr<float>(c[0]) : nullptr;
+    a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
+    a.y = y.data_ptr();
+    a.act = need_saved ? ptr<float>(act) : nullptr;
+    a.h_prev_all = need_saved ? ptr<float>(h_prev) : nullptr;
+    a.extra = need_saved ? ptr<float>(extra) : nullptr;
+    check_launch(persistent_mma_forward(a, plan, stream), "persistent_mma_forward");
+    const Tensor c_t = lstm ? c[0].to(c0->scalar_type()) : none;
+    return {y, h_ex[steps % 2].to(h0.scalar_type()), c_t, act, h_prev, extra};
   }
   if (plan.usable) {
     const Tensor rows_dev =

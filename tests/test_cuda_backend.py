@@ -140,6 +140,58 @@ def test_cuda_saved_state_matches_reference(case, kernel, monkeypatch):
                                    msg=lambda m, name=name: f"saved {name}: {m}")
 
 
+# (cell, hidden, proj, reverse, batch_sizes, batch) for the tensor-core kernel; 12 steps.
+MMA_CASES = [
+    ("lstm", 64, 0, False, None, 5),
+    # 76 blocks of 4 units; two passes of 16 rows, the second partly empty
+    ("lstm", 302, 0, True, [17] * 4 + [12] * 4 + [5, 5, 1, 1], 17),
+    ("gru", 130, 0, False, [5, 4, 4, 2, 2, 2, 2, 2, 1, 1, 1, 1], 5),
+    ("gru", 66, 0, True, None, 33),  # three passes
+    ("rnn_tanh", 40, 0, True, None, 5),
+    ("rnn_relu", 18, 0, False, [5, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1], 5),
+    ("lstm", 768, 0, False, None, 16),  # the canonical width: 96 blocks of 8 units
+    ("gru", 1024, 0, True, None, 3),  # 103 blocks of 10 units, 4 k-steps per warp
+]
+
+
+def _error_vs_fp64(outs_grads, exact):
+    """Max |error| of each output and gradient, relative to max(1, max |exact|)."""
+    names = ("Y", "h_T", "c_T", "d_gx", "d_h0", "d_c0", "d_w_hh", "d_w_hr", "d_b_hn")
+    errs = {}
+    for name, a, e in zip(names, [*outs_grads[0], *outs_grads[1]], [*exact[0], *exact[1]]):
+        if a is not None and e is not None:
+            errs[name] = ((a - e).abs().max() / e.abs().max().clamp_min(1)).item()
+    return errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", MMA_CASES, ids=str)
+def test_cuda_tensor_core_kernel_low_precision(case, dtype, monkeypatch):
+    """The tensor-core persistent kernel (pinned, so an unusable plan fails instead of
+    passing on another path), forward and backward against the fp64 reference: h is
+    rounded to the dtype at each of the 12 steps, so the bound is 12 eps."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma")
+    cell, hidden, proj, reverse, sizes, batch = case
+    spec, bs, tensors = make_args(cell, hidden, proj, reverse, sizes, dtype=torch.float64,
+                                  batch=batch, steps=12)
+    tensors[3] = tensors[3].detach() / hidden**0.5
+    # the same inputs as the kernel sees them, rounded to the dtype
+    rounded = [None if v is None else v.detach().to(dtype).double() for v in tensors]
+    exact = _run("reference", spec, bs, rounded, "cpu", torch.float64)
+    errs = _error_vs_fp64(_run("cuda", spec, bs, tensors, "cuda", dtype), exact)
+    bound = 12 * torch.finfo(dtype).eps
+    assert max(errs.values()) <= bound, f"errors {errs} exceed {bound:.2e}"
+
+
+@pytest.mark.gpu
+def test_cuda_tensor_core_kernel_pinned_where_it_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma")
+    layer = clf.LSTM(8, 16, backend="cuda").cuda()  # float32: no tensor-core kernel
+    with pytest.raises(RuntimeError, match="CNNLSTM_FAST_CUDA_KERNEL=mma, but that kernel cannot run"):
+        layer(torch.randn(3, 2, 8, device="cuda"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cls_name", ["LSTM", "GRU"])
