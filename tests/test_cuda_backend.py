@@ -7,6 +7,9 @@ backward, fp32 (IEEE) and fp16/bf16 by the tolerance rule of DESIGN.md."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -185,11 +188,21 @@ def test_cuda_tensor_core_kernel_low_precision(case, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_tensor_core_kernel_pinned_where_it_cannot_run_is_an_error(monkeypatch):
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma")
-    layer = clf.LSTM(8, 16, backend="cuda").cuda()  # float32: no tensor-core kernel
-    with pytest.raises(RuntimeError, match="CNNLSTM_FAST_CUDA_KERNEL=mma, but that kernel cannot run"):
-        layer(torch.randn(3, 2, 8, device="cuda"))
+def test_cuda_tensor_core_kernel_pinned_where_it_cannot_run_is_an_error():
+    """In a child process: this error path once crashed the interpreter on the GPU
+    machine, and a crash must fail this test, not end the test run."""
+    code = (
+        "import os, torch, cnnlstm_fast as clf\n"
+        "os.environ['CNNLSTM_FAST_CUDA_KERNEL'] = 'mma'\n"
+        "layer = clf.LSTM(8, 16, backend='cuda').cuda()\n"  # float32: no tensor-core kernel
+        "try:\n"
+        "    layer(torch.randn(3, 2, 8, device='cuda'))\n"
+        "except RuntimeError as error:\n"
+        "    print('raised:', error)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"exit code {run.returncode}: {run.stderr[-3000:]}"
+    assert "raised: CNNLSTM_FAST_CUDA_KERNEL=mma, but that kernel cannot run" in run.stdout, run.stdout
 
 
 @pytest.mark.gpu

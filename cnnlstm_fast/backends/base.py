@@ -47,6 +47,9 @@ class RecurrenceSpec:
     batch: int
     steps: int
     variable_lengths: bool
+    #: whether autograd will need the backward (grad mode on and the input or a weight
+    #: requires grad); ``auto`` rules may differ for inference and training.
+    needs_grad: bool = False
 
     @property
     def gates(self) -> int:

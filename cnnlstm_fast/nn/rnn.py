@@ -132,6 +132,8 @@ class _BackendMixin:
             batch=batch,
             steps=steps,
             variable_lengths=packed,
+            needs_grad=torch.is_grad_enabled()
+            and (data.requires_grad or any(p.requires_grad for p in self.parameters())),
         )
         return backends.resolve(self.backend, spec), spec
 
