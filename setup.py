@@ -138,7 +138,12 @@ def make_extension():
         archs = cuda_archs()
         # A comma list, stringised in C++: no quotes or ';' to survive the shell.
         cxx_flags += ["-DCNNLSTM_FAST_WITH_CUDA", f"-DCNNLSTM_FAST_CUDA_ARCHS={','.join(archs)}"]
-        link_args += [f"-L{cuda_lib_dir(nvcc)}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+        # The archive by its path, not -L<dir> -lcudart_static: a toolkit directory may
+        # also hold libstdc++.a, which g++'s implicit -lstdc++ would then link statically
+        # (seen on the GPU machine: a second libstdc++ inside _C whose ostream crashed on
+        # the first integer in an error message).
+        link_args += [str(Path(cuda_lib_dir(nvcc)) / "libcudart_static.a"), "-ldl", "-lrt",
+                      "-lpthread"]
         nvcc_config = {"nvcc": nvcc, "flags": nvcc_flags(archs)}
         print(f"cnnlstm_fast: CUDA objects with {nvcc}, archs {archs}", flush=True)
     else:

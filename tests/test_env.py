@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -96,3 +97,22 @@ def test_env_module_text_report_in_subprocess():
         assert name in out
     if _C is None:
         assert "built                        no" in out
+
+
+def test_extension_carries_no_copy_of_the_cpp_standard_library():
+    """_C must use the process's libstdc++ (the one torch uses). A static copy linked in
+    by accident (a toolkit directory holding libstdc++.a on the link path) made
+    ``std::ostream << long`` in a TORCH_CHECK message crash the interpreter on the GPU
+    machine. Checked on the symbol table of the built extension."""
+    ext = _ext.load()
+    if ext is None:
+        pytest.skip(f"extension not built: {_ext.load_error()}")
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) not installed")
+    symbols = subprocess.run([nm, "-C", "--defined-only", ext.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    assert "cnnlstm_fast" in symbols, "no symbol table (stripped?): nothing to check"
+    copies = [line for line in symbols.splitlines()
+              if "std::locale::locale()" in line or "basic_ostream<char, std::char_traits<char> >::_M_insert<long>" in line]
+    assert not copies, f"_C defines C++ standard library symbols: {copies[:5]}"
