@@ -129,7 +129,11 @@ class BuildExtensionWithNvcc(BuildExtension):
 def make_extension():
     sources = sorted(glob.glob(str(CSRC / "*.cpp")) + glob.glob(str(CSRC / "cpu" / "*.cpp")))
     cxx_flags = ["-O3", "-fopenmp"]
-    link_args = ["-fopenmp"]
+    # The shared libstdc++ (the one torch uses), named before g++'s implicit -lstdc++: on
+    # the GPU machine the Python build's g++ (/opt/gcc) resolves -lstdc++ to a static
+    # archive, and with -Bsymbolic-functions _C then ran its own copy of the C++ library,
+    # whose ostream crashed on the first integer in an error message.
+    link_args = ["-l:libstdc++.so.6", "-fopenmp"]
     nvcc = None
     if os.environ.get("CNNLSTM_FAST_NO_CUDA", "0") not in ("1", "true", "yes"):
         nvcc = find_nvcc()
@@ -138,12 +142,9 @@ def make_extension():
         archs = cuda_archs()
         # A comma list, stringised in C++: no quotes or ';' to survive the shell.
         cxx_flags += ["-DCNNLSTM_FAST_WITH_CUDA", f"-DCNNLSTM_FAST_CUDA_ARCHS={','.join(archs)}"]
-        # The archive by its path, not -L<dir> -lcudart_static: a toolkit directory may
-        # also hold libstdc++.a, which g++'s implicit -lstdc++ would then link statically
-        # (seen on the GPU machine: a second libstdc++ inside _C whose ostream crashed on
-        # the first integer in an error message).
-        link_args += [str(Path(cuda_lib_dir(nvcc)) / "libcudart_static.a"), "-ldl", "-lrt",
-                      "-lpthread"]
+        # The static CUDA runtime, its symbols kept local to _C.
+        link_args += [str(Path(cuda_lib_dir(nvcc)) / "libcudart_static.a"),
+                      "-Wl,--exclude-libs,libcudart_static.a", "-ldl", "-lrt", "-lpthread"]
         nvcc_config = {"nvcc": nvcc, "flags": nvcc_flags(archs)}
         print(f"cnnlstm_fast: CUDA objects with {nvcc}, archs {archs}", flush=True)
     else:

@@ -39,6 +39,8 @@ python3 -m cnnlstm_fast.env --json > "$OUT/env.json" 2>&1
 summary "env rc=$?"
 
 if ! skipped tests; then
+  # the GPU tests, and the build checks (test_env.py: one libstdc++ in the process, ...)
+  timeout $(( $(left) / 2 )) "${PYTEST[@]}" tests/test_env.py >> "$OUT/tests.log" 2>&1
   timeout $(( $(left) / 2 )) "${PYTEST[@]}" -m gpu tests ${TESTS:+-k "$TESTS"} >> "$OUT/tests.log" 2>&1
   summary "gpu tests rc=$? ($(tail -n 1 "$OUT/tests.log"))"
 fi

@@ -29,11 +29,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Set where a copy of the tree runs whose own .git is not the source's (the GPU
+#: machines get the working tree with a .git from an earlier snapshot): the commit to
+#: report, e.g. ``CNNLSTM_FAST_SOURCE_COMMIT=$(git rev-parse HEAD)`` taken at the source.
+SOURCE_COMMIT_VAR = "CNNLSTM_FAST_SOURCE_COMMIT"
+
+
 def _git_commit() -> str | None:
-    """The source tree's commit (with '-dirty' if modified), or None outside a checkout.
+    """The source tree's commit (with '-dirty' if modified), or None outside a checkout;
+    ``$CNNLSTM_FAST_SOURCE_COMMIT`` when set.
 
     Result files under benchmarks/results/ do not count as modifications: a run of
     several suites rewrites them one after the other."""
+    if os.environ.get(SOURCE_COMMIT_VAR):
+        return os.environ[SOURCE_COMMIT_VAR]
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(

@@ -185,7 +185,7 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
     Tensor h_ex = at::empty({2, batch, hidden}, gx.options());
     h_ex[0].copy_(h0);
     const Tensor w_hh_c = w_hh.to(gx.scalar_type()).contiguous();
-    const Tensor barrier = at::zeros({plan.blocks}, gx.options().dtype(at::kInt));
+    const Tensor barrier = at::zeros({1}, gx.options().dtype(at::kInt));
     PersistentForwardArgs a{};
     a.cell = cell, a.dtype = dtype;
     a.steps = steps, a.batch = batch, a.hidden = hidden, a.reverse = reverse;

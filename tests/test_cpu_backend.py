@@ -121,8 +121,27 @@ def test_forward_backward_match_reference(cell, proj, with_b_hn, shape, reverse,
     d_cT = torch.randn(batch, hidden, dtype=dtype) if cell == "lstm" else None
     grads = CPU.backward(spec, ours[3], a["batch_sizes"], d_y, d_hT, d_cT)
     expected = REF.backward(spec, ref[3], a["batch_sizes"], d_y, d_hT, d_cT)
-    for name, x, y in zip(("d_gx", "dh0", "dc0", "d_w_hh", "d_w_hr", "d_b_hn"), grads, expected):
-        assert_close(name, x, y, dtype)
+    names = ("d_gx", "dh0", "dc0", "d_w_hh", "d_w_hr", "d_b_hn")
+    if dtype == torch.float64:
+        for name, x, y in zip(names, grads, expected):
+            assert_close(name, x, y, dtype)
+        return
+    # float32: the weight gradients are sums over all steps and rows, whose rounding
+    # depends on the summation order (rnn_relu T6B5H13var-rev: dW_hh 2.7e-5 apart), so
+    # every gradient is judged against the fp64 reference on the same inputs: its error
+    # at most twice the fp32 reference's, plus the fp32 rtol of DESIGN.md (1e-5).
+    spec64 = dataclasses.replace(spec, dtype=torch.float64)
+    a64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in a.items()}
+    exact = REF.backward(spec64, call_forward(REF, spec64, a64)[3], a["batch_sizes"], d_y.double(),
+                         d_hT.double(), None if d_cT is None else d_cT.double())
+    for name, x, y, e in zip(names, grads, expected, exact):
+        assert (x is None) == (e is None), name
+        if e is None:
+            continue
+        assert torch.isfinite(x).all(), f"{name}: non-finite values"
+        scale = e.abs().max().clamp_min(1)
+        err, ref_err = ((x.double() - e).abs().max() / scale), ((y.double() - e).abs().max() / scale)
+        assert err <= 2 * ref_err + 1e-5, f"{name}: error {err:.3g} vs fp64, the fp32 reference's {ref_err:.3g}"
 
 
 @pytest.mark.parametrize("cell,proj,with_b_hn", CELLS, ids=CELL_IDS)

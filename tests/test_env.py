@@ -116,3 +116,9 @@ def test_extension_carries_no_copy_of_the_cpp_standard_library():
     copies = [line for line in symbols.splitlines()
               if "std::locale::locale()" in line or "basic_ostream<char, std::char_traits<char> >::_M_insert<long>" in line]
     assert not copies, f"_C defines C++ standard library symbols: {copies[:5]}"
+
+
+def test_source_commit_variable_overrides_the_checkout(monkeypatch):
+    """A copied tree (the GPU machines) reports the commit it was copied from."""
+    monkeypatch.setenv(env.SOURCE_COMMIT_VAR, "0123abcd")
+    assert env.collect()["git_commit"] == "0123abcd"

@@ -60,12 +60,34 @@ def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
     return False
 
 
+def _cuda_beats_torch(spec: RecurrenceSpec) -> bool:
+    """Where the ``cuda`` backend measured faster than torch.nn (cuDNN) on an H100
+    (benchmarks/results/h100-80gb-hbm3/: canonical, batch-sweep and hidden-sweep at
+    T=1024, of the tensor-core persistent forward kernel). Inference only: the backward
+    still runs per-step kernels, 4-25x slower than cuDNN's. bfloat16 (cuDNN has no
+    persistent bf16 kernel): LSTM and GRU up to batch 32, hidden 128 to 1024, 1.7x to
+    5.3x. float16, where cuDNN's persistent kernel runs at ~2 us per step: only LSTM at
+    batch 1-2 (3.1x-4.1x) and GRU from hidden 256 up to batch 32 (1.4x-4.6x). Outside the
+    measured range (hidden above 1024, where the per-step kernels run; odd hidden sizes;
+    packed sequences; fewer than 256 steps; projections) torch.nn keeps it."""
+    if (spec.needs_grad or spec.proj_size or spec.variable_lengths or spec.steps < 256
+            or spec.hidden_size % 2 or spec.cell not in ("lstm", "gru")):
+        return False
+    if spec.dtype == torch.bfloat16:
+        return 128 <= spec.hidden_size <= 1024 and spec.batch <= 32
+    if spec.dtype == torch.float16:
+        if spec.cell == "lstm":
+            return 512 <= spec.hidden_size <= 1024 and spec.batch <= 2
+        return 256 <= spec.hidden_size <= 1024 and spec.batch <= 32
+    return False
+
+
 #: Per device type, the backends ``auto`` tries in order, each with the rule that says
 #: where it is faster than torch.nn (None: everywhere it is supported). Backed by the
 #: committed benchmark results; ``torch`` ends every list.
 AUTO_PREFERENCE: dict[str, tuple[tuple[str, Callable[[RecurrenceSpec], bool] | None], ...]] = {
     "cpu": (("cpu", _cpu_beats_torch), ("torch", None)),
-    "cuda": (("torch", None),),
+    "cuda": (("cuda", _cuda_beats_torch), ("torch", None)),
 }
 
 #: How ``available_backends()`` ranks: the compiled kernels, then torch.nn, then the

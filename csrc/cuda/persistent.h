@@ -28,7 +28,7 @@ struct PersistentForwardArgs {
   // tensor-core kernel only:
   const void* w_hh;        // (gates*hidden, hidden), T: W_hh as torch stores it
   void* h_exchange;        // (2, batch, hidden), T: [0] holds h0; the final h is [steps % 2]
-  unsigned int* barrier;   // (blocks,) zeroed: the steps each block has finished
+  unsigned int* barrier;   // one zeroed counter: the grid's arrivals, all steps together
 };
 
 struct PersistentPlan {

@@ -9,10 +9,7 @@
 // buffer in L2 (ld.global.cg). Warp partials meet in shared memory, one thread per
 // (unit, row) applies the shared gate math (fp32 cell state) and writes h in T.
 // Synchronisation: h is double-buffered in global memory; once per step every block
-// publishes the step it finished in its own flag (st.release) and one warp polls all
-// flags (ld.acquire), so no atomics serialise on one address. Loads that do not depend
-// on the step's h (G_x of the next step, the block's own h and c) are issued before
-// the wait, so a step costs about three L2 round trips: the barrier, h, the release.
+// adds 1 to a counter (release) and waits until it reaches (step+1)*blocks (acquire).
 // Co-residency: the grid is at most one block per SM, sized with the occupancy API, and
 // cudaLaunchCooperativeKernel refuses a grid that could not be co-resident, so the
 // spin-wait cannot deadlock.
@@ -82,24 +79,16 @@ __device__ __forceinline__ uint32_t load_pair(const T* row, int k, int limit) {
   return kCoherent ? __ldcg(p) : *p;
 }
 
-// Block x sets flags[x] = `done` (the number of steps it has finished) and waits until
-// every block's flag is at least that. The release store orders the block's h writes
-// (made visible to thread 0 by the first bar.sync) before the flag; the acquire loads
-// and the second bar.sync order every thread's later h reads after the other blocks'.
-__device__ __forceinline__ void grid_barrier(unsigned int* flags, unsigned int done) {
+// Every block arrives once per step; `target` is (step + 1) * gridDim.x.
+__device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int target) {
   __syncthreads();
-  if (threadIdx.x < 32) {
-    if (threadIdx.x == 0) {
-      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(flags + blockIdx.x), "r"(done)
-                   : "memory");
-    }
-    for (int i = threadIdx.x; i < gridDim.x; i += 32) {
-      unsigned int seen;
-      do {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(flags + i) : "memory");
-      } while (seen < done);
-    }
-    __syncwarp();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+    unsigned int seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+    } while (seen < target);
   }
   __syncthreads();
 }
@@ -142,20 +131,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const T* b_hn = static_cast<const T*>(a.b_hn);
   T* h_ex = static_cast<T*>(a.h_exchange);
   const int pairs = units * kPassRows;  // pointwise work of a pass: (unit, row)
-  const int u = threadIdx.x % units, j = j0 + u;  // this thread's pointwise unit
-  // G_x of this thread's (unit, row) at step s, pass b0; 0 for rows that do not update
-  auto load_gx = [&](int s, int b0, float (&out)[kG]) {
-    const int t = a.reverse ? a.steps - 1 - s : s;
-    const int b = b0 + threadIdx.x / units;
-    const int active = a.active_rows ? a.active_rows[t] : B;
-    const bool live = threadIdx.x < pairs && b < B && j < H && b < active;
-#pragma unroll
-    for (int k = 0; k < kG; ++k) {
-      out[k] = live ? to_f(gx_all[((size_t)t * B + b) * gH + k * H + j]) : 0.f;
-    }
-  };
-  float gx_next[kG];
-  load_gx(0, 0, gx_next);
 
   for (int s = 0; s < a.steps; ++s) {
     const int t = a.reverse ? a.steps - 1 - s : s;
@@ -163,23 +138,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T* hp = h_ex + (size_t)(s & 1) * B * H;
     T* hn = h_ex + (size_t)((s + 1) & 1) * B * H;
     for (int b0 = 0; b0 < B; b0 += kPassRows) {
-      // this thread's pointwise pair: its G_x, own h and c loads go out before the matmul
-      const int b = b0 + threadIdx.x / units;
+      // this thread's pointwise pair; its G_x loads are issued before the matmul
+      const int u = threadIdx.x % units, b = b0 + threadIdx.x / units, j = j0 + u;
       const bool mine = threadIdx.x < pairs && b < B && j < H;
       const bool live = mine && b < active;
       float gxv[kG];
-      if (b0 == 0) {
 #pragma unroll
-        for (int k = 0; k < kG; ++k) gxv[k] = gx_next[k];
-      } else {
-        load_gx(s, b0, gxv);
-      }
-      const size_t o = (size_t)b * H + j;
-      unsigned short h_bits = 0;
-      float c_prev = 0.f;
-      if (mine) {
-        h_bits = __ldcg(reinterpret_cast<const unsigned short*>(hp + o));
-        if constexpr (kCell == 0) c_prev = a.c_state[o];
+      for (int k = 0; k < kG; ++k) {
+        gxv[k] = live ? to_f(gx_all[((size_t)t * B + b) * gH + k * H + j]) : 0.f;
       }
 
       uint32_t hf[kMaxSteps][2][2];
@@ -229,6 +195,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();
 
       if (mine) {
+        const size_t o = (size_t)b * H + j;
+        const unsigned short h_bits = __ldcg(reinterpret_cast<const unsigned short*>(hp + o));
         const T h_old_t = *reinterpret_cast<const T*>(&h_bits);
         const float h_old = to_f(h_old_t);
         const size_t ot = (size_t)t * B * H + o;
@@ -237,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           hn[o] = h_old_t;
           y_all[ot] = from_f<T>(0.f);
           if constexpr (kCell == 0) {
-            if (a.extra) a.extra[ot] = c_prev;
+            if (a.extra) a.extra[ot] = a.c_state[o];
           }
         } else {
           float pre[kG];
@@ -246,6 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           float* act = a.act ? a.act + ((size_t)t * B + b) * gH : nullptr;
           float h_new;
           if constexpr (kCell == 0) {
+            const float c_prev = a.c_state[o];
             const auto r = gm::lstm_forward<Math>(pre[0] + gxv[0], pre[1] + gxv[1],
                                                   pre[2] + gxv[2], pre[3] + gxv[3], c_prev);
             a.c_state[o] = r.c;
@@ -273,10 +242,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();  // the partials are rewritten by the next pass
     }
-    if (s + 1 < a.steps) {
-      load_gx(s + 1, 0, gx_next);
-      grid_barrier(a.barrier, (unsigned int)(s + 1));
-    }
+    if (s + 1 < a.steps) grid_barrier(a.barrier, (unsigned int)(s + 1) * gridDim.x);
   }
 }
 
