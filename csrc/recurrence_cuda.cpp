@@ -141,7 +141,6 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
   if (b_hn.has_value()) check_tensor(*b_hn, "b_hn", device, {hidden});
   if (lstm) check_tensor(*c0, "c0", device, {batch, hidden});
   const auto f32 = gx.options().dtype(at::kFloat);
-  const Tensor w_hh_t = w_hh.to(gx.scalar_type()).t().contiguous();
   const Tensor w_hr_t = proj ? w_hr->to(gx.scalar_type()).t().contiguous() : Tensor();
   const Tensor bias_n = b_hn.has_value() ? b_hn->to(gx.scalar_type()).contiguous() : Tensor();
 
@@ -175,52 +174,39 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
               proj ? " and proj_size" : "", " on this device (the tensor-core kernel needs "
               "float16/bfloat16, an even hidden_size and W_hh spread over at most one block "
               "per SM; neither persistent kernel supports proj_size)");
-  if (plan.usable && plan.mma) {
-    // h travels between blocks in the input dtype (the tensor cores' operand), so the
-    // state each step reads is h rounded to T, as in torch.nn's (cuDNN's) fp16/bf16 LSTM.
-    const Tensor rows_dev =
-        batch_sizes.has_value()
-            ? at::tensor(std::vector<int32_t>(rows.begin(), rows.end()), gx.options().dtype(at::kInt))
-            : Tensor();
-    Tensor h_ex = at::empty({2, batch, hidden}, gx.options());
-    h_ex[0].copy_(h0);
-    const Tensor w_hh_c = w_hh.to(gx.scalar_type()).contiguous();
-    const Tensor barrier = at::zeros({1}, gx.options().dtype(at::kInt));
-    PersistentForwardArgs a{};
-    a.cell = cell, a.dtype = dtype;
-    a.steps = steps, a.batch = batch, a.hidden = hidden, a.reverse = reverse;
-    a.active_rows = rows_dev.defined() ? rows_dev.data_ptr<int32_t>() : nullptr;
-    a.gx = gx.data_ptr(), a.w_hh = w_hh_c.data_ptr();
-    a.b_hn = bias_n.defined() ? bias_n.data_ptr() : nullptr;
-    a.h_exchange = h_ex.data_ptr(), a.c_state = lstm ? ptr<float>(c[0]) : nullptr;
-    a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
-    a.y = y.data_ptr();
-    a.act = need_saved ? ptr<float>(act) : nullptr;
-    a.h_prev_all = need_saved ? ptr<float>(h_prev) : nullptr;
-    a.extra = need_saved ? ptr<float>(extra) : nullptr;
-    check_launch(persistent_mma_forward(a, plan, stream), "persistent_mma_forward");
-    const Tensor c_t = lstm ? c[0].to(c0->scalar_type()) : none;
-    return {y, h_ex[steps % 2].to(h0.scalar_type()), c_t, act, h_prev, extra};
-  }
+  // The tensor-core kernel reads W_hh as stored; the others read it transposed.
+  const Tensor w_hh_c = plan.mma ? w_hh.to(gx.scalar_type()).contiguous()
+                                 : w_hh.to(gx.scalar_type()).t().contiguous();
   if (plan.usable) {
     const Tensor rows_dev =
         batch_sizes.has_value()
             ? at::tensor(std::vector<int32_t>(rows.begin(), rows.end()), gx.options().dtype(at::kInt))
             : Tensor();
-    Tensor h_buf = at::empty({2, batch, hidden}, f32);
+    // Double-buffered h, [0] = h0. The tensor-core kernel exchanges h in the input dtype
+    // (its MMA operand), so each step reads h rounded to T, as torch.nn's (cuDNN's)
+    // fp16/bf16 LSTM does; the CUDA-core kernel keeps it in float32.
+    Tensor h_buf = at::empty({2, batch, hidden}, plan.mma ? gx.options() : f32);
     h_buf[0].copy_(h[0]);
+    const Tensor barrier = plan.mma ? at::zeros({1}, gx.options().dtype(at::kInt)) : Tensor();
     PersistentForwardArgs a{};
     a.cell = cell, a.dtype = dtype;
     a.steps = steps, a.batch = batch, a.hidden = hidden, a.reverse = reverse;
     a.active_rows = rows_dev.defined() ? rows_dev.data_ptr<int32_t>() : nullptr;
-    a.gx = gx.data_ptr(), a.w_hh_t = w_hh_t.data_ptr();
+    a.gx = gx.data_ptr();
     a.b_hn = bias_n.defined() ? bias_n.data_ptr() : nullptr;
-    a.h_buf = ptr<float>(h_buf), a.c_state = lstm ? ptr<float>(c[0]) : nullptr;
+    a.c_state = lstm ? ptr<float>(c[0]) : nullptr;
     a.y = y.data_ptr();
     a.act = need_saved ? ptr<float>(act) : nullptr;
     a.h_prev_all = need_saved ? ptr<float>(h_prev) : nullptr;
     a.extra = need_saved ? ptr<float>(extra) : nullptr;
-    check_launch(persistent_forward(a, plan, stream), "persistent_forward");
+    if (plan.mma) {
+      a.w_hh = w_hh_c.data_ptr(), a.h_exchange = h_buf.data_ptr();
+      a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
+      check_launch(persistent_mma_forward(a, plan, stream), "persistent_mma_forward");
+    } else {
+      a.w_hh_t = w_hh_c.data_ptr(), a.h_buf = ptr<float>(h_buf);
+      check_launch(persistent_forward(a, plan, stream), "persistent_forward");
+    }
     const Tensor c_t = lstm ? c[0].to(c0->scalar_type()) : none;
     return {y, h_buf[steps % 2].to(h0.scalar_type()), c_t, act, h_prev, extra};
   }
@@ -232,7 +218,7 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
     StepForwardArgs a{};
     a.cell = cell, a.dtype = dtype;
     a.batch = batch, a.active = rows[t], a.hidden = hidden, a.out_size = out;
-    a.gx_t = gx[t].data_ptr(), a.h_prev = ptr<float>(h[cur]), a.w_hh_t = w_hh_t.data_ptr();
+    a.gx_t = gx[t].data_ptr(), a.h_prev = ptr<float>(h[cur]), a.w_hh_t = w_hh_c.data_ptr();
     a.b_hn = bias_n.defined() ? bias_n.data_ptr() : nullptr;
     a.h_next = ptr<float>(h[1 - cur]), a.y_t = y[t].data_ptr();
     if (lstm) a.c_prev = ptr<float>(c[cur]), a.c_next = ptr<float>(c[1 - cur]);

@@ -40,6 +40,28 @@ def assert_close(actual, expected, rtol, atol, what=""):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=detail)
 
 
+def errors_vs_exact(names, actual, exact) -> dict[str, float]:
+    """Max |error| of each tensor against its exact (fp64) value, relative to
+    max(1, max |exact|); pairs with a None are left out."""
+    return {
+        name: ((a.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1)).item()
+        for name, a, e in zip(names, actual, exact)
+        if a is not None and e is not None
+    }
+
+
+def assert_as_accurate_as(names, ours, reference, exact):
+    """Each tensor of ``ours`` at most twice as far from ``exact`` (fp64) as the same
+    tensor of ``reference`` (the fp32 reference), plus DESIGN.md's fp32 rtol 1e-5: for
+    sums over many steps and rows, two fp32 summation orders differ by more than any
+    fixed tolerance between them allows."""
+    for name, a in zip(names, ours):
+        assert a is None or torch.isfinite(a).all(), f"{name}: non-finite values"
+    got, ref = errors_vs_exact(names, ours, exact), errors_vs_exact(names, reference, exact)
+    worse = {k: (got[k], ref[k]) for k in got if got[k] > 2 * ref[k] + 1e-5}
+    assert not worse, f"errors vs fp64 (ours, fp32 reference): {worse}"
+
+
 def make_pair(cls_name: str, backend: str, dtype=torch.float32, **kwargs):
     """(our module, torch.nn module) with identical weights."""
     ours = getattr(clf, cls_name)(**kwargs, backend=backend).to(dtype)

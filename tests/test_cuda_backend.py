@@ -18,6 +18,7 @@ from cnnlstm_fast import _ext, backends
 from cnnlstm_fast.backends import RecurrenceSpec
 from cnnlstm_fast.ops.recurrence import recurrence
 
+from helpers import errors_vs_exact
 from test_reference import make_args
 
 
@@ -158,13 +159,8 @@ MMA_CASES = [
 
 
 def _error_vs_fp64(outs_grads, exact):
-    """Max |error| of each output and gradient, relative to max(1, max |exact|)."""
     names = ("Y", "h_T", "c_T", "d_gx", "d_h0", "d_c0", "d_w_hh", "d_w_hr", "d_b_hn")
-    errs = {}
-    for name, a, e in zip(names, [*outs_grads[0], *outs_grads[1]], [*exact[0], *exact[1]]):
-        if a is not None and e is not None:
-            errs[name] = ((a - e).abs().max() / e.abs().max().clamp_min(1)).item()
-    return errs
+    return errors_vs_exact(names, [*outs_grads[0], *outs_grads[1]], [*exact[0], *exact[1]])
 
 
 @pytest.mark.gpu

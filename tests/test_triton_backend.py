@@ -17,7 +17,7 @@ from cnnlstm_fast import backends  # noqa: E402
 from cnnlstm_fast.backends.base import GATES, RecurrenceSpec  # noqa: E402
 from cnnlstm_fast.backends.reference import ReferenceBackend  # noqa: E402
 
-from helpers import assert_close, make_pair, run_and_grad  # noqa: E402
+from helpers import assert_as_accurate_as, assert_close, errors_vs_exact, make_pair, run_and_grad  # noqa: E402
 
 if backends.backend_report().get("triton") is not None:
     pytest.skip(f"triton backend: {backends.backend_report()['triton']}", allow_module_level=True)
@@ -145,14 +145,16 @@ def test_persistent_kernel_matches_reference_fp32(case):
     compare(got, reference_run(spec, args, cot), 1e-5, 1e-5)
 
 
+ALL_NAMES = ("Y", "h_T", "c_T", *GRAD_NAMES)
+
+
+def _all(outs_grads):
+    """The outputs and gradients of a run, as one flat list in ALL_NAMES order."""
+    return [*outs_grads[0], *outs_grads[1]]
+
+
 def _error_vs_fp64(outs_grads, exact):
-    """Max |error| of each output and gradient, relative to max(1, |exact|)."""
-    (outs, grads), (ex_outs, ex_grads) = outs_grads, exact
-    errs = {}
-    for name, a, b in zip(("Y", "h_T", "c_T", *GRAD_NAMES), (*outs, *grads), (*ex_outs, *ex_grads)):
-        if a is not None:
-            errs[name] = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1)).item()
-    return errs
+    return errors_vs_exact(ALL_NAMES, _all(outs_grads), _all(exact))
 
 
 @interpreter_only
@@ -251,10 +253,8 @@ def test_gpu_kernels_match_reference_fp32(case, mode):
     cell, b, h, t, p, rev, lengths = case
     spec, args, cot = make_case(cell, b, h, t, p, rev, lengths, device="cuda")
     exact = reference_run(spec, args, cot, dtype=torch.float64)
-    ours = _error_vs_fp64(triton_run(spec, args, cot, mode=mode), exact)
-    fp32 = _error_vs_fp64(reference_run(spec, args, cot), exact)
-    worse = {k: (ours[k], fp32[k]) for k in ours if ours[k] > 2 * fp32[k] + 1e-5}
-    assert not worse, f"errors (ours, fp32 reference) vs fp64: {worse}"
+    assert_as_accurate_as(ALL_NAMES, _all(triton_run(spec, args, cot, mode=mode)),
+                          _all(reference_run(spec, args, cot)), _all(exact))
     want = reference_run(spec, args, cot)
     # Inference (no saved state): the persistent kernel's double-buffered h.
     outs = launch.forward(spec, **args, need_saved=False, mode=mode)[:3]

@@ -62,8 +62,10 @@ def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
 
 def _cuda_beats_torch(spec: RecurrenceSpec) -> bool:
     """Where the ``cuda`` backend measured faster than torch.nn (cuDNN) on an H100
-    (benchmarks/results/h100-80gb-hbm3/: canonical, batch-sweep and hidden-sweep at
-    T=1024, of the tensor-core persistent forward kernel). Inference only: the backward
+    (benchmarks/results/h100-80gb-hbm3/: canonical and batch sweep at T=1024 of the
+    tensor-core persistent forward kernel as it is (aa60b73), the hidden sweep only of a
+    variant measured 5-12% slower (c6c04b1); T=256 only with the older CUDA-core kernel,
+    which still beat torch.nn in bf16 there). Inference only: the backward
     still runs per-step kernels, 4-25x slower than cuDNN's. bfloat16 (cuDNN has no
     persistent bf16 kernel): LSTM and GRU up to batch 32, hidden 128 to 1024, 1.7x to
     5.3x. float16, where cuDNN's persistent kernel runs at ~2 us per step: only LSTM at

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "cnnlstm_fast/gate_math.h"
+#include "common.cuh"
 #include "persistent.h"
 
 namespace cnnlstm_fast::cuda {
@@ -29,24 +30,6 @@ namespace gm = cnnlstm_fast::gate_math;
 using Math = gm::ScalarMath<float>;
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float load_f(float v) { return v; }
-__device__ __forceinline__ float load_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float load_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T store_f(float v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else {
-    return __float2bfloat16_rn(v);
-  }
-}
-
-template <int kCell>
-inline constexpr int kGates = kCell == 0 ? 4 : kCell == 1 ? 3 : 1;
 
 template <int kCell, typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -60,7 +43,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* w_t = static_cast<const T*>(a.w_hh_t);
   for (int idx = threadIdx.x; idx < H * width; idx += blockDim.x) {
     const int p = idx / width, k = (idx % width) / units, u = idx % units;
-    w[idx] = j0 + u < H ? w_t[(size_t)p * gH + k * H + j0 + u] : store_f<T>(0.f);
+    w[idx] = j0 + u < H ? w_t[(size_t)p * gH + k * H + j0 + u] : from_float<T>(0.f);
   }
   __syncthreads();
 
@@ -88,7 +71,7 @@ __global__ void __launch_bounds__(kThreads)
           const float h = __ldcg(hp + (size_t)b * H + p);
           const T* wp = w + (size_t)p * width + u;
 #pragma unroll
-          for (int k = 0; k < kG; ++k) acc[k] += h * load_f(wp[k * units]);
+          for (int k = 0; k < kG; ++k) acc[k] += h * to_float(wp[k * units]);
         }
       }
 #pragma unroll
@@ -101,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
       if (a.h_prev_all) a.h_prev_all[(size_t)t * B * H + o] = h_old;
       if (b >= active) {  // inactive row: keep the state, output 0
         hn[o] = h_old;
-        y_all[(size_t)t * B * H + o] = store_f<T>(0.f);
+        y_all[(size_t)t * B * H + o] = from_float<T>(0.f);
         // saved as the reference saves it: the cell state before the step, every row
         if constexpr (kCell == 0) {
           if (a.extra) a.extra[(size_t)t * B * H + o] = a.c_state[o];
@@ -113,9 +96,9 @@ __global__ void __launch_bounds__(kThreads)
       float h_new;
       if constexpr (kCell == 0) {
         const float c_prev = a.c_state[o];
-        const auto r = gm::lstm_forward<Math>(acc[0] + load_f(gx[j]), acc[1] + load_f(gx[H + j]),
-                                              acc[2] + load_f(gx[2 * H + j]),
-                                              acc[3] + load_f(gx[3 * H + j]), c_prev);
+        const auto r = gm::lstm_forward<Math>(acc[0] + to_float(gx[j]), acc[1] + to_float(gx[H + j]),
+                                              acc[2] + to_float(gx[2 * H + j]),
+                                              acc[3] + to_float(gx[3 * H + j]), c_prev);
         a.c_state[o] = r.c;
         if (act) {
           act[j] = r.i, act[H + j] = r.f, act[2 * H + j] = r.g, act[3 * H + j] = r.o;
@@ -123,8 +106,8 @@ __global__ void __launch_bounds__(kThreads)
         }
         h_new = r.m;
       } else if constexpr (kCell == 1) {
-        const auto r = gm::gru_forward<Math>(load_f(gx[j]), load_f(gx[H + j]), load_f(gx[2 * H + j]),
-                                             acc[0], acc[1], acc[2], b_hn ? load_f(b_hn[j]) : 0.f,
+        const auto r = gm::gru_forward<Math>(to_float(gx[j]), to_float(gx[H + j]), to_float(gx[2 * H + j]),
+                                             acc[0], acc[1], acc[2], b_hn ? to_float(b_hn[j]) : 0.f,
                                              h_old);
         if (act) {
           act[j] = r.r, act[H + j] = r.z, act[2 * H + j] = r.n;
@@ -132,43 +115,14 @@ __global__ void __launch_bounds__(kThreads)
         }
         h_new = r.h;
       } else {
-        h_new = gm::rnn_forward<Math, kCell == 3>(acc[0] + load_f(gx[j]));
+        h_new = gm::rnn_forward<Math, kCell == 3>(acc[0] + to_float(gx[j]));
         if (act) act[j] = h_new;
       }
       hn[o] = h_new;
-      y_all[(size_t)t * B * H + o] = store_f<T>(h_new);
+      y_all[(size_t)t * B * H + o] = from_float<T>(h_new);
     }
     grid.sync();
   }
-}
-
-template <typename F>
-int with_types(Cell cell, DType dtype, F&& f) {
-  auto with_cell = [&](auto type) -> int {
-    switch (cell) {
-      case Cell::kLstm: return f(std::integral_constant<int, 0>{}, type);
-      case Cell::kGru: return f(std::integral_constant<int, 1>{}, type);
-      case Cell::kRnnTanh: return f(std::integral_constant<int, 2>{}, type);
-      case Cell::kRnnRelu: return f(std::integral_constant<int, 3>{}, type);
-    }
-    return cudaErrorInvalidValue;
-  };
-  switch (dtype) {
-    case DType::kFloat32: return with_cell(float{});
-    case DType::kFloat16: return with_cell(__half{});
-    case DType::kBFloat16: return with_cell(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-int gates_of(Cell cell) { return cell == Cell::kLstm ? 4 : cell == Cell::kGru ? 3 : 1; }
-
-// A failed runtime call also leaves its error as this runtime's last error (the
-// extension links its own static cudart), which the next cudaGetLastError() after a
-// per-step launch would report again as that launch's failure: clear it here.
-int reported(cudaError_t e) {
-  if (e != cudaSuccess) cudaGetLastError();
-  return e;
 }
 
 }  // namespace
@@ -183,7 +137,7 @@ int persistent_forward_plan(Cell cell, DType dtype, int batch, int hidden, Persi
   if (err) return reported(err);
   if (!coop || batch <= 0 || hidden <= 0) return cudaSuccess;
   const int g = gates_of(cell);
-  return with_types(cell, dtype, [&](auto cell_c, auto type) -> int {
+  return with_cell(cell, [&](auto cell_c) { return with_dtype(dtype, [&](auto type) {
     using T = decltype(type);
     auto kernel = persistent_forward_kernel<decltype(cell_c)::value, T>;
     for (int units = (hidden + sms - 1) / sms; units <= hidden; ++units) {
@@ -204,13 +158,13 @@ int persistent_forward_plan(Cell cell, DType dtype, int batch, int hidden, Persi
       }
     }
     return cudaSuccess;
-  });
+  }); });
 }
 
 int persistent_forward(const PersistentForwardArgs& args, const PersistentPlan& plan,
                        void* stream) {
   if (!plan.usable) return cudaErrorInvalidConfiguration;
-  return with_types(args.cell, args.dtype, [&](auto cell_c, auto type) -> int {
+  return with_cell(args.cell, [&](auto cell_c) { return with_dtype(args.dtype, [&](auto type) {
     using T = decltype(type);
     auto kernel = persistent_forward_kernel<decltype(cell_c)::value, T>;
     PersistentForwardArgs a = args;
@@ -220,7 +174,7 @@ int persistent_forward(const PersistentForwardArgs& args, const PersistentPlan& 
                                                 dim3(plan.blocks), dim3(kThreads), params,
                                                 plan.smem_bytes,
                                                 static_cast<cudaStream_t>(stream)));
-  });
+  }); });
 }
 
 }  // namespace cnnlstm_fast::cuda

@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "cnnlstm_fast/gate_math.h"
+#include "common.cuh"
 #include "persistent.h"
 
 namespace cnnlstm_fast::cuda {
@@ -37,21 +38,6 @@ constexpr int kPassRows = 16;  // batch rows per pass: two n = 8 tiles
 // pass (4 each) must fit in the 128 registers of a 512-thread block.
 template <int kMTiles>
 inline constexpr int kMaxKSteps = kFragRegs / kMTiles < 8 ? kFragRegs / kMTiles : 8;
-
-template <int kCell>
-inline constexpr int kGates = kCell == 0 ? 4 : kCell == 1 ? 3 : 1;
-
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else {
-    return __float2bfloat16_rn(v);
-  }
-}
 
 // d += a * b: a 16x16 (row-major fragment), b 16x8 (column-major), fp32 accumulators.
 template <typename T>
@@ -145,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       float gxv[kG];
 #pragma unroll
       for (int k = 0; k < kG; ++k) {
-        gxv[k] = live ? to_f(gx_all[((size_t)t * B + b) * gH + k * H + j]) : 0.f;
+        gxv[k] = live ? to_float(gx_all[((size_t)t * B + b) * gH + k * H + j]) : 0.f;
       }
 
       uint32_t hf[kMaxSteps][2][2];
@@ -198,12 +184,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         const size_t o = (size_t)b * H + j;
         const unsigned short h_bits = __ldcg(reinterpret_cast<const unsigned short*>(hp + o));
         const T h_old_t = *reinterpret_cast<const T*>(&h_bits);
-        const float h_old = to_f(h_old_t);
+        const float h_old = to_float(h_old_t);
         const size_t ot = (size_t)t * B * H + o;
         if (a.h_prev_all) a.h_prev_all[ot] = h_old;
         if (!live) {  // inactive row: keep the state, output 0
           hn[o] = h_old_t;
-          y_all[ot] = from_f<T>(0.f);
+          y_all[ot] = from_float<T>(0.f);
           if constexpr (kCell == 0) {
             if (a.extra) a.extra[ot] = a.c_state[o];
           }
@@ -225,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             h_new = r.m;
           } else if constexpr (kCell == 1) {
             const auto r = gm::gru_forward<Math>(gxv[0], gxv[1], gxv[2], pre[0], pre[1], pre[2],
-                                                 b_hn ? to_f(b_hn[j]) : 0.f, h_old);
+                                                 b_hn ? to_float(b_hn[j]) : 0.f, h_old);
             if (act) {
               act[j] = r.r, act[H + j] = r.z, act[2 * H + j] = r.n;
               a.extra[ot] = r.h_n;
@@ -235,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             h_new = gm::rnn_forward<Math, kCell == 3>(pre[0] + gxv[0]);
             if (act) act[j] = h_new;
           }
-          const T h_t = from_f<T>(h_new);
+          const T h_t = from_float<T>(h_new);
           hn[o] = h_t;
           y_all[ot] = h_t;
         }
@@ -246,38 +232,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// f(kernel), the instantiation for cell, dtype (fp16/bf16 only) and m_tiles.
 template <typename F>
-int with_types(Cell cell, DType dtype, int m_tiles, F&& f) {
-  auto with_tiles = [&](auto cell_c, auto type) -> int {
-    switch (m_tiles) {
-      case 1: return f(cell_c, type, std::integral_constant<int, 1>{});
-      case 2: return f(cell_c, type, std::integral_constant<int, 2>{});
-      case 4: return f(cell_c, type, std::integral_constant<int, 4>{});
-    }
-    return cudaErrorInvalidValue;
-  };
-  auto with_cell = [&](auto type) -> int {
-    switch (cell) {
-      case Cell::kLstm: return with_tiles(std::integral_constant<int, 0>{}, type);
-      case Cell::kGru: return with_tiles(std::integral_constant<int, 1>{}, type);
-      case Cell::kRnnTanh: return with_tiles(std::integral_constant<int, 2>{}, type);
-      case Cell::kRnnRelu: return with_tiles(std::integral_constant<int, 3>{}, type);
-    }
-    return cudaErrorInvalidValue;
-  };
-  switch (dtype) {
-    case DType::kFloat16: return with_cell(__half{});
-    case DType::kBFloat16: return with_cell(__nv_bfloat16{});
-    case DType::kFloat32: break;
-  }
-  return cudaErrorInvalidValue;
-}
-
-// A failed runtime call also leaves its error as this runtime's last error; clear it
-// so that the next launch check does not report it again.
-int reported(cudaError_t e) {
-  if (e != cudaSuccess) cudaGetLastError();
-  return e;
+cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, F&& f) {
+  return with_cell(cell, [&](auto cell_c) {
+    return with_dtype(dtype, [&](auto type) -> cudaError_t {
+      using T = decltype(type);
+      constexpr int kCell = decltype(cell_c)::value;
+      if constexpr (std::is_same_v<T, float>) {
+        return cudaErrorInvalidValue;
+      } else {
+        switch (m_tiles) {
+          case 1: return f(persistent_mma_forward_kernel<kCell, T, 1>);
+          case 2: return f(persistent_mma_forward_kernel<kCell, T, 2>);
+          case 4: return f(persistent_mma_forward_kernel<kCell, T, 4>);
+        }
+        return cudaErrorInvalidValue;
+      }
+    });
+  });
 }
 
 }  // namespace
@@ -293,7 +266,7 @@ int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden,
   if (!err) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err) return reported(err);
   if (!coop || major < 8) return cudaSuccess;
-  const int gates = cell == Cell::kLstm ? 4 : cell == Cell::kGru ? 3 : 1;
+  const int gates = gates_of(cell);
   const int k_steps = ((hidden + 15) / 16 + kWarps - 1) / kWarps;
   // The fewest gate rows per block (least work per step) whose grid fits on the SMs.
   for (int m_tiles : {1, 2, 4}) {
@@ -302,9 +275,7 @@ int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden,
     if (m_tiles * k_steps > kFragRegs || k_steps > 8) return cudaSuccess;  // more tiles need more
     if (blocks > sms || units * kPassRows > kThreads) continue;
     const size_t smem = (size_t)kWarps * m_tiles * 16 * kPassRows * sizeof(float);
-    return with_types(cell, dtype, m_tiles, [&](auto cell_c, auto type, auto tiles) -> int {
-      auto kernel = persistent_mma_forward_kernel<decltype(cell_c)::value, decltype(type),
-                                                  decltype(tiles)::value>;
+    return with_mma_kernel(cell, dtype, m_tiles, [&](auto kernel) {
       cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            (int)smem);
       if (e) return reported(e);
@@ -323,9 +294,7 @@ int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden,
 int persistent_mma_forward(const PersistentForwardArgs& args, const PersistentPlan& plan,
                            void* stream) {
   if (!plan.usable || !plan.mma) return cudaErrorInvalidConfiguration;
-  return with_types(args.cell, args.dtype, plan.m_tiles, [&](auto cell_c, auto type, auto tiles) -> int {
-    auto kernel = persistent_mma_forward_kernel<decltype(cell_c)::value, decltype(type),
-                                                decltype(tiles)::value>;
+  return with_mma_kernel(args.cell, args.dtype, plan.m_tiles, [&](auto kernel) {
     PersistentForwardArgs a = args;
     int units = plan.units, k_steps = plan.k_steps;
     void* params[] = {&a, &units, &k_steps};

@@ -13,7 +13,7 @@
 #include <type_traits>
 
 #include "cnnlstm_fast/gate_math.h"
-#include "recurrence.h"
+#include "common.cuh"
 
 namespace cnnlstm_fast::cuda {
 namespace {
@@ -24,25 +24,6 @@ using Math = gm::ScalarMath<float>;
 constexpr int kUnits = 32;  // threadIdx.x: hidden units (or output columns)
 constexpr int kRows = 8;    // threadIdx.y: batch rows
 constexpr int kTileP = 64;  // reduction chunk staged in shared memory
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <int kCell>
-inline constexpr int kGates =
-    kCell == static_cast<int>(Cell::kLstm) ? 4 : kCell == static_cast<int>(Cell::kGru) ? 3 : 1;
 
 // acc[k] += sum_p a[row, p] * mat[p, k*stride + col] for this thread's (row, col).
 // All threads of the block must call it (it synchronises).
@@ -192,28 +173,6 @@ __global__ void add_output_grad_kernel(int batch, int active, int width, const f
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= batch * width) return;
   out[idx] = (idx / width) < active ? d_h[idx] + to_float(d_y[idx]) : 0.f;
-}
-
-// Calls f.template operator()<T>() with T the C++ type of dtype.
-template <typename F>
-cudaError_t with_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename F>
-cudaError_t with_cell(Cell cell, F&& f) {
-  switch (cell) {
-    case Cell::kLstm: return f(std::integral_constant<int, 0>{});
-    case Cell::kGru: return f(std::integral_constant<int, 1>{});
-    case Cell::kRnnTanh: return f(std::integral_constant<int, 2>{});
-    case Cell::kRnnRelu: return f(std::integral_constant<int, 3>{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 dim3 tiles(int cols, int rows) {
