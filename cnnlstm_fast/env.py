@@ -75,7 +75,15 @@ def _extension() -> dict:
         "error": None,
         "build": module.build_info(),
         "cuda_runtime": module.cuda_runtime_info(),
+        "cpu_gemm": _cpu_gemm(module),
     }
+
+
+def _cpu_gemm(module) -> dict:
+    try:
+        return {**module.cpu_gemm_info(), "error": None}
+    except RuntimeError as error:  # a bad CNNLSTM_FAST_CPU_GEMM
+        return {"avx512_supported": None, "in_use": None, "error": str(error)}
 
 
 def _torch_cuda() -> dict:
@@ -171,6 +179,10 @@ def format_report(info: dict) -> str:
         row("built against torch", build["torch_version"])
         row("compiler", f"{build['compiler']}, C++ {build['cxx_standard']}")
         row("OpenMP", f"yes ({build['openmp_version']})" if build["openmp"] else "no")
+        gemm = ext["cpu_gemm"]
+        row("cpu float32 GEMM", gemm["error"] or (
+            f"{gemm['in_use']} (AVX-512 {'present' if gemm['avx512_supported'] else 'absent'}; "
+            "CNNLSTM_FAST_CPU_GEMM)"))
         if build["cuda"]:
             row("CUDA compiled", "yes")
             row("CUDA toolkit", _cuda_version(build["cuda_toolkit_version"]))

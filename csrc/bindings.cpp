@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "cpu/gemm.h"
 #ifdef CNNLSTM_FAST_WITH_CUDA
 #include "cuda/device_query.h"
 #endif
@@ -96,6 +97,14 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cnnlstm_fast C++/CUDA extension";
   m.def("build_info", &build_info,
         "How this extension was built: compiler, C++ standard, torch version, OpenMP, CUDA");
+  m.def("cpu_gemm_info", [] {
+    py::dict info;
+    info["avx512_supported"] = cnnlstm_fast::cpu::packed_gemm_supported();
+    // Raises for a bad CNNLSTM_FAST_CPU_GEMM, as the ops would.
+    info["in_use"] = cnnlstm_fast::cpu::use_packed_gemm() ? "avx512" : "blas";
+    return info;
+  }, "The float32 GEMM of the cpu backend: {'avx512_supported': bool, 'in_use': 'avx512' "
+     "or 'blas'} (CNNLSTM_FAST_CPU_GEMM: auto, avx512, blas)");
   m.def("cuda_runtime_info", &cuda_runtime_info,
         "CUDA runtime/driver versions and device count as the CUDA runtime reports them "
         "now; each entry is {'value': int, 'error': None or 'cudaErrorX: text'}");

@@ -2,7 +2,8 @@
 
 A backend computes the recurrence of ONE layer in ONE direction. The input projection
 ``G_x = x @ W_ih^T + b`` has already been done outside (one large GEMM per layer and
-direction); dW_ih, dx and the bias gradients come from ``dG_x`` outside as well.
+direction, by the backend's ``input_projection``: ``F.linear`` unless the backend has a
+faster GEMM); dW_ih, dx and the bias gradients come from ``dG_x`` through its autograd.
 
 Shapes (T steps, B batch rows, H hidden units, Hout = proj_size or H, g gates):
 
@@ -79,6 +80,10 @@ class Backend:
     def unsupported_reason(self, spec: RecurrenceSpec) -> str | None:
         """None when the backend can run ``spec``, else what is missing."""
         return None
+
+    def input_projection(self, x, weight, bias):
+        """``G_x = x @ weight^T + bias`` (differentiable) for a layer this backend runs."""
+        return torch.nn.functional.linear(x, weight, bias)
 
     def forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
         raise NotImplementedError

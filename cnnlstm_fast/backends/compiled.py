@@ -32,7 +32,37 @@ def ops():
         return None
     torch.library.register_fake("cnnlstm_fast::recurrence_forward")(_forward_fake)
     torch.library.register_fake("cnnlstm_fast::recurrence_backward")(_backward_fake)
+    torch.library.register_fake("cnnlstm_fast::linear")(_linear_fake)
+    torch.library.register_autograd(
+        "cnnlstm_fast::linear", _linear_backward, setup_context=_linear_setup_context
+    )
     return namespace
+
+
+def _linear_fake(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    """dx = grad W, dW = grad^T x, db = sum of grad, the GEMMs again through the op
+    (transposed views, no copies; differentiable, so double backward works too)."""
+    x, weight = ctx.saved_tensors
+    linear = torch.ops.cnnlstm_fast.linear
+    grad_2d = grad.reshape(-1, grad.shape[-1])
+    d_x = linear(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
+    d_w = (
+        linear(grad_2d.t(), x.reshape(-1, x.shape[-1]).t(), None)
+        if ctx.needs_input_grad[1]
+        else None
+    )
+    d_b = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return d_x, d_w, d_b
 
 
 def _forward_fake(cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, reverse, need_saved):

@@ -5,6 +5,12 @@ The whole time loop of one layer and direction runs in C++ as the torch.library 
 step one BLAS GEMM on the active rows and one fused, vectorised, multi-threaded
 pointwise pass (``csrc/include/cnnlstm_fast/gate_math.h``). It computes and saves
 exactly what the ``reference`` backend does (shared op plumbing: ``compiled.py``).
+
+Its input projection and that projection's gradient GEMMs run through
+``cnnlstm_fast::linear`` (``csrc/cpu/linear.cpp``): our AVX-512 GEMM for float32 where
+the CPU has AVX-512 (torch's MKL runs its AVX2 code on AMD CPUs, measured 2-4x slower at
+these shapes on a Zen 5), ``F.linear`` elsewhere. ``CNNLSTM_FAST_CPU_GEMM`` (``auto``,
+``avx512``, ``blas``) picks the GEMM of the projection and the recurrence alike.
 """
 
 from __future__ import annotations
@@ -30,3 +36,7 @@ class CpuBackend(CompiledOpsBackend):
         if spec.dtype not in _DTYPES:
             return f"dtype {spec.dtype} is not float32 or float64"
         return None
+
+    def input_projection(self, x, weight, bias):
+        # torch.ops directly, as in forward(): ops() has registered the autograd formula.
+        return torch.ops.cnnlstm_fast.linear(x, weight, bias)

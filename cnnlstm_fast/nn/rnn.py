@@ -263,7 +263,7 @@ class _SequenceMixin(_BackendMixin):
                 b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
                 w_hr = weights[-1] if self.proj_size > 0 else None
                 gx_bias, b_hn = _split_bias(spec.cell, b_ih, b_hh, self.hidden_size)
-                gx = F.linear(x, w_ih, gx_bias)
+                gx = backend.input_projection(x, w_ih, gx_bias)
                 if layout is not None:
                     gx = layout.to_padded(gx)
                 y, h_t, c_t = recurrence(
@@ -323,7 +323,7 @@ class _CellMixin(_BackendMixin):
         )
         with torch.autocast(input.device.type, enabled=False):
             gx_bias, b_hn = _split_bias(spec.cell, b_ih, b_hh, self.hidden_size)
-            gx = F.linear(input, w_ih, gx_bias).unsqueeze(0)
+            gx = backend.input_projection(input, w_ih, gx_bias).unsqueeze(0)
             _, h, c = recurrence(
                 backend, spec, gx, states[0], states[1] if is_lstm else None, w_hh, None, b_hn
             )

@@ -15,8 +15,10 @@ from ..backends.base import Backend, RecurrenceSpec
 
 class _Recurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend, spec, batch_sizes, gx, h0, c0, w_hh, w_hr, b_hn):
-        need_saved = any(ctx.needs_input_grad[3:])
+    def forward(ctx, backend, spec, batch_sizes, grad_enabled, gx, h0, c0, w_hh, w_hr, b_hn):
+        # needs_input_grad is set from requires_grad even under no_grad; the grad mode of
+        # the caller (forward() itself always runs without it) decides.
+        need_saved = grad_enabled and any(ctx.needs_input_grad[4:])
         y, h_t, c_t, saved = backend.forward(
             spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved
         )
@@ -35,9 +37,9 @@ class _Recurrence(torch.autograd.Function):
         )
         grads = [
             None if (g is None or dt is None or not need) else g.to(dt)
-            for g, dt, need in zip(grads, ctx.input_dtypes, ctx.needs_input_grad[3:])
+            for g, dt, need in zip(grads, ctx.input_dtypes, ctx.needs_input_grad[4:])
         ]
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def recurrence(
@@ -52,7 +54,8 @@ def recurrence(
     batch_sizes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Runs one layer and direction: returns ``(Y, h_T, c_T or None)``."""
-    out = _Recurrence.apply(backend, spec, batch_sizes, gx, h0, c0, w_hh, w_hr, b_hn)
+    grad_enabled = torch.is_grad_enabled()
+    out = _Recurrence.apply(backend, spec, batch_sizes, grad_enabled, gx, h0, c0, w_hh, w_hr, b_hn)
     if c0 is None:
         return out[0], out[1], None
     return out

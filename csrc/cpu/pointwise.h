@@ -1,10 +1,11 @@
 // The fused per-step pointwise pass of the CPU recurrence (bias, activations, state
 // update; or their derivatives), one function per cell type and direction.
 //
-// The kernels are compiled twice from pointwise_impl.h: once for the baseline ISA
-// (pointwise_default.cpp) and once for AVX2+FMA (pointwise_avx2.cpp), because an
-// extension is built with the compiler's baseline flags while the SIMD math
-// (at::vec::Vectorized, Sleef) only vectorises when its TU targets AVX2.
+// The kernels are compiled three times from pointwise_impl.h: for the baseline ISA
+// (pointwise_default.cpp), for AVX2+FMA (pointwise_avx2.cpp) and for AVX-512
+// (pointwise_avx512.cpp), because an extension is built with the compiler's baseline
+// flags while the SIMD math (at::vec::Vectorized, Sleef) only vectorises when its TU
+// targets AVX2 or AVX-512.
 // recurrence.cpp picks the table at run time from what the CPU supports.
 #pragma once
 
@@ -57,8 +58,10 @@ struct PointwiseKernels {
 template <typename scalar_t>
 const PointwiseKernels<scalar_t>& pointwise_kernels_default();
 
-// Null when this build has no AVX2 variant (a non-x86 target).
+// Null when this build has no AVX2 / AVX-512 variant (a non-x86 target).
 template <typename scalar_t>
 const PointwiseKernels<scalar_t>* pointwise_kernels_avx2();
+template <typename scalar_t>
+const PointwiseKernels<scalar_t>* pointwise_kernels_avx512();
 
 }  // namespace cnnlstm_fast::cpu

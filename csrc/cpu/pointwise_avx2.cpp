@@ -19,25 +19,7 @@
 #define CPU_CAPABILITY_AVX2
 #define CNNLSTM_FAST_KERNELS_FN pointwise_kernels_avx2_impl
 #include "pointwise_impl.h"
-
-namespace cnnlstm_fast::cpu {
-template <typename scalar_t>
-const PointwiseKernels<scalar_t>* pointwise_kernels_avx2() {
-  return &pointwise_kernels_avx2_impl<scalar_t>();
-}
-template const PointwiseKernels<float>* pointwise_kernels_avx2<float>();
-template const PointwiseKernels<double>* pointwise_kernels_avx2<double>();
-}  // namespace cnnlstm_fast::cpu
-
-#else
-#include "pointwise.h"
-
-namespace cnnlstm_fast::cpu {
-template <typename scalar_t>
-const PointwiseKernels<scalar_t>* pointwise_kernels_avx2() {
-  return nullptr;
-}
-template const PointwiseKernels<float>* pointwise_kernels_avx2<float>();
-template const PointwiseKernels<double>* pointwise_kernels_avx2<double>();
-}  // namespace cnnlstm_fast::cpu
 #endif
+
+#define CNNLSTM_FAST_ISA_GETTER pointwise_kernels_avx2
+#include "pointwise_isa.h"

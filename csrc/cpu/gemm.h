@@ -1,0 +1,54 @@
+// A float32 GEMM for the products the CPU recurrence repeats: C = A B (+ bias) (+ beta C)
+// with B packed once (a weight used at every step) into column panels of kPanelWidth.
+//
+// Why our own: torch's BLAS on x86 is MKL, and on AMD CPUs MKL runs its AVX2 code (it
+// measured 112-180 GFLOP/s at the recurrence's shapes on a 2-core Zen 5 where this
+// kernel reaches 410-450, and where torch.nn.LSTM's oneDNN kernels are not reachable
+// from an extension). The AVX-512 micro-kernel (gemm_avx512.cpp) keeps a 12 x 32 (or
+// 3 x 128 for few rows) tile of C in 24 zmm registers, streams B's panel and broadcasts
+// A; the caller's threads split the panels, so with the same thread count each thread
+// reads the same slice of a weight at every step and it stays in that core's cache.
+// Every element of C is computed by one thread in one fixed order: results do not
+// depend on the thread count.
+#pragma once
+
+#include <cstdint>
+
+namespace cnnlstm_fast::cpu {
+
+constexpr int64_t kPanelWidth = 32;
+
+// Whether packed_gemm can run here: built for x86-64 and the CPU has AVX-512F.
+bool packed_gemm_supported();
+
+// Whether the float32 CPU ops use packed_gemm (true) or torch's BLAS (false), read at
+// each call from CNNLSTM_FAST_CPU_GEMM: "auto" (default: packed_gemm where supported),
+// "avx512" (packed_gemm; an error where unsupported) or "blas".
+bool use_packed_gemm();
+
+// Floats of a packed (k x n) B: ceil(n / kPanelWidth) panels of k x kPanelWidth.
+int64_t packed_size(int64_t k, int64_t n);
+
+// Packs B (k x n), element (kk, j) at b[kk * b_row_stride + j * b_col_stride], so a
+// weight W (n x k) stored row-major packs as B = W^T with strides (1, k). Zero-pads the
+// last panel.
+void pack_b(int64_t k, int64_t n, const float* b, int64_t b_row_stride, int64_t b_col_stride,
+            float* packed);
+
+// C (m x n, row stride ldc) = A B + bias + beta C, with A (m x k) element (i, kk) at
+// a[i * a_row_stride + kk * a_col_stride], B from pack_b, bias (n) or null. With beta 0,
+// C is only written. Parallel over torch's intra-op threads. Requires
+// packed_gemm_supported().
+void packed_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row_stride,
+                 int64_t a_col_stride, const float* packed, const float* bias, float beta,
+                 float* c, int64_t ldc);
+
+// The micro-kernel driver of gemm_avx512.cpp: rows [0, m) of C times `panels` panels
+// starting at `packed` (C and bias already offset to the first panel's column), with
+// `cols` valid columns in all.
+void packed_gemm_block_avx512(int64_t m, int64_t panels, int64_t cols, int64_t k,
+                              const float* a, int64_t a_row_stride, int64_t a_col_stride,
+                              const float* packed, const float* bias, float beta, float* c,
+                              int64_t ldc);
+
+}  // namespace cnnlstm_fast::cpu

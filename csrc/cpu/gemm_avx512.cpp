@@ -1,0 +1,111 @@
+// The AVX-512 micro-kernels of packed_gemm (gemm.h). This TU alone is compiled for
+// AVX-512F and includes nothing but the intrinsics and <utility>'s index sequences, so no
+// inline function of a shared header is emitted here with AVX-512 code; gemm.cpp calls
+// in only on CPUs that have it.
+//
+// Tile: R rows x P panels (P * 32 columns) of C in 2 * R * P zmm accumulators, R * P <= 12
+// (24 accumulators + 2 * P panel vectors + 1 broadcast fit the 32 registers). Per k: load
+// P panel rows, broadcast R values of A, R * 2P FMAs. Many rows run 12 x 1 tiles; up to 3
+// rows run 3 x 4 so a single row still has 8 independent FMA chains.
+#include <cstdint>
+#include <utility>
+
+#include "gemm.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#pragma GCC target("avx512f")
+#include <immintrin.h>
+
+namespace cnnlstm_fast::cpu {
+namespace {
+
+__mmask16 column_mask(int64_t valid) {
+  if (valid >= 16) return 0xFFFF;
+  if (valid <= 0) return 0;
+  return static_cast<__mmask16>((1u << valid) - 1);
+}
+
+template <int R, int P>
+void tile(int64_t k, const float* a, int64_t ars, int64_t acs, const float* b, int64_t pstride,
+          const float* bias, float beta, float* c, int64_t ldc, int64_t cols) {
+  __m512 acc[R][2 * P];
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < 2 * P; ++q) acc[r][q] = _mm512_setzero_ps();
+  }
+  for (int64_t kk = 0; kk < k; ++kk) {
+    __m512 bv[2 * P];
+    for (int p = 0; p < P; ++p) {
+      bv[2 * p] = _mm512_loadu_ps(b + p * pstride + kk * kPanelWidth);
+      bv[2 * p + 1] = _mm512_loadu_ps(b + p * pstride + kk * kPanelWidth + 16);
+    }
+    const float* a_k = a + kk * acs;
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a_k[r * ars]);
+      for (int q = 0; q < 2 * P; ++q) acc[r][q] = _mm512_fmadd_ps(av, bv[q], acc[r][q]);
+    }
+  }
+  __mmask16 mask[2 * P];
+  __m512 bias_v[2 * P];
+  for (int q = 0; q < 2 * P; ++q) {
+    mask[q] = column_mask(cols - 16 * q);
+    bias_v[q] = bias ? _mm512_maskz_loadu_ps(mask[q], bias + 16 * q) : _mm512_setzero_ps();
+  }
+  const __m512 beta_v = _mm512_set1_ps(beta);
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < 2 * P; ++q) {
+      if (mask[q] == 0) continue;
+      float* cp = c + r * ldc + 16 * q;
+      __m512 v = _mm512_add_ps(acc[r][q], bias_v[q]);
+      if (beta != 0.0f) v = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask[q], cp), v);
+      _mm512_mask_storeu_ps(cp, mask[q], v);
+    }
+  }
+}
+
+using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t,
+                        const float*, float, float*, int64_t, int64_t);
+
+template <int P, int... R>
+constexpr TileFn pick(int rows, std::integer_sequence<int, R...>) {
+  TileFn fn = nullptr;
+  ((fn = rows == R + 1 ? &tile<R + 1, P> : fn), ...);
+  return fn;
+}
+
+}  // namespace
+
+void packed_gemm_block_avx512(int64_t m, int64_t panels, int64_t cols, int64_t k,
+                              const float* a, int64_t ars, int64_t acs, const float* packed,
+                              const float* bias, float beta, float* c, int64_t ldc) {
+  const int64_t pstride = k * kPanelWidth;
+  // Few rows: 4 panels at a time (then the rest one by one); else one panel, 12 rows.
+  const bool wide = m <= 3;
+  int64_t p = 0;
+  while (p < panels) {
+    const int P = wide && panels - p >= 4 ? 4 : 1;
+    const int64_t col0 = p * kPanelWidth;
+    const int64_t tile_cols = cols - col0;
+    const float* bp = packed + p * pstride;
+    const float* bias_p = bias ? bias + col0 : nullptr;
+    for (int64_t i = 0; i < m;) {
+      const int rows = static_cast<int>(m - i < (P == 4 ? 3 : 12) ? m - i : (P == 4 ? 3 : 12));
+      const TileFn fn = P == 4 ? pick<4>(rows, std::make_integer_sequence<int, 3>())
+                               : pick<1>(rows, std::make_integer_sequence<int, 12>());
+      fn(k, a + i * ars, ars, acs, bp, pstride, bias_p, beta, c + i * ldc + col0, ldc,
+         tile_cols);
+      i += rows;
+    }
+    p += P;
+  }
+}
+
+}  // namespace cnnlstm_fast::cpu
+
+#else
+
+namespace cnnlstm_fast::cpu {
+void packed_gemm_block_avx512(int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
+                              int64_t, const float*, const float*, float, float*, int64_t) {}
+}  // namespace cnnlstm_fast::cpu
+
+#endif

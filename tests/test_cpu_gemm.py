@@ -1,0 +1,171 @@
+"""The cpu backend's own float32 GEMM (csrc/cpu/gemm*.cpp) and its users.
+
+``cnnlstm_fast::linear`` (the input projection and its gradient GEMMs) and the
+recurrence's per-step GEMMs, with the AVX-512 kernel and with torch's BLAS
+(CNNLSTM_FAST_CPU_GEMM), against float64 on shapes that hit every tile edge: rows
+1-3 (the 3 x 128 tile), 4-13 and 97-193 (12-row tiles and the 96-row blocks), columns
+that are not multiples of the 32-wide panel, k = 1. Also the float tanh of the
+pointwise pass, through an RNN-tanh step whose recurrent part is zero.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cnnlstm_fast as clf
+from cnnlstm_fast import _ext
+from cnnlstm_fast.backends import get_backend
+from cnnlstm_fast.backends.base import RecurrenceSpec
+
+from helpers import assert_as_accurate_as
+
+CPU = get_backend("cpu")
+pytestmark = pytest.mark.skipif(
+    CPU.unavailable_reason() is not None, reason=f"cpu backend: {CPU.unavailable_reason()}"
+)
+
+
+def _avx512() -> bool:
+    module = _ext.load()
+    return module is not None and module.cpu_gemm_info()["avx512_supported"]
+
+
+GEMMS = [
+    pytest.param("avx512", marks=pytest.mark.skipif(not _avx512(), reason="no AVX-512F")),
+    "blas",
+]
+
+
+@pytest.fixture(params=GEMMS)
+def gemm(request, monkeypatch):
+    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", request.param)
+    assert _ext.load().cpu_gemm_info()["in_use"] == request.param
+    return request.param
+
+
+LINEAR_SHAPES = [  # (rows, in, out)
+    (1, 1, 1),
+    (2, 7, 33),
+    (3, 40, 129),
+    (4, 5, 32),
+    (13, 17, 64),
+    (97, 31, 95),
+    (193, 64, 300),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("rows,k,n", LINEAR_SHAPES, ids=lambda v: str(v))
+def test_linear_forward_backward(gemm, rows, k, n, bias):
+    torch.manual_seed(rows * 1000 + k * 10 + n)
+    x64 = torch.randn(rows, k, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
+    b64 = torch.randn(n, dtype=torch.float64, requires_grad=True) if bias else None
+    g64 = torch.randn(rows, n, dtype=torch.float64)
+    leaves64 = [t for t in (x64, w64, b64) if t is not None]
+
+    def grads(fn, leaves, g):
+        out = fn(*leaves) if bias else fn(*leaves, None)
+        return [out, *torch.autograd.grad(out, leaves, g)]
+
+    names = ["y", "dx", "dw", "db"][: 1 + len(leaves64)]
+    exact = grads(torch.nn.functional.linear, leaves64, g64)
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves64]
+    ours = grads(torch.ops.cnnlstm_fast.linear, leaves32, g64.float())
+    theirs = grads(torch.nn.functional.linear, leaves32, g64.float())
+    assert_as_accurate_as(names, ours, theirs, exact)
+
+
+def test_linear_reads_strided_views_and_batched_input(gemm):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 24)  # (T, B, in): leading dims flattened
+    w_t = torch.randn(24, 70).t()  # a transposed view as the weight
+    expected = torch.nn.functional.linear(x.double(), w_t.double()).float()
+    torch.testing.assert_close(torch.ops.cnnlstm_fast.linear(x, w_t, None), expected)
+    a_t = torch.randn(24, 9).t()  # a transposed view as the input
+    torch.testing.assert_close(
+        torch.ops.cnnlstm_fast.linear(a_t, w_t, None),
+        torch.nn.functional.linear(a_t.double(), w_t.double()).float(),
+    )
+
+
+def test_linear_opcheck(gemm):
+    x, w, b = torch.randn(6, 5, requires_grad=True), torch.randn(37, 5), torch.randn(37)
+    torch.library.opcheck(torch.ops.cnnlstm_fast.linear, (x, w, b))
+
+
+@pytest.mark.parametrize(
+    "steps,batch,hidden", [(3, 1, 40), (4, 3, 33), (3, 13, 17), (2, 100, 9)], ids=str
+)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrence_with_each_gemm(gemm, cell, steps, batch, hidden):
+    """The per-step GEMMs (forward and the transposed ones of backward) and the module's
+    input projection, against float64, with each GEMM."""
+    torch.manual_seed(steps * 100 + batch + hidden)
+    kwargs = dict(input_size=11, hidden_size=hidden, num_layers=2, bidirectional=True)
+    exact = getattr(torch.nn, cell.upper())(**kwargs).double()
+    ours = getattr(clf, cell.upper())(**kwargs, backend="cpu")
+    theirs = getattr(torch.nn, cell.upper())(**kwargs)
+    ours.load_state_dict(exact.state_dict())
+    theirs.load_state_dict(exact.state_dict())
+    x = torch.randn(steps, batch, 11, dtype=torch.float64)
+
+    def run(module, dtype):
+        inp = x.to(dtype).requires_grad_()
+        y = module(inp)[0]
+        g = torch.ones_like(y) / y.numel() ** 0.5
+        return [y, *torch.autograd.grad(y, [inp, *module.parameters()], g)]
+
+    names = ["y", "dx", *(n for n, _ in exact.named_parameters())]
+    assert_as_accurate_as(names, run(ours, torch.float32), run(theirs, torch.float32),
+                          run(exact, torch.float64))
+
+
+def test_tanh_of_the_pointwise_pass_is_within_a_few_ulps():
+    """rnn_tanh with W_hh = 0 and h0 = 0 computes h = tanh(G_x) elementwise."""
+    special = [0.0, 1e-30, -1e-7, 0.5499999, 0.55, 0.5500001, -0.55, 9.0, 44.0, 89.0,
+               float("inf"), float("-inf")]
+    values = torch.cat([torch.tensor(special), torch.linspace(-12, 12, 100_003),
+                        torch.randn(10_000) * 1e-3]).float()
+    hidden = 33  # not a multiple of the vector width: the masked tail too
+    values = torch.cat([values, values[: -values.numel() % hidden]])
+    batch = values.numel() // hidden
+    spec = RecurrenceSpec("rnn_tanh", hidden, 0, False, torch.device("cpu"), torch.float32,
+                          batch, 1, False)
+
+    def tanh(gx):
+        return CPU.forward(spec, gx.view(1, batch, hidden), torch.zeros(batch, hidden), None,
+                           torch.zeros(hidden, hidden), None, None, None, False)[0].view(-1)
+
+    y = tanh(values)
+    exact = torch.tanh(values.double())
+    ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    err_ulps = ((y.double() - exact).abs() / ulp).max().item()
+    assert err_ulps <= 4, f"tanh error {err_ulps:.2f} ulps"
+    assert torch.isnan(tanh(torch.full_like(values, float("nan")))).all()
+
+
+def test_bad_gemm_choice_is_named(monkeypatch):
+    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "mkl")
+    with pytest.raises(RuntimeError, match="CNNLSTM_FAST_CPU_GEMM must be one of"):
+        torch.ops.cnnlstm_fast.linear(torch.randn(2, 3), torch.randn(4, 3), None)
+
+
+def test_inference_saves_nothing(monkeypatch):
+    """Under no_grad the recurrence is asked for no saved state, even though the
+    weights require grad (a forward that saved it wrote T x B x gates x H for nothing)."""
+    calls = []
+    forward = type(CPU).forward
+
+    def spy(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
+        calls.append(need_saved)
+        return forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved)
+
+    monkeypatch.setattr(type(CPU), "forward", spy)
+    lstm = clf.LSTM(4, 6, backend="cpu")
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        lstm(x)
+    lstm(x)
+    assert calls == [False, True]
