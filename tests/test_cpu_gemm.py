@@ -154,7 +154,8 @@ def test_bad_gemm_choice_is_named(monkeypatch):
 
 def test_inference_saves_nothing(monkeypatch):
     """Under no_grad the recurrence is asked for no saved state, even though the
-    weights require grad (a forward that saved it wrote T x B x gates x H for nothing)."""
+    weights require grad (a forward that saved it wrote T x B x gates x H for nothing).
+    Packed input: padded inference takes forward_from_input instead."""
     calls = []
     forward = type(CPU).forward
 
@@ -164,8 +165,56 @@ def test_inference_saves_nothing(monkeypatch):
 
     monkeypatch.setattr(type(CPU), "forward", spy)
     lstm = clf.LSTM(4, 6, backend="cpu")
-    x = torch.randn(3, 2, 4)
+    x = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])
     with torch.no_grad():
         lstm(x)
     lstm(x)
     assert calls == [False, True]
+
+
+@pytest.mark.parametrize(
+    "cell,kwargs,steps,batch",
+    [
+        # 64 rows x 512 gate columns: 16 steps per 2 MiB chunk, so 37 steps take 3 chunks
+        ("LSTM", dict(hidden_size=128), 37, 64),
+        ("LSTM", dict(hidden_size=20, num_layers=2, bidirectional=True, proj_size=7), 9, 3),
+        ("GRU", dict(hidden_size=130, bidirectional=True), 21, 65),
+        ("GRU", dict(hidden_size=5, bias=False), 4, 1),
+        ("RNN", dict(hidden_size=33, nonlinearity="relu", num_layers=2), 6, 2),
+    ],
+    ids=["lstm_chunks", "lstm_proj_bi", "gru_bi_chunks", "gru_nobias", "rnn_relu"],
+)
+def test_inference_from_input_matches_torch_nn(gemm, monkeypatch, cell, kwargs, steps, batch):
+    """Padded inference runs recurrence_forward_from_input (G_x in chunks of steps),
+    against torch.nn in float64 and against the training path's fp32 result."""
+    used = []
+    from_input = type(CPU).forward_from_input
+
+    def spy(self, *args):
+        used.append(True)
+        return from_input(self, *args)
+
+    monkeypatch.setattr(type(CPU), "forward_from_input", spy)
+    torch.manual_seed(steps + batch)
+    exact = getattr(torch.nn, cell)(input_size=10, **kwargs).double()
+    ours = getattr(clf, cell)(input_size=10, **kwargs, backend="cpu")
+    theirs = getattr(torch.nn, cell)(input_size=10, **kwargs)
+    ours.load_state_dict(exact.state_dict())
+    theirs.load_state_dict(exact.state_dict())
+    x = torch.randn(steps, batch, 10, dtype=torch.float64)
+    with torch.no_grad():
+        got = ours(x.float())
+        reference = theirs(x.float())
+        wanted = exact(x)
+    assert used, "inference did not take forward_from_input"
+    flat = lambda out: [out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))]  # noqa: E731
+    assert_as_accurate_as(["y", "h_n", "c_n"], flat(got), flat(reference), flat(wanted))
+
+
+def test_forward_from_input_opcheck():
+    x, w_ih, b = torch.randn(5, 3, 4), torch.randn(24, 4), torch.randn(24)
+    h0, c0, w_hh = torch.randn(3, 6), torch.randn(3, 6), torch.randn(24, 6)
+    torch.library.opcheck(
+        torch.ops.cnnlstm_fast.recurrence_forward_from_input,
+        ("lstm", x, w_ih, b, h0, c0, w_hh, None, None, True),
+    )

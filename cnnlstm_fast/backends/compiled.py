@@ -33,10 +33,22 @@ def ops():
     torch.library.register_fake("cnnlstm_fast::recurrence_forward")(_forward_fake)
     torch.library.register_fake("cnnlstm_fast::recurrence_backward")(_backward_fake)
     torch.library.register_fake("cnnlstm_fast::linear")(_linear_fake)
+    torch.library.register_fake("cnnlstm_fast::recurrence_forward_from_input")(
+        _forward_from_input_fake
+    )
     torch.library.register_autograd(
         "cnnlstm_fast::linear", _linear_backward, setup_context=_linear_setup_context
     )
     return namespace
+
+
+def _forward_from_input_fake(cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, reverse):
+    steps, batch, _ = x.shape
+    return (
+        x.new_empty(steps, batch, h0.shape[1]),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape) if cell == "lstm" else x.new_empty(0),
+    )
 
 
 def _linear_fake(x, weight, bias):

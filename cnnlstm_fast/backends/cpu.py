@@ -37,6 +37,14 @@ class CpuBackend(CompiledOpsBackend):
             return f"dtype {spec.dtype} is not float32 or float64"
         return None
 
+    def forward_from_input(self, spec, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn):
+        # G_x a chunk of steps at a time into one reused buffer, never (T, B, gates*H)
+        # whole: fresh memory that size cost more in page faults than its GEMM.
+        y, h_t, c_t = torch.ops.cnnlstm_fast.recurrence_forward_from_input(
+            spec.cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, spec.reverse
+        )
+        return y, h_t, c_t if spec.cell == "lstm" else None
+
     def input_projection(self, x, weight, bias):
         # torch.ops directly, as in forward(): ops() has registered the autograd formula.
         return torch.ops.cnnlstm_fast.linear(x, weight, bias)

@@ -263,20 +263,22 @@ class _SequenceMixin(_BackendMixin):
                 b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
                 w_hr = weights[-1] if self.proj_size > 0 else None
                 gx_bias, b_hn = _split_bias(spec.cell, b_ih, b_hh, self.hidden_size)
-                gx = backend.input_projection(x, w_ih, gx_bias)
-                if layout is not None:
-                    gx = layout.to_padded(gx)
-                y, h_t, c_t = recurrence(
-                    backend,
-                    dataclasses.replace(spec, reverse=direction == 1),
-                    gx,
-                    h0[k],
-                    None if c0 is None else c0[k],
-                    w_hh,
-                    w_hr,
-                    b_hn,
-                    batch_sizes,
-                )
+                layer_spec = dataclasses.replace(spec, reverse=direction == 1)
+                c0_k = None if c0 is None else c0[k]
+                fused = None
+                if layout is None and not spec.needs_grad:
+                    fused = backend.forward_from_input(
+                        layer_spec, x, w_ih, gx_bias, h0[k], c0_k, w_hh, w_hr, b_hn
+                    )
+                if fused is not None:
+                    y, h_t, c_t = fused
+                else:
+                    gx = backend.input_projection(x, w_ih, gx_bias)
+                    if layout is not None:
+                        gx = layout.to_padded(gx)
+                    y, h_t, c_t = recurrence(
+                        backend, layer_spec, gx, h0[k], c0_k, w_hh, w_hr, b_hn, batch_sizes
+                    )
                 outputs.append(y if layout is None else layout.to_packed(y))
                 h_n.append(h_t)
                 c_n.append(c_t)
