@@ -9,9 +9,9 @@
 #include <torch/library.h>
 
 #include "gemm.h"
+#include "linear.h"
 
 namespace cnnlstm_fast::cpu {
-namespace {
 
 using at::Tensor;
 
@@ -45,7 +45,6 @@ Tensor linear(const Tensor& input, const Tensor& weight, const c10::optional<Ten
   return out.view(shape);
 }
 
-}  // namespace
 }  // namespace cnnlstm_fast::cpu
 
 TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {

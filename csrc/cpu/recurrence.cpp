@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "linear.h"
 #include "pointwise.h"
 
 // The Fortran BLAS of the BLAS torch links (MKL, OpenBLAS): the per-step GEMMs go
@@ -530,8 +531,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     backward_loop<scalar_t>(cell, rows, reverse, act, h_prev, extra, w_hh, w_hr, d_y, dh,
                             dc_state, d_gx, d_gh, dh_all, m_all);
   });
-  Tensor d_w_hh = at::mm(d_gh.view({T * B, G}).t(), h_prev.view({T * B, Hout}));
-  Tensor d_w_hr = proj ? at::mm(dh_all.view({T * B, Hout}).t(), m_all.view({T * B, H}))
+  // dW = dG^T h_prev as linear(dG^T, h_prev^T): transposed views, our GEMM where in use.
+  Tensor d_w_hh =
+      cnnlstm_fast::cpu::linear(d_gh.view({T * B, G}).t(), h_prev.view({T * B, Hout}).t(), {});
+  Tensor d_w_hr = proj ? cnnlstm_fast::cpu::linear(dh_all.view({T * B, Hout}).t(),
+                                                   m_all.view({T * B, H}).t(), {})
                        : at::empty({0}, opts);
   Tensor d_b_hn = cell == kGru ? at::sum(d_gh.view({T * B, G}).narrow(1, 2 * H, H), {0})
                                : at::empty({0}, opts);
