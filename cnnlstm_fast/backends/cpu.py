@@ -8,9 +8,9 @@ exactly what the ``reference`` backend does (shared op plumbing: ``compiled.py``
 
 Its input projection and that projection's gradient GEMMs run through
 ``cnnlstm_fast::linear`` (``csrc/cpu/linear.cpp``): our AVX-512 GEMM for float32 where
-the CPU has AVX-512 (torch's MKL runs its AVX2 code on AMD CPUs, measured 2-4x slower at
-these shapes on a Zen 5), ``F.linear`` elsewhere. ``CNNLSTM_FAST_CPU_GEMM`` (``auto``,
-``avx512``, ``blas``) picks the GEMM of the projection and the recurrence alike.
+the CPU has AVX-512 (torch's MKL measured 2-4x slower at these shapes on a 2-core
+Zen 5, the rate of its AVX2 code), ``F.linear`` elsewhere. ``CNNLSTM_FAST_CPU_GEMM``
+(``auto``, ``avx512``, ``blas``) picks the GEMM of the projection and the recurrence alike.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 // A float32 GEMM for the products the CPU recurrence repeats: C = A B (+ bias) (+ beta C)
 // with B packed once (a weight used at every step) into column panels of kPanelWidth.
 //
-// Why our own: torch's BLAS on x86 is MKL, and on AMD CPUs MKL runs its AVX2 code (it
-// measured 112-180 GFLOP/s at the recurrence's shapes on a 2-core Zen 5 where this
-// kernel reaches 410-450, and where torch.nn.LSTM's oneDNN kernels are not reachable
-// from an extension). The AVX-512 micro-kernel (gemm_avx512.cpp) keeps a 12 x 32 (or
+// Why our own: torch's BLAS on x86 is MKL, which on a 2-core AMD Zen 5 measured
+// 112-200 GFLOP/s (the rate of its AVX2 code; MKL_VERBOSE names no AVX-512 path there),
+// where a standalone prototype of this micro-kernel reached 410-450 at the recurrence's
+// shapes and this build 390-425 on a 2048-square product (the bench's peak_tflops in
+// benchmarks/results/cpu-amd-epyc/); torch.nn.LSTM's oneDNN kernels are not reachable
+// from an extension. The AVX-512 micro-kernel (gemm_avx512.cpp) keeps a 12 x 32 (or
 // 3 x 128 for few rows) tile of C in 24 zmm registers, streams B's panel and broadcasts
 // A; the caller's threads split the panels, so with the same thread count each thread
 // reads the same slice of a weight at every step and it stays in that core's cache.

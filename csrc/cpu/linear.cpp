@@ -15,6 +15,14 @@ namespace cnnlstm_fast::cpu {
 
 using at::Tensor;
 
+Tensor pack_weight(const Tensor& weight) {
+  const int64_t n = weight.size(0), k = weight.size(1);
+  Tensor packed = at::empty({packed_size(k, n)}, weight.options());
+  pack_b(k, n, weight.const_data_ptr<float>(), weight.stride(1), weight.stride(0),
+         packed.data_ptr<float>());
+  return packed;
+}
+
 Tensor linear(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias_in) {
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   TORCH_CHECK(input.dim() >= 1, "cnnlstm_fast::linear: input must have at least 1 dimension");
@@ -32,9 +40,7 @@ Tensor linear(const Tensor& input, const Tensor& weight, const c10::optional<Ten
   const int64_t k = weight.size(1), n = weight.size(0);
   const Tensor a = input.dim() == 2 ? input : input.reshape({-1, k});
   const int64_t m = a.size(0);
-  Tensor packed = at::empty({packed_size(k, n)}, weight.options());
-  pack_b(k, n, weight.const_data_ptr<float>(), weight.stride(1), weight.stride(0),
-         packed.data_ptr<float>());
+  const Tensor packed = pack_weight(weight);
   const Tensor bias = has_bias ? bias_in->contiguous() : Tensor();
   Tensor out = at::empty({m, n}, input.options());
   packed_gemm(m, n, k, a.const_data_ptr<float>(), a.stride(0), a.stride(1),

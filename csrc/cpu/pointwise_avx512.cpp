@@ -2,12 +2,7 @@
 // as pointwise_avx2.cpp, for that ISA, called only on CPUs that have it.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
+#include "pointwise_avx2_macros.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif
@@ -19,9 +14,6 @@
 #endif
 #ifndef __AVX512VL__
 #define __AVX512VL__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
 #endif
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512

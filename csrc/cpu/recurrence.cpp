@@ -117,9 +117,7 @@ class StepWeight {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (use_packed_gemm()) {
         packed_kind_ = kOurs;
-        packed_ = at::empty({packed_size(k_, out_cols_)}, w.options());
-        pack_b(k_, out_cols_, w.const_data_ptr<float>(), w.stride(1), w.stride(0),
-               packed_.data_ptr<float>());
+        packed_ = pack_weight(w);
         return;
       }
     }
@@ -249,9 +247,7 @@ class GxSource {
     step_stride_ = B * gates_width;
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (use_packed_gemm()) {
-        packed_ = at::empty({packed_size(w_ih.size(1), gates_width)}, w_ih.options());
-        pack_b(w_ih.size(1), gates_width, w_ih.const_data_ptr<float>(), w_ih.stride(1),
-               w_ih.stride(0), packed_.data_ptr<float>());
+        packed_ = pack_weight(w_ih);
       }
     }
   }
