@@ -46,11 +46,11 @@ void packed_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row_
                  float* c, int64_t ldc);
 
 // The micro-kernel driver of gemm_avx512.cpp: rows [0, m) of C times `panels` panels
-// starting at `packed` (C and bias already offset to the first panel's column), with
-// `cols` valid columns in all.
+// of k rows each, the first at `packed` and the next `panel_stride` floats on (C and
+// bias already offset to the first panel's column), with `cols` valid columns in all.
 void packed_gemm_block_avx512(int64_t m, int64_t panels, int64_t cols, int64_t k,
                               const float* a, int64_t a_row_stride, int64_t a_col_stride,
-                              const float* packed, const float* bias, float beta, float* c,
-                              int64_t ldc);
+                              const float* packed, int64_t panel_stride, const float* bias,
+                              float beta, float* c, int64_t ldc);
 
 }  // namespace cnnlstm_fast::cpu

@@ -76,8 +76,8 @@ constexpr TileFn pick(int rows, std::integer_sequence<int, R...>) {
 
 void packed_gemm_block_avx512(int64_t m, int64_t panels, int64_t cols, int64_t k,
                               const float* a, int64_t ars, int64_t acs, const float* packed,
-                              const float* bias, float beta, float* c, int64_t ldc) {
-  const int64_t pstride = k * kPanelWidth;
+                              int64_t pstride, const float* bias, float beta, float* c,
+                              int64_t ldc) {
   // Few rows: 4 panels at a time (then the rest one by one); else one panel, 12 rows.
   const bool wide = m <= 3;
   int64_t p = 0;
@@ -105,7 +105,8 @@ void packed_gemm_block_avx512(int64_t m, int64_t panels, int64_t cols, int64_t k
 
 namespace cnnlstm_fast::cpu {
 void packed_gemm_block_avx512(int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
-                              int64_t, const float*, const float*, float, float*, int64_t) {}
+                              int64_t, const float*, int64_t, const float*, float, float*,
+                              int64_t) {}
 }  // namespace cnnlstm_fast::cpu
 
 #endif
