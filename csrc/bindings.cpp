@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "cpu/cache_stats.h"
 #include "cpu/gemm.h"
 #ifdef CNNLSTM_FAST_WITH_CUDA
 #include "cuda/device_query.h"
@@ -105,6 +106,20 @@ PYBIND11_MODULE(_C, m) {
     return info;
   }, "The float32 GEMM of the cpu backend: {'avx512_supported': bool, 'in_use': 'avx512' "
      "or 'blas'} (CNNLSTM_FAST_CPU_GEMM: auto, avx512, blas)");
+  m.def("cpu_cache_info", [] {
+    const auto stats = cnnlstm_fast::cpu::cache_stats();
+    py::dict info;
+    info["limit_bytes"] = stats.limit_bytes;
+    info["cached_bytes"] = stats.cached_bytes;
+    info["cached_blocks"] = stats.cached_blocks;
+    info["in_use_bytes"] = stats.in_use_bytes;
+    info["hits"] = stats.hits;
+    info["misses"] = stats.misses;
+    return info;
+  }, "The cpu backend's cache of large buffers (csrc/cpu/alloc.h): limit, cached and in-use "
+     "bytes, cached blocks, hits and misses since start");
+  m.def("cpu_empty_cache", &cnnlstm_fast::cpu::empty_cache,
+        "Unmaps every free block the cpu backend's buffer cache holds");
   m.def("cuda_runtime_info", &cuda_runtime_info,
         "CUDA runtime/driver versions and device count as the CUDA runtime reports them "
         "now; each entry is {'value': int, 'error': None or 'cudaErrorX: text'}");

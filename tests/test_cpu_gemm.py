@@ -218,3 +218,70 @@ def test_forward_from_input_opcheck():
         torch.ops.cnnlstm_fast.recurrence_forward_from_input,
         ("lstm", x, w_ih, b, h0, c0, w_hh, None, None, True),
     )
+
+
+@pytest.mark.parametrize("rows,k,n", [(13, 257, 33), (97, 300, 95), (200, 513, 64), (25, 1, 7)],
+                         ids=str)
+def test_linear_with_transposed_input_runs_k_blocks(gemm, rows, k, n):
+    """A transposed input (as dW = dG^T h reads dG) with more than one 12-row tile takes
+    the K-blocked path with A packed (gemm.cpp): k across block edges (256), tiles of
+    fewer rows, columns that are not whole panels."""
+    torch.manual_seed(rows + k + n)
+    a = torch.randn(k, rows, dtype=torch.float64).t()
+    w = torch.randn(k, n, dtype=torch.float64).t()
+    b = torch.randn(n, dtype=torch.float64)
+    exact = torch.nn.functional.linear(a, w, b)
+    ours = torch.ops.cnnlstm_fast.linear(a.float(), w.float(), b.float())
+    theirs = torch.nn.functional.linear(a.float(), w.float(), b.float())
+    assert_as_accurate_as(["y"], [ours], [theirs], [exact])
+
+
+def _cache_info():
+    from cnnlstm_fast.backends import cpu
+
+    return cpu.cache_info()
+
+
+def test_buffer_cache_reuses_freed_blocks_and_empties(monkeypatch):
+    """Large outputs come from the cache once freed; reused memory is overwritten (the
+    second result does not depend on the first); empty_cache gives the blocks back."""
+    from cnnlstm_fast.backends import cpu
+
+    monkeypatch.delenv("CNNLSTM_FAST_CPU_CACHE_MB", raising=False)
+    torch.manual_seed(0)
+    x1, x2, w = torch.randn(2048, 64), torch.randn(2048, 64), torch.randn(300, 64)
+    cpu.empty_cache()
+    before = _cache_info()
+    y1 = torch.ops.cnnlstm_fast.linear(x1, w, None)  # 2.4 MB: a cached size
+    assert _cache_info()["in_use_bytes"] >= y1.numel() * 4
+    expected1 = y1.clone()
+    del y1
+    after_free = _cache_info()
+    assert after_free["cached_blocks"] >= 1
+    y2 = torch.ops.cnnlstm_fast.linear(x2, w, None)
+    after_reuse = _cache_info()
+    assert after_reuse["hits"] == before["hits"] + 1
+    torch.testing.assert_close(y2, torch.nn.functional.linear(x2.double(), w.double()).float())
+    assert not torch.equal(y2, expected1)
+    y2.resize_(4096, 300).fill_(1.0)  # an ordinary resizable tensor
+    del y2
+    cpu.empty_cache()
+    assert _cache_info()["cached_bytes"] == 0
+
+
+def test_buffer_cache_off_and_bad_setting(monkeypatch):
+    from cnnlstm_fast.backends import cpu
+
+    cpu.empty_cache()
+    monkeypatch.setenv("CNNLSTM_FAST_CPU_CACHE_MB", "0")
+    x, w = torch.randn(2048, 64), torch.randn(300, 64)
+    before = _cache_info()
+    del_me = torch.ops.cnnlstm_fast.linear(x, w, None)
+    del del_me
+    after = _cache_info()
+    assert after["limit_bytes"] == 0
+    assert (after["hits"], after["misses"], after["cached_bytes"]) == (
+        before["hits"], before["misses"], 0)
+    monkeypatch.setenv("CNNLSTM_FAST_CPU_CACHE_MB", "lots")
+    with pytest.raises(RuntimeError, match="CNNLSTM_FAST_CPU_CACHE_MB.*'lots'"):
+        torch.ops.cnnlstm_fast.linear(x, w, None)

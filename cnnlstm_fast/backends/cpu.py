@@ -11,12 +11,20 @@ Its input projection and that projection's gradient GEMMs run through
 the CPU has AVX-512 (torch's MKL measured 2-4x slower at these shapes on a 2-core
 Zen 5, the rate of its AVX2 code), ``F.linear`` elsewhere. ``CNNLSTM_FAST_CPU_GEMM``
 (``auto``, ``avx512``, ``blas``) picks the GEMM of the projection and the recurrence alike.
+
+Its large buffers (saved activations, dG, the projection; 1 MB and more) come from a
+cache of blocks that earlier calls freed (``csrc/cpu/alloc.h``): fresh memory of that
+size is faulted in a page at a time on every training step otherwise, which cost a
+third of an LSTM's forward+backward on a 2-core VM. ``CNNLSTM_FAST_CPU_CACHE_MB``
+bounds what it keeps (default 1024; 0 turns it off); :func:`empty_cache` gives it back
+and :func:`cache_info` reports it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import _ext
 from .base import RecurrenceSpec
 from .compiled import CompiledOpsBackend
 
@@ -48,3 +56,23 @@ class CpuBackend(CompiledOpsBackend):
     def input_projection(self, x, weight, bias):
         # torch.ops directly, as in forward(): ops() has registered the autograd formula.
         return torch.ops.cnnlstm_fast.linear(x, weight, bias)
+
+
+def _module():
+    module = _ext.load()
+    if module is None:
+        raise RuntimeError(f"cnnlstm_fast._C is not built: {_ext.load_error()}")
+    return module
+
+
+def cache_info() -> dict:
+    """The cpu backend's buffer cache: ``limit_bytes`` (CNNLSTM_FAST_CPU_CACHE_MB),
+    ``cached_bytes`` and ``cached_blocks`` (free, kept for reuse), ``in_use_bytes``
+    (held by live tensors), ``hits`` and ``misses`` since the process started."""
+    return dict(_module().cpu_cache_info())
+
+
+def empty_cache() -> None:
+    """Unmaps every free block the cpu backend's buffer cache holds (as
+    ``torch.cuda.empty_cache`` does for CUDA); tensors in use keep theirs."""
+    _module().cpu_empty_cache()

@@ -8,6 +8,7 @@
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
 
+#include "alloc.h"
 #include "gemm.h"
 #include "linear.h"
 
@@ -42,7 +43,7 @@ Tensor linear(const Tensor& input, const Tensor& weight, const c10::optional<Ten
   const int64_t m = a.size(0);
   const Tensor packed = pack_weight(weight);
   const Tensor bias = has_bias ? bias_in->contiguous() : Tensor();
-  Tensor out = at::empty({m, n}, input.options());
+  Tensor out = empty_large({m, n}, input.options());
   packed_gemm(m, n, k, a.const_data_ptr<float>(), a.stride(0), a.stride(1),
               packed.const_data_ptr<float>(), has_bias ? bias.const_data_ptr<float>() : nullptr,
               0.0f, out.data_ptr<float>(), n);

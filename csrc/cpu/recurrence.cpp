@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "alloc.h"
 #include "gemm.h"
 #include "linear.h"
 #include "pointwise.h"
@@ -377,11 +378,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_forward(
   const auto opts = h0.options();
   Tensor h = h0.clone(at::MemoryFormat::Contiguous);
   Tensor c = cell == kLstm ? c0->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opts);
-  Tensor y = at::empty({T, B, Hout}, opts);
+  Tensor y = empty_large({T, B, Hout}, opts);
   // Without need_saved the activations of a step go to one reused (B, G) scratch slab.
-  Tensor act = need_saved ? at::empty({T, B, G}, opts) : at::empty({B, G}, opts);
-  Tensor h_prev = need_saved ? at::empty({T, B, Hout}, opts) : at::empty({0}, opts);
-  Tensor extra = need_saved && (cell == kLstm || cell == kGru) ? at::empty({T, B, H}, opts)
+  Tensor act = need_saved ? empty_large({T, B, G}, opts) : at::empty({B, G}, opts);
+  Tensor h_prev = need_saved ? empty_large({T, B, Hout}, opts) : at::empty({0}, opts);
+  Tensor extra = need_saved && (cell == kLstm || cell == kGru) ? empty_large({T, B, H}, opts)
                                                                : at::empty({0}, opts);
   Tensor c_state = cell == kLstm ? c : Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "cnnlstm_fast_recurrence_forward", [&] {
@@ -518,10 +519,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Tensor dc = cell != kLstm       ? at::empty({0}, opts)
               : present(d_cT) ? d_cT->clone(at::MemoryFormat::Contiguous)
                               : at::zeros({B, H}, opts);
-  Tensor d_gx = at::empty({T, B, G}, opts);
-  Tensor d_gh = cell == kGru ? at::empty({T, B, G}, opts) : d_gx;
-  Tensor dh_all = proj ? at::empty({T, B, Hout}, opts) : Tensor();
-  Tensor m_all = proj ? at::empty({T, B, H}, opts) : Tensor();
+  Tensor d_gx = empty_large({T, B, G}, opts);
+  Tensor d_gh = cell == kGru ? empty_large({T, B, G}, opts) : d_gx;
+  Tensor dh_all = proj ? empty_large({T, B, Hout}, opts) : Tensor();
+  Tensor m_all = proj ? empty_large({T, B, H}, opts) : Tensor();
   Tensor dc_state = cell == kLstm ? dc : Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "cnnlstm_fast_recurrence_backward", [&] {
     backward_loop<scalar_t>(cell, rows, reverse, act, h_prev, extra, w_hh, w_hr, d_y, dh,

@@ -1,0 +1,153 @@
+// The block cache behind empty_large (alloc.h).
+#include "alloc.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include <sys/mman.h>
+
+namespace cnnlstm_fast::cpu {
+namespace {
+
+// Smaller blocks come from glibc's heap, which reuses them without faults.
+constexpr size_t kMinBytes = size_t{1} << 20;
+constexpr size_t kRound = size_t{64} << 10;
+
+int64_t limit_bytes() {
+  const char* env = std::getenv("CNNLSTM_FAST_CPU_CACHE_MB");
+  if (env == nullptr || *env == '\0') return int64_t{1024} << 20;
+  char* end = nullptr;
+  errno = 0;
+  const long long mb = std::strtoll(env, &end, 10);
+  TORCH_CHECK(errno == 0 && *end == '\0' && mb >= 0,
+              "CNNLSTM_FAST_CPU_CACHE_MB must be a whole number of MB >= 0, got '", env, "'");
+  return static_cast<int64_t>(mb) << 20;
+}
+
+class BlockCache;
+
+struct Block {
+  BlockCache* cache;
+  void* data;
+  size_t bytes;
+};
+
+void release_block(void* ctx);
+
+class BlockCache final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kMinBytes) return c10::GetCPUAllocator()->allocate(n);
+    const size_t bytes = (n + kRound - 1) / kRound * kRound;
+    const int64_t limit = limit_bytes();  // read before the lock: it may throw
+    Block* block = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.lower_bound(bytes);
+      if (limit > 0 && it != free_.end() && it->first <= bytes + bytes / 8) {
+        block = it->second;
+        free_.erase(it);
+        cached_ -= static_cast<int64_t>(block->bytes);
+        ++hits_;
+      } else {
+        ++misses_;
+      }
+    }
+    if (block == nullptr) {
+      void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (data == MAP_FAILED) {
+        TORCH_CHECK_WITH(OutOfMemoryError, false,
+                         "cnnlstm_fast cpu backend: out of memory mapping ", bytes, " bytes");
+      }
+      block = new Block{this, data, bytes};
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_ += static_cast<int64_t>(block->bytes);
+    }
+    return {block->data, block, &release_block, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void release(Block* block) {
+    int64_t limit = 0;
+    try {
+      limit = limit_bytes();
+    } catch (...) {  // a deleter must not throw; a bad setting caches nothing
+      limit = 0;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_ -= static_cast<int64_t>(block->bytes);
+      if (cached_ + static_cast<int64_t>(block->bytes) <= limit) {
+        free_.emplace(block->bytes, block);
+        cached_ += static_cast<int64_t>(block->bytes);
+        return;
+      }
+    }
+    unmap(block);
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  CacheStats stats() {
+    const int64_t limit = limit_bytes();
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {limit, cached_, static_cast<int64_t>(free_.size()), in_use_, hits_, misses_};
+  }
+
+  void clear() {
+    std::multimap<size_t, Block*> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(free_);
+      cached_ = 0;
+    }
+    for (auto& entry : blocks) unmap(entry.second);
+  }
+
+ private:
+  static void unmap(Block* block) {
+    munmap(block->data, block->bytes);
+    delete block;
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, Block*> free_;  // by size, for the best fit
+  int64_t cached_ = 0, in_use_ = 0, hits_ = 0, misses_ = 0;
+};
+
+void release_block(void* ctx) {
+  auto* block = static_cast<Block*>(ctx);
+  block->cache->release(block);
+}
+
+// Never destroyed: tensors may outlive static destruction at interpreter exit.
+BlockCache& cache() {
+  static auto* instance = new BlockCache();
+  return *instance;
+}
+
+}  // namespace
+
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  TORCH_CHECK(options.device().is_cpu(), "empty_large makes CPU tensors, got ", options.device());
+  if (limit_bytes() == 0) return at::empty(sizes, options);
+  return at::detail::empty_generic(sizes, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+}
+
+CacheStats cache_stats() { return cache().stats(); }
+
+void empty_cache() { cache().clear(); }
+
+}  // namespace cnnlstm_fast::cpu
