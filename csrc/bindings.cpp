@@ -7,7 +7,7 @@
 
 #include <string>
 
-#include "cpu/cache_stats.h"
+#include "cpu/stats.h"
 #include "cpu/gemm.h"
 #ifdef CNNLSTM_FAST_WITH_CUDA
 #include "cuda/device_query.h"
@@ -118,6 +118,8 @@ PYBIND11_MODULE(_C, m) {
     return info;
   }, "The cpu backend's cache of large buffers (csrc/cpu/alloc.h): limit, cached and in-use "
      "bytes, cached blocks, hits and misses since start");
+  m.def("cpu_small_batch_runs", &cnnlstm_fast::cpu::small_batch_runs,
+        "How many layer-direction forwards the cpu backend's small-batch path has run");
   m.def("cpu_empty_cache", &cnnlstm_fast::cpu::empty_cache,
         "Unmaps every free block the cpu backend's buffer cache holds");
   m.def("cuda_runtime_info", &cuda_runtime_info,

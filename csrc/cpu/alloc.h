@@ -18,7 +18,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "cache_stats.h"
+#include "stats.h"
 
 namespace cnnlstm_fast::cpu {
 

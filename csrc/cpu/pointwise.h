@@ -15,15 +15,24 @@ namespace cnnlstm_fast::cpu {
 
 enum Cell : int { kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3, kNumCells = 4 };
 
-// One forward step on rows [0, rows). Row-major, gates of a row contiguous
-// (gates * hidden). Pointers that a cell does not use are null.
+// One forward step on rows [0, rows) and hidden units [col_begin, col_end). Row-major,
+// gates of a row contiguous (gates * hidden) in act. G_x and the recurrent product
+// h W_hh^T are read at p + row * row_stride + gate * gate_stride + j for hidden unit j:
+// in place in the whole (rows, gates*hidden) layout (strides gates*hidden and hidden),
+// or, on the small-batch path, from a thread's buffer of its own units (the pointer
+// offset back by col_begin). Pointers that a cell does not use are null.
 template <typename scalar_t>
 struct ForwardStep {
   int64_t rows;
   int64_t hidden;
-  const scalar_t* gx;    // (rows, gates*hidden) G_x[t]
-  scalar_t* act;         // (rows, gates*hidden) in: h W_hh^T; out: gate activations
-  scalar_t* h;           // (rows, hidden) in: h_{t-1} (GRU); out: h_t (not with projection)
+  int64_t col_begin, col_end;  // the hidden units this call updates
+  const scalar_t* gx;          // G_x[t]
+  int64_t gx_row_stride, gx_gate_stride;
+  const scalar_t* hw;  // h W_hh^T (may be act itself)
+  int64_t hw_row_stride, hw_gate_stride;
+  scalar_t* act;         // (rows, gates*hidden) out: gate activations
+  const scalar_t* h_in;  // GRU (rows, hidden): h_{t-1} (may be h)
+  scalar_t* h;           // (rows, hidden) out: h_t (not with projection)
   scalar_t* y;           // (rows, hidden) out: Y[t] (not with projection)
   scalar_t* c;           // LSTM (rows, hidden): cell state, updated in place
   scalar_t* m;           // LSTM with projection (rows, hidden) out: o * tanh(c)

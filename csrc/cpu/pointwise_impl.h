@@ -68,30 +68,47 @@ struct VecMath {
 constexpr int64_t kGrainElements = 2048;
 
 template <typename scalar_t, typename F>
-void for_each_vector(int64_t rows, int64_t hidden, const F& body) {
+void for_each_vector(int64_t rows, int64_t col_begin, int64_t col_end, const F& body) {
   constexpr int64_t width = at::vec::Vectorized<scalar_t>::size();
-  const int64_t per_row = (hidden + width - 1) / width;
+  const int64_t per_row = (col_end - col_begin + width - 1) / width;
   at::parallel_for(0, rows * per_row, std::max<int64_t>(1, kGrainElements / width),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t unit = begin; unit < end; ++unit) {
                        const int64_t row = unit / per_row;
-                       const int64_t j = (unit - row * per_row) * width;
-                       body(row, j, std::min<int64_t>(width, hidden - j));
+                       const int64_t j = col_begin + (unit - row * per_row) * width;
+                       body(row, j, std::min<int64_t>(width, col_end - j));
                      }
                    });
 }
+
+template <typename scalar_t, typename F>
+void for_each_vector(int64_t rows, int64_t hidden, const F& body) {
+  for_each_vector<scalar_t>(rows, 0, hidden, body);
+}
+
+// Loads gate `gate` of G_x + h W_hh^T at (row, j) for n lanes.
+template <typename scalar_t>
+struct ForwardInputs {
+  const ForwardStep<scalar_t>& s;
+  int64_t row, j, n;
+  using V = at::vec::Vectorized<scalar_t>;
+  V gx(int gate) const {
+    return V::loadu(s.gx + row * s.gx_row_stride + gate * s.gx_gate_stride + j, n);
+  }
+  V hw(int gate) const {
+    return V::loadu(s.hw + row * s.hw_row_stride + gate * s.hw_gate_stride + j, n);
+  }
+};
 
 template <typename scalar_t>
 void lstm_forward(const ForwardStep<scalar_t>& s) {
   using V = at::vec::Vectorized<scalar_t>;
   const int64_t H = s.hidden;
-  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+  for_each_vector<scalar_t>(s.rows, s.col_begin, s.col_end, [&](int64_t row, int64_t j, int64_t n) {
     scalar_t* a = s.act + row * 4 * H + j;
-    const scalar_t* x = s.gx + row * 4 * H + j;
+    const ForwardInputs<scalar_t> in{s, row, j, n};
     const int64_t k = row * H + j;
-    auto pre = [&](int64_t gate) {
-      return V::loadu(a + gate * H, n) + V::loadu(x + gate * H, n);
-    };
+    auto pre = [&](int gate) { return in.hw(gate) + in.gx(gate); };
     const auto r = gm::lstm_forward<VecMath<scalar_t>>(pre(0), pre(1), pre(2), pre(3),
                                                         V::loadu(s.c + k, n));
     r.i.store(a, n);
@@ -112,14 +129,14 @@ template <typename scalar_t>
 void gru_forward(const ForwardStep<scalar_t>& s) {
   using V = at::vec::Vectorized<scalar_t>;
   const int64_t H = s.hidden;
-  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+  for_each_vector<scalar_t>(s.rows, s.col_begin, s.col_end, [&](int64_t row, int64_t j, int64_t n) {
     scalar_t* a = s.act + row * 3 * H + j;
-    const scalar_t* x = s.gx + row * 3 * H + j;
+    const ForwardInputs<scalar_t> in{s, row, j, n};
     const int64_t k = row * H + j;
     const V b_hn = s.b_hn != nullptr ? V::loadu(s.b_hn + j, n) : V(0);
-    const auto r = gm::gru_forward<VecMath<scalar_t>>(
-        V::loadu(x, n), V::loadu(x + H, n), V::loadu(x + 2 * H, n), V::loadu(a, n),
-        V::loadu(a + H, n), V::loadu(a + 2 * H, n), b_hn, V::loadu(s.h + k, n));
+    const auto r = gm::gru_forward<VecMath<scalar_t>>(in.gx(0), in.gx(1), in.gx(2), in.hw(0),
+                                                       in.hw(1), in.hw(2), b_hn,
+                                                       V::loadu(s.h_in + k, n));
     r.r.store(a, n);
     r.z.store(a + H, n);
     r.n.store(a + 2 * H, n);
@@ -133,10 +150,10 @@ template <typename scalar_t, bool Relu>
 void rnn_forward(const ForwardStep<scalar_t>& s) {
   using V = at::vec::Vectorized<scalar_t>;
   const int64_t H = s.hidden;
-  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+  for_each_vector<scalar_t>(s.rows, s.col_begin, s.col_end, [&](int64_t row, int64_t j, int64_t n) {
+    const ForwardInputs<scalar_t> in{s, row, j, n};
     const int64_t k = row * H + j;
-    const V h = gm::rnn_forward<VecMath<scalar_t>, Relu>(V::loadu(s.act + k, n) +
-                                                          V::loadu(s.gx + k, n));
+    const V h = gm::rnn_forward<VecMath<scalar_t>, Relu>(in.hw(0) + in.gx(0));
     h.store(s.act + k, n);
     h.store(s.h + k, n);
     h.store(s.y + k, n);

@@ -1,5 +1,5 @@
-// The state of the cpu backend's buffer cache (alloc.h) on light headers, for the
-// Python bindings.
+// Counters of the cpu backend on light headers, for the Python bindings (and the tests
+// that check which path ran): the buffer cache (alloc.h) and the small-batch path.
 #pragma once
 
 #include <cstdint>
@@ -19,5 +19,8 @@ CacheStats cache_stats();
 
 // Unmaps every block the cache holds; blocks in use are unaffected.
 void empty_cache();
+
+// How many layer-direction forwards the small-batch path (recurrence.cpp) has run.
+int64_t small_batch_runs();
 
 }  // namespace cnnlstm_fast::cpu
