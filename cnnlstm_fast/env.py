@@ -79,6 +79,10 @@ def _extension() -> dict:
     }
 
 
+CPU_SETTINGS = ("CNNLSTM_FAST_CPU_GEMM", "CNNLSTM_FAST_CPU_CACHE_MB",
+                "CNNLSTM_FAST_CPU_SMALL_BATCH", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")
+
+
 def _cpu_gemm(module) -> dict:
     try:
         return {**module.cpu_gemm_info(), "error": None}
@@ -132,6 +136,10 @@ def collect() -> dict:
         "torch_cuda": _torch_cuda(),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "CNNLSTM_FAST_BACKEND": os.environ.get(backends.ENV_VAR),
+        # What changes the cpu backend's speed (its GEMM, buffer cache, small-batch path;
+        # glibc's malloc thresholds, which decide torch.nn's page faults): recorded with
+        # every benchmark so runs can be compared.
+        "cpu_settings": {name: os.environ.get(name) for name in CPU_SETTINGS},
         "backends": backends.backend_report(),
         "available_backends": backends.available_backends(),
         "default_backend": backends.get_default(),
@@ -183,6 +191,8 @@ def format_report(info: dict) -> str:
         row("cpu float32 GEMM", gemm["error"] or (
             f"{gemm['in_use']} (AVX-512 {'present' if gemm['avx512_supported'] else 'absent'}; "
             "CNNLSTM_FAST_CPU_GEMM)"))
+        set_ = {k: v for k, v in info["cpu_settings"].items() if v is not None}
+        row("cpu settings", ", ".join(f"{k}={v}" for k, v in set_.items()) or "defaults")
         if build["cuda"]:
             row("CUDA compiled", "yes")
             row("CUDA toolkit", _cuda_version(build["cuda_toolkit_version"]))
