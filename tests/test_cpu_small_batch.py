@@ -4,7 +4,8 @@ parallel region for the whole sequence, each thread owning a slice of the hidden
 Forced on with CNNLSTM_FAST_CPU_SMALL_BATCH=1 and 2 threads, it must give bit for bit
 what the per-step path (=0) gives (every element is computed in the same order) and be
 as accurate as torch.nn against float64: outputs, final states and all gradients, on
-hidden sizes that split unevenly into 16-unit slices (17: a 1-unit slice), odd and even
+hidden sizes that split unevenly into 32-unit slices (33: a 1-unit slice padded to a
+panel), odd and even
 step counts (h_T ends in either buffer), packed sequences, both directions, 2 layers,
 inference from padded input (the slices' own chunked projection) and training.
 """
@@ -58,12 +59,12 @@ def _run(module, x, grad, mode, monkeypatch, dtype=torch.float32):
 
 
 CASES = [  # (cell, hidden, steps, batch, kwargs)
-    ("lstm", 17, 5, 1, {}),
+    ("lstm", 33, 5, 1, {}),
     ("lstm", 40, 6, 3, {"bidirectional": True}),
-    ("gru", 33, 7, 2, {"num_layers": 2}),
-    ("gru", 17, 4, 5, {"bias": False}),
-    ("rnn_tanh", 48, 3, 1, {}),
-    ("rnn_relu", 20, 6, 2, {"bidirectional": True}),
+    ("gru", 65, 7, 2, {"num_layers": 2}),
+    ("gru", 33, 4, 5, {"bias": False}),
+    ("rnn_tanh", 64, 3, 1, {}),
+    ("rnn_relu", 40, 6, 2, {"bidirectional": True}),
 ]
 
 

@@ -310,7 +310,7 @@ class GxSource {
 // whole sequence instead of a fork and join per step. At batch 1 a step is a GEMV over
 // all of W_hh (256 KB at H=128), which one core reads from its L2 in about as long as
 // torch's whole step takes; split across the cores, each keeps its slice in its own L2.
-// Thread i owns hidden units [j0, j1) (whole 16-float vectors): it holds the rows of
+// Thread i owns hidden units [j0, j1) (whole 32-unit panels): it holds the rows of
 // W_hh (and, on the from-input path, of W_ih and the bias) of every gate of its units,
 // computes their part of h W_hh^T (and of G_x, a chunk of steps at a time) into its own
 // buffer, runs the pointwise pass on its units and writes its part of h_t into the other
@@ -339,7 +339,7 @@ constexpr int64_t kSmallBatchRows = 16;
 // Under "auto", W_hh below this many bytes stays on one core (it fits its L1/L2 and the
 // barrier would cost more than the split saves).
 constexpr int64_t kSmallBatchMinWeightBytes = int64_t{64} << 10;
-constexpr int64_t kUnitWidth = 16;  // hidden units per slice step: one AVX-512 vector
+constexpr int64_t kUnitWidth = kPanelWidth;  // hidden units per slice step: one GEMM panel
 
 std::atomic<int64_t> small_batch_count{0};
 
@@ -371,19 +371,25 @@ class SpinBarrier {
   alignas(64) std::atomic<int64_t> generation_{0};
 };
 
-// Rows q * H + j, j in [j0, j1), of every gate q of w (gates*H x k), as one contiguous
-// (gates*(j1-j0) x k) weight; and the same slice of a bias.
-Tensor gate_rows(const Tensor& w, int gates, int64_t H, int64_t j0, int64_t j1) {
-  std::vector<Tensor> parts;
-  for (int q = 0; q < gates; ++q) parts.push_back(w.narrow(0, q * H + j0, j1 - j0));
-  return at::cat(parts, 0).contiguous();
-}
-
 struct SmallBatchSlice {
   int64_t j0 = 0, j1 = 0;
-  Tensor w_hh, w_ih, bias;  // packed (pack_weight); w_ih and bias on the from-input path
-  Tensor hw, gx;            // (B, gates*width) and (chunk, B, gates*width) buffers
+  // Packed rows of each gate's units, gate after gate, each gate's part padded to whole
+  // panels (pspan columns): W_hh, and on the from-input path W_ih and the bias.
+  Tensor w_hh, w_ih, bias;
+  Tensor hw, gx;  // (B, gates*pspan) and (chunk, B, gates*pspan) buffers
 };
+
+// Packs rows q * H + j, j in [j0, j1), of every gate q of w (gates*H x k, any strides)
+// into `packed`, gate q's panels from q * pspan * k on (pack_b zero-pads each gate's last
+// panel).
+void pack_gate_rows(const Tensor& w, int gates, int64_t H, int64_t j0, int64_t j1,
+                    int64_t pspan, float* packed) {
+  const int64_t k = w.size(1);
+  for (int q = 0; q < gates; ++q) {
+    pack_b(k, j1 - j0, w.const_data_ptr<float>() + (q * H + j0) * w.stride(0), w.stride(1),
+           w.stride(0), packed + q * pspan * k);
+  }
+}
 
 bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool reverse,
                          GxSource<float>& source, int64_t T, int64_t B, int64_t G,
@@ -409,18 +415,17 @@ bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool rever
   constexpr int64_t kChunkBytes = int64_t{1} << 20;
   std::vector<SmallBatchSlice> slices(team);
   int64_t chunk = 1;
-  for (int i = 0; i < team; ++i) {
+  for (int i = 0; i < team; ++i) {  // buffers only: each thread packs its own slice
     SmallBatchSlice& sl = slices[i];
     sl.j0 = std::min(H, units * i / team * kUnitWidth);
     sl.j1 = std::min(H, units * (i + 1) / team * kUnitWidth);
-    const int64_t width = gates * (sl.j1 - sl.j0);
-    sl.w_hh = pack_weight(gate_rows(w_hh, gates, H, sl.j0, sl.j1));
+    const int64_t pspan = (sl.j1 - sl.j0 + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
+    const int64_t width = gates * pspan;
+    sl.w_hh = at::empty({width * H}, h.options());
     sl.hw = at::empty({B, width}, h.options());
     if (from_input) {
-      sl.w_ih = pack_weight(gate_rows(source.w_ih(), gates, H, sl.j0, sl.j1));
-      if (source.bias().defined()) {
-        sl.bias = gate_rows(source.bias().view({G, 1}), gates, H, sl.j0, sl.j1).view({width});
-      }
+      sl.w_ih = at::empty({width * I}, h.options());
+      sl.bias = at::zeros({width}, h.options());
       chunk = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(1, B * width * 4), 1, T);
       sl.gx = at::empty({chunk, B, width}, h.options());
     }
@@ -440,8 +445,20 @@ bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool rever
     } else {
       const int i = omp_get_thread_num();
       const SmallBatchSlice& sl = slices[i];
-      const int64_t j0 = sl.j0, j1 = sl.j1, width = gates * (j1 - j0), span = j1 - j0;
-      const int64_t panels = (width + kPanelWidth - 1) / kPanelWidth;
+      const int64_t j0 = sl.j0, j1 = sl.j1, span = j1 - j0;
+      const int64_t pspan = (span + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
+      const int64_t width = gates * pspan, panels = width / kPanelWidth;
+      // Packed here, by the thread that reads it at every step.
+      pack_gate_rows(w_hh, gates, H, j0, j1, pspan, sl.w_hh.data_ptr<float>());
+      if (from_input) {
+        pack_gate_rows(source.w_ih(), gates, H, j0, j1, pspan, sl.w_ih.data_ptr<float>());
+        if (source.bias().defined()) {
+          for (int q = 0; q < gates; ++q) {
+            std::memcpy(sl.bias.data_ptr<float>() + q * pspan,
+                        source.bias().const_data_ptr<float>() + q * H + j0, span * sizeof(float));
+          }
+        }
+      }
       float* cur = h.data_ptr<float>();
       float* next = other.data_ptr<float>();
       float* const c_data = c.defined() ? c.data_ptr<float>() : nullptr;
@@ -451,7 +468,7 @@ bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool rever
       s.col_end = j1;
       s.hw = sl.hw.data_ptr<float>() - j0;
       s.hw_row_stride = width;
-      s.hw_gate_stride = span;
+      s.hw_gate_stride = pspan;
       s.c = c_data;
       s.b_hn = b_hn.defined() ? b_hn.const_data_ptr<float>() : nullptr;
       int64_t first = 0;  // first step of the projected chunk
@@ -489,14 +506,13 @@ bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool rever
             if (span > 0) {
               packed_gemm_block_avx512(len * B, panels, width, I, x + first * B * I, I, 1,
                                        sl.w_ih.const_data_ptr<float>(), I * kPanelWidth,
-                                       sl.bias.defined() ? sl.bias.const_data_ptr<float>()
-                                                         : nullptr,
-                                       0.0f, sl.gx.data_ptr<float>(), width);
+                                       sl.bias.const_data_ptr<float>(), 0.0f,
+                                       sl.gx.data_ptr<float>(), width);
             }
           }
           s.gx = sl.gx.const_data_ptr<float>() + (t - first) * B * width - j0;
           s.gx_row_stride = width;
-          s.gx_gate_stride = span;
+          s.gx_gate_stride = pspan;
         } else {
           s.gx = source.whole() + t * B * G;
           s.gx_row_stride = G;
