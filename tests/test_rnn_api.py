@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import cnnlstm_fast as clf
-from cnnlstm_fast import backends
+from cnnlstm_fast import _ext, backends
 from cnnlstm_fast.backends import BackendUnavailableError, RecurrenceSpec
 from helpers import make_pair
 
@@ -105,22 +105,45 @@ def test_registry_and_auto_resolution():
     assert backends.resolve("reference", _spec()).name == "reference"
 
 
-def test_auto_follows_the_measured_rules():
+def _cpu(cell, hidden, batch, steps, needs_grad=False, dtype=torch.float32, proj=0):
+    return RecurrenceSpec(cell, hidden, proj, False, torch.device("cpu"), dtype, batch, steps,
+                          False, needs_grad)
+
+
+def test_auto_follows_the_measured_rules(monkeypatch):
     """auto takes a backend only where its rule (backed by benchmark results) says it
     beats torch.nn, and torch.nn everywhere else."""
     for device, rules in backends.AUTO_PREFERENCE.items():
         assert rules[-1] == ("torch", None), device
-    gru = RecurrenceSpec("gru", 4, 0, False, torch.device("cpu"), torch.float32, 2, 3, False)
-    lstm = _spec()
     expect_cpu = backends.backend_report().get("cpu") is None
-    assert backends.resolve("auto", gru).name == ("cpu" if expect_cpu else "torch")
-    assert backends.resolve("auto", lstm).name == "torch"  # small LSTM: oneDNN is faster
-    wide = RecurrenceSpec("lstm", 1024, 0, False, torch.device("cpu"), torch.float32, 16, 3, False)
-    assert backends.resolve("auto", wide).name == ("cpu" if expect_cpu else "torch")
-    big = RecurrenceSpec("gru", 4, 0, False, torch.device("cpu"), torch.float32, 512, 3, False)
-    assert backends.resolve("auto", big).name == "torch"
-    f64 = RecurrenceSpec("gru", 4, 0, False, torch.device("cpu"), torch.bfloat16, 2, 3, False)
-    assert backends.resolve("auto", f64).name == "torch"  # cpu does not support bf16
+
+    def picks(spec):
+        return backends.resolve("auto", spec).name == "cpu"
+
+    # With BLAS GEMMs: the rule measured on the Xeon.
+    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "blas")
+    assert picks(_cpu("gru", 4, 2, 3)) == expect_cpu
+    assert not picks(_spec())  # small LSTM: oneDNN is faster
+    assert picks(_cpu("lstm", 1024, 16, 3)) == expect_cpu
+    assert not picks(_cpu("gru", 4, 512, 3))
+    assert not picks(_cpu("gru", 4, 2, 3, dtype=torch.bfloat16))  # cpu has no bf16
+
+    if not expect_cpu or not _ext.load().cpu_gemm_info()["avx512_supported"]:
+        return
+    # With our AVX-512 GEMM: the rule measured on the AMD EPYC.
+    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "auto")
+    assert picks(_cpu("gru", 256, 256, 32, needs_grad=True))
+    assert not picks(_cpu("gru", 256, 512, 32))  # beyond the measured batches
+    assert picks(_cpu("lstm", 128, 1, 1000))  # small batch, long sequence
+    assert not picks(_cpu("lstm", 256, 1, 32))  # too few steps to repay the packing
+    assert not picks(_cpu("lstm", 1024, 16, 32))  # inference at batch 16: oneDNN
+    assert picks(_cpu("lstm", 1024, 16, 32, needs_grad=True))
+    assert picks(_cpu("lstm", 256, 64, 128, needs_grad=True))  # 32 MiB of activations
+    assert not picks(_cpu("lstm", 256, 128, 32, needs_grad=True))  # 16 MiB: not above
+    assert not picks(_cpu("lstm", 128, 1, 1000, proj=64))  # projections: unmeasured
+    assert not picks(_cpu("rnn_tanh", 128, 1, 1000))
+    # float64 keeps the BLAS rule
+    assert picks(_cpu("lstm", 1024, 16, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("changes,faster", [

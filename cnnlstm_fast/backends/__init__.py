@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .. import _ext
 from .base import CELLS, GATES, Backend, RecurrenceSpec
 from .cpu import CpuBackend
 from .cuda import CudaBackend
@@ -46,13 +47,56 @@ __all__ = [
 
 ENV_VAR = "CNNLSTM_FAST_BACKEND"
 
+def _cpu_gemm_is_avx512() -> bool:
+    """Whether the cpu backend's float32 GEMMs run our AVX-512 kernel (the CPU has it and
+    CNNLSTM_FAST_CPU_GEMM allows it): the measurements behind ``auto`` differ with it."""
+    module = _ext.load()
+    if module is None:
+        return False
+    try:
+        return module.cpu_gemm_info()["in_use"] == "avx512"
+    except RuntimeError:  # a bad CNNLSTM_FAST_CPU_GEMM: the op names it when it runs
+        return False
+
+
+#: LSTM training: saved activations (T*B*4H float32) above this, where glibc's default
+#: malloc hands torch.nn fresh memory (faulted in page by page) at every step and the
+#: cpu backend reuses its cached buffers.
+_CPU_LSTM_LARGE_ACTIVATIONS = 16 << 20
+
+
+def _cpu_avx512_beats_torch(spec: RecurrenceSpec) -> bool:
+    """float32 with our AVX-512 GEMM, measured on a 2-core AMD EPYC (Zen 5) against
+    oneDNN's LSTM and ATen's GRU (benchmarks/results/cpu-amd-epyc/: batch-sweep,
+    hidden-sweep, issue3-*, small-batch-lstm-*). GRU: faster everywhere measured (batch
+    1-256, hidden 128-2048; 1.2x-25x). LSTM (no projection; oneDNN's kernel is faster per
+    step at batch >= 16): inference at batch <= 8 with >= 256 steps (the small-batch path,
+    1.1x-1.6x); training there too (1.1x-1.6x), at hidden >= 512 for batch 2-64 (1.1x-1.4x
+    at batch 16) and where the saved activations exceed 16 MiB (1.2x-1.9x; below, torch.nn
+    measured up to 1.25x faster). Elsewhere torch.nn (0.76x-0.99x there)."""
+    if spec.cell == "gru":
+        return spec.batch <= 256 and spec.hidden_size <= 2048
+    if spec.cell != "lstm" or spec.proj_size:
+        return False
+    small_batch = spec.batch <= 8 and spec.steps >= 256
+    if not spec.needs_grad:
+        return small_batch
+    activations = spec.steps * spec.batch * 4 * spec.hidden_size * 4
+    return (small_batch or (spec.hidden_size >= 512 and 2 <= spec.batch <= 64)
+            or activations > _CPU_LSTM_LARGE_ACTIVATIONS)
+
+
 def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
     """Where the ``cpu`` backend measured faster than torch.nn on CPU in both forward and
-    forward+backward (benchmarks/results/cpu-xeon-2.50ghz/: batch-sweep, hidden-sweep,
-    h1024-b*, issue3-*). GRU: torch.nn runs ATen's step loop, ours wins up to batch 32
-    (hidden <= 512) and from batch 2 to 64 at larger hidden sizes. LSTM: torch.nn runs
-    oneDNN, which wins at hidden <= 256; ours wins from hidden 512, batch 2 to 64. The
-    measured range ends there, so larger batches stay with torch.nn."""
+    forward+backward. float32 with our AVX-512 GEMM: :func:`_cpu_avx512_beats_torch`.
+    Otherwise (BLAS GEMMs; measured on a 2-core Xeon before the AVX-512 GEMM existed,
+    benchmarks/results/cpu-xeon-2.50ghz/: batch-sweep, hidden-sweep, h1024-b*, issue3-*):
+    GRU: torch.nn runs ATen's step loop, ours wins up to batch 32 (hidden <= 512) and from
+    batch 2 to 64 at larger hidden sizes. LSTM: torch.nn runs oneDNN, which wins at
+    hidden <= 256; ours wins from hidden 512, batch 2 to 64. The measured range ends
+    there, so larger batches stay with torch.nn."""
+    if spec.dtype == torch.float32 and _cpu_gemm_is_avx512():
+        return _cpu_avx512_beats_torch(spec)
     if spec.cell == "gru":
         return spec.batch <= 32 if spec.hidden_size <= 512 else 2 <= spec.batch <= 64
     if spec.cell == "lstm":
