@@ -285,3 +285,19 @@ def test_buffer_cache_off_and_bad_setting(monkeypatch):
     monkeypatch.setenv("CNNLSTM_FAST_CPU_CACHE_MB", "lots")
     with pytest.raises(RuntimeError, match="CNNLSTM_FAST_CPU_CACHE_MB.*'lots'"):
         torch.ops.cnnlstm_fast.linear(x, w, None)
+
+
+def test_buffer_cache_evicts_to_keep_the_block_just_freed(monkeypatch):
+    from cnnlstm_fast.backends import cpu
+
+    cpu.empty_cache()
+    monkeypatch.setenv("CNNLSTM_FAST_CPU_CACHE_MB", "3")
+    w = torch.randn(300, 64)
+    small = torch.ops.cnnlstm_fast.linear(torch.randn(2048, 64), w, None)  # 2.4 MB
+    large = torch.ops.cnnlstm_fast.linear(torch.randn(2400, 64), w, None)  # 2.8 MB
+    del small
+    assert _cache_info()["cached_blocks"] == 1
+    del large  # both do not fit in 3 MB: the smaller one goes
+    info = _cache_info()
+    assert info["cached_blocks"] == 1 and 2_800_000 <= info["cached_bytes"] <= 3 << 20
+    cpu.empty_cache()

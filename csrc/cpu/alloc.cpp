@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include <sys/mman.h>
 
@@ -67,7 +68,12 @@ class BlockCache final : public c10::Allocator {
         TORCH_CHECK_WITH(OutOfMemoryError, false,
                          "cnnlstm_fast cpu backend: out of memory mapping ", bytes, " bytes");
       }
-      block = new Block{this, data, bytes};
+      try {
+        block = new Block{this, data, bytes};
+      } catch (...) {
+        munmap(data, bytes);
+        throw;
+      }
     }
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -83,16 +89,26 @@ class BlockCache final : public c10::Allocator {
     } catch (...) {  // a deleter must not throw; a bad setting caches nothing
       limit = 0;
     }
+    const auto bytes = static_cast<int64_t>(block->bytes);
+    std::vector<Block*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      in_use_ -= static_cast<int64_t>(block->bytes);
-      if (cached_ + static_cast<int64_t>(block->bytes) <= limit) {
+      in_use_ -= bytes;
+      if (bytes <= limit) {
+        // The block just freed is the likeliest to be asked for again: make room for it
+        // by evicting cached blocks, smallest first.
+        while (cached_ + bytes > limit && !free_.empty()) {
+          evicted.push_back(free_.begin()->second);
+          cached_ -= static_cast<int64_t>(free_.begin()->first);
+          free_.erase(free_.begin());
+        }
         free_.emplace(block->bytes, block);
-        cached_ += static_cast<int64_t>(block->bytes);
-        return;
+        cached_ += bytes;
+        block = nullptr;
       }
     }
-    unmap(block);
+    for (Block* old : evicted) unmap(old);
+    if (block != nullptr) unmap(block);
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {

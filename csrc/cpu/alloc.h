@@ -11,8 +11,9 @@
 // the VM backs each fresh 2 MB page slowly.
 //
 // The cache works like PyTorch's CUDA caching allocator, for these buffers only: a freed
-// block is kept (up to CNNLSTM_FAST_CPU_CACHE_MB, default 1024, in all) and handed to the
-// next request of its size (up to 1/8 larger). 0 turns it off. Memory it holds is given
+// block is kept (up to CNNLSTM_FAST_CPU_CACHE_MB, default 1024, in all; cached blocks are
+// evicted, smallest first, to make room for the one just freed) and handed to the next
+// request of its size (up to 1/8 larger). 0 turns it off. Memory it holds is given
 // back by empty_cache() (cnnlstm_fast.backends.cpu.empty_cache()).
 #pragma once
 

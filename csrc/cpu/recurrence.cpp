@@ -414,7 +414,12 @@ bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool rever
   const int64_t I = from_input ? source.x().size(2) : 0;
   constexpr int64_t kChunkBytes = int64_t{1} << 20;
   std::vector<SmallBatchSlice> slices(team);
-  int64_t chunk = 1;
+  // Steps per projected chunk, one for all threads (they project at the same steps and
+  // each buffer holds `chunk` steps of its own slice), about 1 MB for the widest slice.
+  const int64_t widest = gates * ((units + team - 1) / team) * kUnitWidth;
+  const int64_t chunk = from_input ? std::clamp<int64_t>(
+                                         kChunkBytes / std::max<int64_t>(1, B * widest * 4), 1, T)
+                                   : 1;
   for (int i = 0; i < team; ++i) {  // buffers only: each thread packs its own slice
     SmallBatchSlice& sl = slices[i];
     sl.j0 = std::min(H, units * i / team * kUnitWidth);
@@ -426,7 +431,6 @@ bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool rever
     if (from_input) {
       sl.w_ih = at::empty({width * I}, h.options());
       sl.bias = at::zeros({width}, h.options());
-      chunk = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(1, B * width * 4), 1, T);
       sl.gx = at::empty({chunk, B, width}, h.options());
     }
   }
