@@ -235,6 +235,12 @@ void zero_tail(scalar_t* slab, int64_t rows, int64_t batch, int64_t width) {
   if (rows < batch) std::memset(slab + rows * width, 0, (batch - rows) * width * sizeof(scalar_t));
 }
 
+// How many steps of step_bytes each fit in budget bytes: at least 1, at most T (>= 1).
+int64_t steps_per_chunk(int64_t budget, int64_t step_bytes, int64_t T) {
+  return std::clamp<int64_t>(budget / std::max<int64_t>(1, step_bytes), 1,
+                             std::max<int64_t>(T, 1));
+}
+
 // Where each step's G_x comes from: the whole (T, B, G) tensor, or (inference from the
 // layer input) computed a chunk of steps at a time as x W_ih^T + b into one reused
 // buffer, so the (T, B, G) projection is never materialised: writing fresh memory that
@@ -248,10 +254,8 @@ class GxSource {
 
   GxSource(const Tensor& x, const Tensor& w_ih, const Tensor& bias, int64_t gates_width)
       : x_(x), w_ih_(w_ih), bias_(bias) {
-    constexpr int64_t kChunkBytes = int64_t{2} << 20;
     const int64_t T = x.size(0), B = x.size(1);
-    const int64_t step_bytes = std::max<int64_t>(1, B * gates_width * int64_t{sizeof(scalar_t)});
-    chunk_ = std::clamp<int64_t>(kChunkBytes / step_bytes, 1, std::max<int64_t>(T, 1));
+    chunk_ = steps_per_chunk(int64_t{2} << 20, B * gates_width * int64_t{sizeof(scalar_t)}, T);
     buffer_ = at::empty({chunk_, B, gates_width}, x.options());
     step_stride_ = B * gates_width;
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -334,10 +338,14 @@ SmallBatchMode small_batch_mode() {
 }
 
 // Batches up to this many rows take the path under "auto": at T=1000 I=32 H=128 on the
-// 2-core Zen 5 VM it measured 1.3-2x the per-step path (LSTM and GRU) at batch 1-16.
+// 2-core Zen 5 VM, in ad hoc runs of the first (16-unit-slice) version, it measured
+// 1.26x-2.1x the per-step path (LSTM and GRU) at batch 1, 2, 4, 8 and 16 (one batch-8 run
+// came out slower, a rerun 1.36x faster: the VM is noisy). Against torch.nn see
+// benchmarks/results/cpu-amd-epyc/small-batch-lstm-*.
 constexpr int64_t kSmallBatchRows = 16;
-// Under "auto", W_hh below this many bytes stays on one core (it fits its L1/L2 and the
-// barrier would cost more than the split saves).
+// Under "auto", W_hh below this many bytes stays on one core. At exactly 64 KB (LSTM
+// H=64) the split measured 1.5x; smaller weights are unmeasured, where the barrier is
+// expected to cost more than the split saves.
 constexpr int64_t kSmallBatchMinWeightBytes = int64_t{64} << 10;
 constexpr int64_t kUnitWidth = kPanelWidth;  // hidden units per slice step: one GEMM panel
 
@@ -412,14 +420,11 @@ bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool rever
   }
   const bool from_input = source.whole() == nullptr;
   const int64_t I = from_input ? source.x().size(2) : 0;
-  constexpr int64_t kChunkBytes = int64_t{1} << 20;
   std::vector<SmallBatchSlice> slices(team);
   // Steps per projected chunk, one for all threads (they project at the same steps and
   // each buffer holds `chunk` steps of its own slice), about 1 MB for the widest slice.
   const int64_t widest = gates * ((units + team - 1) / team) * kUnitWidth;
-  const int64_t chunk = from_input ? std::clamp<int64_t>(
-                                         kChunkBytes / std::max<int64_t>(1, B * widest * 4), 1, T)
-                                   : 1;
+  const int64_t chunk = from_input ? steps_per_chunk(int64_t{1} << 20, B * widest * 4, T) : 1;
   for (int i = 0; i < team; ++i) {  // buffers only: each thread packs its own slice
     SmallBatchSlice& sl = slices[i];
     sl.j0 = std::min(H, units * i / team * kUnitWidth);
