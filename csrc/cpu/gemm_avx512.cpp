@@ -99,6 +99,14 @@ void packed_gemm_block_avx512(int64_t m, int64_t panels, int64_t cols, int64_t k
   }
 }
 
+void pack_a_transposed_avx512(int64_t kc, int64_t rows, const float* a, int64_t acs,
+                              float* out) {
+  const __mmask16 mask = column_mask(rows);
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    _mm512_mask_storeu_ps(out + kk * rows, mask, _mm512_maskz_loadu_ps(mask, a + kk * acs));
+  }
+}
+
 }  // namespace cnnlstm_fast::cpu
 
 #else
@@ -107,6 +115,7 @@ namespace cnnlstm_fast::cpu {
 void packed_gemm_block_avx512(int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
                               int64_t, const float*, int64_t, const float*, float, float*,
                               int64_t) {}
+void pack_a_transposed_avx512(int64_t, int64_t, const float*, int64_t, float*) {}
 }  // namespace cnnlstm_fast::cpu
 
 #endif
