@@ -80,7 +80,7 @@ def _extension() -> dict:
 
 
 CPU_SETTINGS = ("CNNLSTM_FAST_CPU_GEMM", "CNNLSTM_FAST_CPU_CACHE_MB",
-                "CNNLSTM_FAST_CPU_SMALL_BATCH", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")
+                "CNNLSTM_FAST_CPU_PERSISTENT", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")
 
 
 def _cpu_gemm(module) -> dict:
@@ -136,7 +136,7 @@ def collect() -> dict:
         "torch_cuda": _torch_cuda(),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "CNNLSTM_FAST_BACKEND": os.environ.get(backends.ENV_VAR),
-        # What changes the cpu backend's speed (its GEMM, buffer cache, small-batch path;
+        # What changes the cpu backend's speed (its GEMM, buffer cache, persistent path;
         # glibc's malloc thresholds, which decide torch.nn's page faults): recorded with
         # every benchmark so runs can be compared.
         "cpu_settings": {name: os.environ.get(name) for name in CPU_SETTINGS},

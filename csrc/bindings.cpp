@@ -118,8 +118,14 @@ PYBIND11_MODULE(_C, m) {
     return info;
   }, "The cpu backend's cache of large buffers (csrc/cpu/alloc.h): limit, cached and in-use "
      "bytes, cached blocks, hits and misses since start");
-  m.def("cpu_small_batch_runs", &cnnlstm_fast::cpu::small_batch_runs,
-        "How many layer-direction forwards the cpu backend's small-batch path has run");
+  m.def("cpu_persistent_runs", [] {
+    const auto runs = cnnlstm_fast::cpu::persistent_runs();
+    py::dict info;
+    info["forward"] = runs.forward;
+    info["backward"] = runs.backward;
+    return info;
+  }, "How many layer-direction forwards and backwards the cpu backend's persistent path has "
+     "run: {'forward': int, 'backward': int}");
   m.def("cpu_empty_cache", &cnnlstm_fast::cpu::empty_cache,
         "Unmaps every free block the cpu backend's buffer cache holds");
   m.def("cuda_runtime_info", &cuda_runtime_info,

@@ -70,7 +70,7 @@ def _cpu_avx512_beats_torch(spec: RecurrenceSpec) -> bool:
     oneDNN's LSTM and ATen's GRU (benchmarks/results/cpu-amd-epyc/: batch-sweep,
     hidden-sweep, issue3-*, small-batch-lstm-*). GRU: faster everywhere measured (batch
     1-256, hidden 128-2048; 1.2x-25x). LSTM (no projection; oneDNN's kernel is faster per
-    step from batch 8): inference at batch <= 8 with >= 256 steps (the small-batch path,
+    step from batch 8): inference at batch <= 8 with >= 256 steps (the persistent path,
     1.1x-1.7x); training there too (1.1x-1.6x), at hidden >= 512 for batch 2-64 (1.1x-1.4x
     at batch 16) and where the saved activations exceed 16 MiB (1.2x-1.9x; at 16 MiB and
     below torch.nn measured up to 1.2x faster). Elsewhere torch.nn (0.75x-1.0x there)."""

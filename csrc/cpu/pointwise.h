@@ -19,7 +19,7 @@ enum Cell : int { kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3, kNumCells = 4
 // gates of a row contiguous (gates * hidden) in act. G_x and the recurrent product
 // h W_hh^T are read at p + row * row_stride + gate * gate_stride + j for hidden unit j:
 // in place in the whole (rows, gates*hidden) layout (strides gates*hidden and hidden),
-// or, on the small-batch path, from a thread's buffer of its own units (the pointer
+// or, on the persistent path, from a thread's buffer of its own units (the pointer
 // offset back by col_begin). Pointers that a cell does not use are null.
 template <typename scalar_t>
 struct ForwardStep {
@@ -40,11 +40,13 @@ struct ForwardStep {
   const scalar_t* b_hn;  // GRU (hidden) or null (no bias)
 };
 
-// One backward step on rows [0, rows).
+// One backward step on rows [0, rows) and hidden units [col_begin, col_end) (all gates
+// of those units in d_gx and d_gh).
 template <typename scalar_t>
 struct BackwardStep {
   int64_t rows;
   int64_t hidden;
+  int64_t col_begin, col_end;
   const scalar_t* act;      // (rows, gates*hidden) gate activations saved by forward
   const scalar_t* extra;    // LSTM: cell state before the step; GRU: a_n + b_hn
   const scalar_t* h_prev;   // GRU (rows, hidden): h before the step

@@ -81,11 +81,6 @@ void for_each_vector(int64_t rows, int64_t col_begin, int64_t col_end, const F& 
                    });
 }
 
-template <typename scalar_t, typename F>
-void for_each_vector(int64_t rows, int64_t hidden, const F& body) {
-  for_each_vector<scalar_t>(rows, 0, hidden, body);
-}
-
 // Loads gate `gate` of G_x + h W_hh^T at (row, j) for n lanes.
 template <typename scalar_t>
 struct ForwardInputs {
@@ -164,7 +159,7 @@ template <typename scalar_t>
 void lstm_backward(const BackwardStep<scalar_t>& s) {
   using V = at::vec::Vectorized<scalar_t>;
   const int64_t H = s.hidden;
-  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+  for_each_vector<scalar_t>(s.rows, s.col_begin, s.col_end, [&](int64_t row, int64_t j, int64_t n) {
     const scalar_t* a = s.act + row * 4 * H + j;
     scalar_t* d = s.d_gx + row * 4 * H + j;
     const int64_t k = row * H + j;
@@ -186,7 +181,7 @@ template <typename scalar_t>
 void gru_backward(const BackwardStep<scalar_t>& s) {
   using V = at::vec::Vectorized<scalar_t>;
   const int64_t H = s.hidden;
-  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+  for_each_vector<scalar_t>(s.rows, s.col_begin, s.col_end, [&](int64_t row, int64_t j, int64_t n) {
     const scalar_t* a = s.act + row * 3 * H + j;
     scalar_t* dx = s.d_gx + row * 3 * H + j;
     scalar_t* dr = s.d_gh + row * 3 * H + j;
@@ -208,7 +203,7 @@ template <typename scalar_t, bool Relu>
 void rnn_backward(const BackwardStep<scalar_t>& s) {
   using V = at::vec::Vectorized<scalar_t>;
   const int64_t H = s.hidden;
-  for_each_vector<scalar_t>(s.rows, H, [&](int64_t row, int64_t j, int64_t n) {
+  for_each_vector<scalar_t>(s.rows, s.col_begin, s.col_end, [&](int64_t row, int64_t j, int64_t n) {
     const int64_t k = row * H + j;
     const V d_a = gm::rnn_backward<VecMath<scalar_t>, Relu>(
         V::loadu(s.act + k, n), V::loadu(s.dh + k, n) + V::loadu(s.d_y + k, n));

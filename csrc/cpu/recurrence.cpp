@@ -310,46 +310,83 @@ class GxSource {
 };
 
 // ---------------------------------------------------------------------------------------
-// Small batches (float32, our GEMM, no projection): one OpenMP parallel region for the
-// whole sequence instead of a fork and join per step. At batch 1 a step is a GEMV over
-// all of W_hh (256 KB at H=128), which one core reads from its L2 in about as long as
-// torch's whole step takes; split across the cores, each keeps its slice in its own L2.
-// Thread i owns hidden units [j0, j1) (whole 32-unit panels): it holds the rows of
-// W_hh (and, on the from-input path, of W_ih and the bias) of every gate of its units,
-// computes their part of h W_hh^T (and of G_x, a chunk of steps at a time) into its own
-// buffer, runs the pointwise pass on its units and writes its part of h_t into the other
-// of two h buffers; one spin barrier per step publishes h_t to every thread. Each
-// element is computed in the same order as on the per-step path (the same micro-kernel,
-// one column's dot product in k order), so results do not depend on the path or on the
-// thread count.
+// The persistent path (float32, our GEMM, no projection): one OpenMP parallel region for
+// the whole sequence instead of a fork and join per GEMM and per pointwise pass. Thread i
+// owns hidden units [j0, j1) (whole 32-unit panels) for the whole sequence, so the data
+// of its units stays in its core's caches:
+// - forward: it holds the rows of W_hh (and, on the from-input path, of W_ih and the
+//   bias) of every gate of its units, computes their part of h W_hh^T (and of G_x, a
+//   chunk of steps at a time) into its own buffer, runs the pointwise pass on its units
+//   and writes its part of h_t into the other of two h buffers; one spin barrier per
+//   step publishes h_t to every thread.
+// - backward: the pointwise pass of its units writes their columns of dG[t] (all gates);
+//   one barrier per step; then it computes its columns of dh = dG[t] W_hh from all of
+//   dG[t] with its columns of W_hh. dG has a slab per step, and dh and dc are read and
+//   written by the owner of the columns only, so nothing else needs a barrier.
+// At batch 1 a step is a GEMV over all of W_hh (256 KB at H=128), which one core reads
+// from its L2 in about as long as torch's whole step takes; split across the cores, each
+// keeps its slice in its own L2. At larger batches the per-step path's fork/joins and its
+// two different work splits (GEMM by columns, pointwise by rows) move each step's data
+// between cores. Each element is computed in the same order as on the per-step path (the
+// same micro-kernel, one column's dot product in k order), so results do not depend on
+// the path or on the thread count.
 
-// Whether (and how) the small-batch path runs, from CNNLSTM_FAST_CPU_SMALL_BATCH:
+// Whether (and how) the persistent path runs, from CNNLSTM_FAST_CPU_PERSISTENT:
 // "auto" (default) where it measured faster, "1" wherever it can run (tests), "0" never.
-enum class SmallBatchMode { kAuto, kAlways, kNever };
+enum class PersistentMode { kAuto, kAlways, kNever };
 
-SmallBatchMode small_batch_mode() {
-  const char* env = std::getenv("CNNLSTM_FAST_CPU_SMALL_BATCH");
+PersistentMode persistent_mode() {
+  const char* env = std::getenv("CNNLSTM_FAST_CPU_PERSISTENT");
   const std::string value = env == nullptr || *env == '\0' ? "auto" : env;
-  if (value == "auto") return SmallBatchMode::kAuto;
-  if (value == "1") return SmallBatchMode::kAlways;
-  TORCH_CHECK(value == "0", "CNNLSTM_FAST_CPU_SMALL_BATCH must be one of 'auto', '0', '1', got '",
+  if (value == "auto") return PersistentMode::kAuto;
+  if (value == "1") return PersistentMode::kAlways;
+  TORCH_CHECK(value == "0", "CNNLSTM_FAST_CPU_PERSISTENT must be one of 'auto', '0', '1', got '",
               value, "'");
-  return SmallBatchMode::kNever;
+  return PersistentMode::kNever;
 }
 
-// Batches up to this many rows take the path under "auto": at T=1000 I=32 H=128 on the
-// 2-core Zen 5 VM, in ad hoc runs of the first (16-unit-slice) version, it measured
-// 1.26x-2.1x the per-step path (LSTM and GRU) at batch 1, 2, 4, 8 and 16 (one batch-8 run
-// came out slower, a rerun 1.36x faster: the VM is noisy). Against torch.nn see
-// benchmarks/results/cpu-amd-epyc/small-batch-lstm-*.
+// Under "auto", batches up to this many rows take the path even when it has fewer
+// threads than torch (H < 32 * threads): at T=1000 I=32 H=128 on the 2-core Zen 5 VM, in
+// ad hoc runs of the first (16-unit-slice) forward, it measured 1.26x-2.1x the per-step
+// path (LSTM and GRU) at batch 1, 2, 4, 8 and 16. Against torch.nn see
+// benchmarks/results/cpu-amd-epyc/small-batch-lstm-*. Larger batches take it only with
+// every thread (else the per-step path's split by rows uses more cores).
 constexpr int64_t kSmallBatchRows = 16;
-// Under "auto", W_hh below this many bytes stays on one core. At exactly 64 KB (LSTM
-// H=64) the split measured 1.5x; smaller weights are unmeasured, where the barrier is
-// expected to cost more than the split saves.
-constexpr int64_t kSmallBatchMinWeightBytes = int64_t{64} << 10;
+// Under "auto", W_hh below this many bytes stays on the per-step path. At exactly 64 KB
+// (LSTM H=64) the split measured 1.5x at batch 1; smaller weights are unmeasured, where
+// the barrier is expected to cost more than the split saves.
+constexpr int64_t kPersistentMinWeightBytes = int64_t{64} << 10;
 constexpr int64_t kUnitWidth = kPanelWidth;  // hidden units per slice step: one GEMM panel
 
-std::atomic<int64_t> small_batch_count{0};
+std::atomic<int64_t> persistent_forward_count{0};
+std::atomic<int64_t> persistent_backward_count{0};
+
+// The number of threads the persistent path runs with for this layer, or 0 where it
+// does not run (then the per-step path computes the same thing).
+int persistent_team(int64_t T, int64_t B, int64_t G, int64_t H, bool projection) {
+  const PersistentMode mode = persistent_mode();
+  if (mode == PersistentMode::kNever || projection || !use_packed_gemm() || B == 0 || T == 0 ||
+      at::in_parallel_region()) {
+    return 0;
+  }
+  const int64_t units = (H + kUnitWidth - 1) / kUnitWidth;
+  const int threads = at::get_num_threads();
+  const int team = static_cast<int>(std::min<int64_t>(threads, units));
+  if (team < 2) return 0;
+  if (mode == PersistentMode::kAuto &&
+      ((B > kSmallBatchRows && team < threads) ||
+       G * H * int64_t{sizeof(float)} < kPersistentMinWeightBytes)) {
+    return 0;
+  }
+  return team;
+}
+
+// Thread i's hidden units [j0, j1) of H among `team` threads: whole 32-unit panels.
+std::pair<int64_t, int64_t> unit_slice(int64_t H, int i, int team) {
+  const int64_t units = (H + kUnitWidth - 1) / kUnitWidth;
+  return {std::min(H, units * i / team * kUnitWidth),
+          std::min(H, units * (i + 1) / team * kUnitWidth)};
+}
 
 // A barrier for the threads of one parallel region, spinning (the wait is short: one
 // step's work) and yielding after a while in case the threads outnumber the free cores.
@@ -379,7 +416,7 @@ class SpinBarrier {
   alignas(64) std::atomic<int64_t> generation_{0};
 };
 
-struct SmallBatchSlice {
+struct PersistentSlice {
   int64_t j0 = 0, j1 = 0;
   // Packed rows of each gate's units, gate after gate, each gate's part padded to whole
   // panels (pspan columns): W_hh, and on the from-input path W_ih and the bias.
@@ -399,36 +436,26 @@ void pack_gate_rows(const Tensor& w, int gates, int64_t H, int64_t j0, int64_t j
   }
 }
 
-bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool reverse,
-                         GxSource<float>& source, int64_t T, int64_t B, int64_t G,
-                         const Tensor& w_hh, const Tensor& w_hr, const Tensor& b_hn, Tensor& h,
-                         Tensor& c, Tensor& y, Tensor& act, Tensor& h_prev, Tensor& extra,
-                         bool need_saved) {
-  const SmallBatchMode mode = small_batch_mode();
+bool persistent_forward(Cell cell, const std::vector<int64_t>& rows, bool reverse,
+                        GxSource<float>& source, int64_t T, int64_t B, int64_t G,
+                        const Tensor& w_hh, const Tensor& w_hr, const Tensor& b_hn, Tensor& h,
+                        Tensor& c, Tensor& y, Tensor& act, Tensor& h_prev, Tensor& extra,
+                        bool need_saved) {
   const int gates = kGates[cell];
   const int64_t H = G / gates;
-  if (mode == SmallBatchMode::kNever || w_hr.defined() || !use_packed_gemm() || B == 0 ||
-      T == 0 || at::in_parallel_region()) {
-    return false;
-  }
+  const int team = persistent_team(T, B, G, H, w_hr.defined());
+  if (team == 0) return false;
   const int64_t units = (H + kUnitWidth - 1) / kUnitWidth;
-  const int team = static_cast<int>(std::min<int64_t>(at::get_num_threads(), units));
-  if (team < 2) return false;
-  if (mode == SmallBatchMode::kAuto &&
-      (B > kSmallBatchRows || G * H * int64_t{sizeof(float)} < kSmallBatchMinWeightBytes)) {
-    return false;
-  }
   const bool from_input = source.whole() == nullptr;
   const int64_t I = from_input ? source.x().size(2) : 0;
-  std::vector<SmallBatchSlice> slices(team);
+  std::vector<PersistentSlice> slices(team);
   // Steps per projected chunk, one for all threads (they project at the same steps and
   // each buffer holds `chunk` steps of its own slice), about 1 MB for the widest slice.
   const int64_t widest = gates * ((units + team - 1) / team) * kUnitWidth;
   const int64_t chunk = from_input ? steps_per_chunk(int64_t{1} << 20, B * widest * 4, T) : 1;
   for (int i = 0; i < team; ++i) {  // buffers only: each thread packs its own slice
-    SmallBatchSlice& sl = slices[i];
-    sl.j0 = std::min(H, units * i / team * kUnitWidth);
-    sl.j1 = std::min(H, units * (i + 1) / team * kUnitWidth);
+    PersistentSlice& sl = slices[i];
+    std::tie(sl.j0, sl.j1) = unit_slice(H, i, team);
     const int64_t pspan = (sl.j1 - sl.j0 + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
     const int64_t width = gates * pspan;
     sl.w_hh = at::empty({width * H}, h.options());
@@ -453,7 +480,7 @@ bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool rever
       full_team.store(false);
     } else {
       const int i = omp_get_thread_num();
-      const SmallBatchSlice& sl = slices[i];
+      const PersistentSlice& sl = slices[i];
       const int64_t j0 = sl.j0, j1 = sl.j1, span = j1 - j0;
       const int64_t pspan = (span + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
       const int64_t width = gates * pspan, panels = width / kPanelWidth;
@@ -548,7 +575,7 @@ bool small_batch_forward(Cell cell, const std::vector<int64_t>& rows, bool rever
     }
   }
   if (!full_team.load()) return false;
-  small_batch_count.fetch_add(1, std::memory_order_relaxed);
+  persistent_forward_count.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 
@@ -560,8 +587,8 @@ void forward_loop(Cell cell, const std::vector<int64_t>& rows, bool reverse,
   const int64_t H = G / kGates[cell], Hout = h.size(1);
   const bool proj = w_hr.defined();
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (small_batch_forward(cell, rows, reverse, gx, T, B, G, w_hh, w_hr, b_hn, h, c, y, act,
-                            h_prev, extra, need_saved)) {
+    if (persistent_forward(cell, rows, reverse, gx, T, B, G, w_hh, w_hr, b_hn, h, c, y, act,
+                           h_prev, extra, need_saved)) {
       return;
     }
   }
@@ -707,6 +734,77 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_forward_from_input(
   return {y, h, c};
 }
 
+// The backward of the persistent path (see above): bit for bit the per-step path's.
+bool persistent_backward(Cell cell, const std::vector<int64_t>& rows, bool reverse,
+                         const Tensor& act, const Tensor& h_prev, const Tensor& extra,
+                         const Tensor& w_hh, const Tensor& w_hr, const Tensor& d_y, Tensor& dh,
+                         Tensor& dc, Tensor& d_gx, Tensor& d_gh) {
+  const int64_t T = act.size(0), B = act.size(1), G = act.size(2);
+  const int gates = kGates[cell];
+  const int64_t H = G / gates;
+  const int team = persistent_team(T, B, G, H, w_hr.defined());
+  if (team == 0) return false;
+  // W_hh's columns [j0, j1) as B (G x span) of dh = dG W_hh, packed by their owner.
+  std::vector<Tensor> packed(team);
+  for (int i = 0; i < team; ++i) {
+    const auto [j0, j1] = unit_slice(H, i, team);
+    packed[i] = at::empty({packed_size(G, j1 - j0)}, act.options());
+  }
+  const auto& kernels = pointwise_kernels<float>();
+  SpinBarrier barrier;
+  std::atomic<bool> full_team{true};
+
+#pragma omp parallel num_threads(team)
+  {
+    if (omp_get_num_threads() != team) {
+      full_team.store(false);
+    } else {
+      const int i = omp_get_thread_num();
+      const auto [j0, j1] = unit_slice(H, i, team);
+      const int64_t span = j1 - j0;
+      float* const w = packed[i].data_ptr<float>();
+      pack_b(G, span, w_hh.const_data_ptr<float>() + j0, H, 1, w);
+      BackwardStep<float> s{};
+      s.hidden = H;
+      s.col_begin = j0;
+      s.col_end = j1;
+      s.dh = dh.data_ptr<float>();
+      s.dc = dc.defined() ? dc.data_ptr<float>() : nullptr;
+      // Zeroes this thread's units of every gate in rows [n, B) of a (B, G) slab.
+      auto zero_units = [&](float* slab, int64_t n) {
+        for (int64_t r = n; r < B; ++r) {
+          for (int q = 0; q < gates; ++q) {
+            std::memset(slab + r * G + q * H + j0, 0, span * sizeof(float));
+          }
+        }
+      };
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = reverse ? step : T - 1 - step;
+        const int64_t n = rows[t];
+        s.d_gx = d_gx.data_ptr<float>() + t * B * G;
+        s.d_gh = d_gh.data_ptr<float>() + t * B * G;
+        zero_units(s.d_gx, n);
+        if (cell == kGru) zero_units(s.d_gh, n);
+        if (n == 0) continue;  // every thread skips the step: no barrier
+        s.rows = n;
+        s.act = act.const_data_ptr<float>() + t * B * G;
+        s.extra = extra.numel() > 0 ? extra.const_data_ptr<float>() + t * B * H : nullptr;
+        s.h_prev = h_prev.const_data_ptr<float>() + t * B * H;
+        s.d_y = d_y.const_data_ptr<float>() + t * B * H;
+        kernels.backward[cell](s);
+        barrier.wait(team);  // dG[t] complete
+        // GRU: the pointwise pass left d_h * z in dh; the recurrent part adds to it.
+        packed_gemm_block_avx512(n, (span + kPanelWidth - 1) / kPanelWidth, span, G, s.d_gh, G,
+                                 1, w, G * kPanelWidth, nullptr, cell == kGru ? 1.0f : 0.0f,
+                                 s.dh + j0, H);
+      }
+    }
+  }
+  if (!full_team.load()) return false;
+  persistent_backward_count.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 template <typename scalar_t>
 void backward_loop(Cell cell, const std::vector<int64_t>& rows, bool reverse, const Tensor& act,
                    const Tensor& h_prev, const Tensor& extra, const Tensor& w_hh,
@@ -715,11 +813,19 @@ void backward_loop(Cell cell, const std::vector<int64_t>& rows, bool reverse, co
   const int64_t T = act.size(0), B = act.size(1), G = act.size(2);
   const int64_t H = G / kGates[cell], Hout = dh.size(1);
   const bool proj = w_hr.defined();
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (persistent_backward(cell, rows, reverse, act, h_prev, extra, w_hh, w_hr, d_y, dh, dc,
+                            d_gx, d_gh)) {
+      return;
+    }
+  }
   const auto& kernels = pointwise_kernels<scalar_t>();
   Tensor d_m = proj ? at::empty({B, H}, act.options()) : Tensor();
 
   BackwardStep<scalar_t> s{};
   s.hidden = H;
+  s.col_begin = 0;
+  s.col_end = H;
   s.dh = dh.data_ptr<scalar_t>();
   s.dc = dc.defined() ? dc.data_ptr<scalar_t>() : nullptr;
   s.d_m = proj ? d_m.data_ptr<scalar_t>() : nullptr;
@@ -814,7 +920,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
 
 }  // namespace
 
-int64_t small_batch_runs() { return small_batch_count.load(); }
+PersistentRuns persistent_runs() {
+  return {persistent_forward_count.load(), persistent_backward_count.load()};
+}
 
 }  // namespace cnnlstm_fast::cpu
 

@@ -1,5 +1,5 @@
 // Counters of the cpu backend on light headers, for the Python bindings (and the tests
-// that check which path ran): the buffer cache (alloc.h) and the small-batch path.
+// that check which path ran): the buffer cache (alloc.h) and the persistent path.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +20,12 @@ CacheStats cache_stats();
 // Unmaps every block the cache holds; blocks in use are unaffected.
 void empty_cache();
 
-// How many layer-direction forwards the small-batch path (recurrence.cpp) has run.
-int64_t small_batch_runs();
+// How many layer-direction forwards and backwards the persistent path (recurrence.cpp)
+// has run.
+struct PersistentRuns {
+  int64_t forward;
+  int64_t backward;
+};
+PersistentRuns persistent_runs();
 
 }  // namespace cnnlstm_fast::cpu
