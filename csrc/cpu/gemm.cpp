@@ -94,8 +94,8 @@ void blocked_task(int64_t i0, int64_t rows, int64_t p0, int64_t count, int64_t n
       float* dst = buffer + r0 * kc;
       const float* src = a + (i0 + r0) * ars + k0 * acs;
       if (ars == 1) {  // A transposed (dW = dG^T h): a tile's rows are adjacent per k
-        // One masked load and store per k: std::copy here was a memmove call per k for
-        // 48 bytes (measured 5-15% of dW_ih and dW_hh at T*B = 8192 on the Zen 5 VM).
+        // One load and store per k: std::copy here was a memmove call per k for 48 bytes
+        // (measured 5-15% of dW_ih and dW_hh at T*B = 8192 on the Zen 5 VM).
         pack_a_transposed_avx512(kc, tr, src, acs, dst);
       } else {
         for (int64_t r = 0; r < tr; ++r) {
@@ -142,7 +142,8 @@ void packed_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, i
     const int64_t groups = std::min(panels, ceil_div(want, row_blocks));
     const int64_t group = ceil_div(panels, groups);
     at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<float[]> buffer(new float[kRowBlock * kKBlock]);
+      // + 16: the slack pack_a_transposed_avx512 writes past a tile.
+      std::unique_ptr<float[]> buffer(new float[kRowBlock * kKBlock + 16]);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rb = task / groups, g = task % groups;
         const int64_t i0 = rb * kRowBlock, p0 = g * group;

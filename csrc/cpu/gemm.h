@@ -54,7 +54,8 @@ void packed_gemm_block_avx512(int64_t m, int64_t panels, int64_t cols, int64_t k
                               float beta, float* c, int64_t ldc);
 
 // Copies rows (<= 16) adjacent floats at a + kk * acs, kk in [0, kc), to out + kk * rows:
-// a tile of a transposed A packed for the micro-kernel (one masked load and store per kk).
+// a tile of a transposed A packed for the micro-kernel (one load and store per kk). It
+// writes up to 16 - rows floats past out + kc * rows: leave that much slack.
 void pack_a_transposed_avx512(int64_t kc, int64_t rows, const float* a, int64_t acs,
                               float* out);
 
