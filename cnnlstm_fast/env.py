@@ -80,7 +80,8 @@ def _extension() -> dict:
 
 
 CPU_SETTINGS = ("CNNLSTM_FAST_CPU_GEMM", "CNNLSTM_FAST_CPU_CACHE_MB",
-                "CNNLSTM_FAST_CPU_PERSISTENT", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")
+                "CNNLSTM_FAST_CPU_PERSISTENT", "GLIBC_TUNABLES", "LD_PRELOAD",
+                "THP_MEM_ALLOC_ENABLE")
 
 
 def _cpu_gemm(module) -> dict:

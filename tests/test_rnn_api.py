@@ -130,16 +130,35 @@ def test_auto_follows_the_measured_rules(monkeypatch):
 
     if not expect_cpu or not _ext.load().cpu_gemm_info()["avx512_supported"]:
         return
-    # With our AVX-512 GEMM: the rule measured on the AMD EPYC.
+    # With our AVX-512 GEMM: the rule measured on the AMD EPYC, with glibc's malloc as
+    # it comes.
     monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "auto")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     assert picks(_cpu("gru", 256, 256, 32, needs_grad=True))
     assert not picks(_cpu("gru", 256, 512, 32))  # beyond the measured batches
     assert picks(_cpu("lstm", 128, 1, 1000))  # small batch, long sequence
     assert not picks(_cpu("lstm", 256, 1, 32))  # too few steps to repay the packing
     assert not picks(_cpu("lstm", 1024, 16, 32))  # inference at batch 16: oneDNN
     assert picks(_cpu("lstm", 1024, 16, 32, needs_grad=True))
+    assert not picks(_cpu("lstm", 512, 16, 32, needs_grad=True))  # 0.94x-1.43x: torch.nn
     assert picks(_cpu("lstm", 256, 64, 128, needs_grad=True))  # 32 MiB of activations
     assert not picks(_cpu("lstm", 256, 128, 32, needs_grad=True))  # 16 MiB: not above
+    # A malloc that keeps freed memory spares torch.nn its page faults: only the small
+    # batches stay with the cpu backend.
+    for keeps in [("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1073741824"),
+                  ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")]:
+        with monkeypatch.context() as env:
+            env.setenv(*keeps)
+            assert not picks(_cpu("lstm", 256, 64, 128, needs_grad=True)), keeps
+            assert not picks(_cpu("lstm", 1024, 16, 32, needs_grad=True)), keeps
+            assert picks(_cpu("lstm", 128, 4, 1000, needs_grad=True)), keeps
+            assert picks(_cpu("gru", 256, 64, 128, needs_grad=True)), keeps
+    # A threshold below glibc's own ceiling (32 MiB) still unmaps torch.nn's buffers.
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert picks(_cpu("lstm", 256, 64, 128, needs_grad=True))
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=lots")
+    assert picks(_cpu("lstm", 256, 64, 128, needs_grad=True))
     assert not picks(_cpu("lstm", 128, 1, 1000, proj=64))  # projections: unmeasured
     assert not picks(_cpu("rnn_tanh", 128, 1, 1000))
     # float64 keeps the BLAS rule

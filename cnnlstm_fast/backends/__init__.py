@@ -63,26 +63,54 @@ def _cpu_gemm_is_avx512() -> bool:
 #: malloc hands torch.nn fresh memory (faulted in page by page) at every step and the
 #: cpu backend reuses its cached buffers.
 _CPU_LSTM_LARGE_ACTIVATIONS = 16 << 20
+#: glibc's own ceiling for its dynamic mmap threshold: a threshold set at least this high
+#: keeps every block torch.nn's LSTM frees at these sizes for reuse.
+_GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
+_KEEPING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def _malloc_keeps_freed_memory() -> bool:
+    """Whether this process's malloc keeps large freed blocks for reuse instead of
+    unmapping them, so torch.nn's LSTM training does not fault in fresh memory at every
+    step: glibc with ``glibc.malloc.mmap_threshold`` raised to 32 MiB or more through
+    GLIBC_TUNABLES (measured), or jemalloc, tcmalloc or mimalloc in LD_PRELOAD (assumed
+    alike; not measured). A ``mallopt`` call by the application is not seen."""
+    for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = item.partition("=")
+        if name.strip() == "glibc.malloc.mmap_threshold":
+            try:
+                return int(value, 0) >= _GLIBC_MMAP_THRESHOLD_MAX
+            except ValueError:
+                return False
+    preload = os.environ.get("LD_PRELOAD", "")
+    return any(name in preload for name in _KEEPING_ALLOCATORS)
 
 
 def _cpu_avx512_beats_torch(spec: RecurrenceSpec) -> bool:
     """float32 with our AVX-512 GEMM, measured on a 2-core AMD EPYC (Zen 5) against
     oneDNN's LSTM and ATen's GRU (benchmarks/results/cpu-amd-epyc/: batch-sweep,
     hidden-sweep, issue3-*, small-batch-lstm-*). GRU: faster everywhere measured (batch
-    1-256, hidden 128-2048; 1.2x-25x). LSTM (no projection; oneDNN's kernel is faster per
-    step from batch 8): inference at batch <= 8 with >= 256 steps (the persistent path,
-    1.1x-1.7x); training there too (1.1x-1.6x), at hidden >= 512 for batch 2-64 (1.1x-1.4x
-    at batch 16) and where the saved activations exceed 16 MiB (1.2x-1.9x; at 16 MiB and
-    below torch.nn measured up to 1.2x faster). Elsewhere torch.nn (0.75x-1.0x there)."""
+    1-256, hidden 128-2048; 1.9x-27x). LSTM (no projection; oneDNN's forward runs near
+    this machine's GEMM peak and is faster from batch 8, 0.8x-0.98x): inference at
+    batch <= 8 with >= 256 steps (the persistent path, 1.1x-1.75x); training there too
+    (1.3x-1.7x; 1.1x-1.7x with glibc keeping freed memory). Two more training cases win
+    only because glibc's default malloc makes torch.nn fault in fresh memory at every
+    step: hidden >= 1024 at batch 2-64 (1.2x-1.3x at batch 16) and saved activations
+    above 16 MiB (1.3x-1.95x); with a malloc that keeps freed memory
+    (:func:`_malloc_keeps_freed_memory`) torch.nn measured faster there (0.84x-0.89x),
+    so they do not apply. Elsewhere torch.nn (hidden 512 at batch 16 measured 0.94x-1.43x
+    across runs: left to torch.nn)."""
     if spec.cell == "gru":
         return spec.batch <= 256 and spec.hidden_size <= 2048
     if spec.cell != "lstm" or spec.proj_size:
         return False
     small_batch = spec.batch <= 8 and spec.steps >= 256
-    if not spec.needs_grad:
+    if not spec.needs_grad or small_batch:
         return small_batch
+    if _malloc_keeps_freed_memory():
+        return False
     activations = spec.steps * spec.batch * 4 * spec.hidden_size * 4
-    return (small_batch or (spec.hidden_size >= 512 and 2 <= spec.batch <= 64)
+    return ((spec.hidden_size >= 1024 and 2 <= spec.batch <= 64)
             or activations > _CPU_LSTM_LARGE_ACTIVATIONS)
 
 
