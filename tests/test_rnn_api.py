@@ -133,8 +133,8 @@ def test_auto_follows_the_measured_rules(monkeypatch):
     # With our AVX-512 GEMM: the rule measured on the AMD EPYC, with glibc's malloc as
     # it comes.
     monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "auto")
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
     assert picks(_cpu("gru", 256, 256, 32, needs_grad=True))
     assert not picks(_cpu("gru", 256, 512, 32))  # beyond the measured batches
     assert picks(_cpu("lstm", 128, 1, 1000))  # small batch, long sequence
@@ -154,11 +154,23 @@ def test_auto_follows_the_measured_rules(monkeypatch):
             assert not picks(_cpu("lstm", 1024, 16, 32, needs_grad=True)), keeps
             assert picks(_cpu("lstm", 128, 4, 1000, needs_grad=True)), keeps
             assert picks(_cpu("gru", 256, 64, 128, needs_grad=True)), keeps
-    # A threshold below glibc's own ceiling (32 MiB) still unmaps torch.nn's buffers.
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    # A threshold below glibc's own ceiling (32 MiB) still unmaps torch.nn's buffers; the
+    # environment alias and glibc's number formats count too.
+    for tunables, keeps in [("glibc.malloc.mmap_threshold=65536", False),
+                            ("glibc.malloc.mmap_threshold=lots", False),
+                            ("glibc.malloc.mmap_threshold=0x2000000", True),
+                            ("glibc.malloc.mmap_threshold=0200000000", True)]:
+        monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+        assert picks(_cpu("lstm", 256, 64, 128, needs_grad=True)) != keeps, tunables
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    assert not picks(_cpu("lstm", 256, 64, 128, needs_grad=True))
+    # glibc before 2.35 ignores a threshold above 32 MiB.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1073741824")
+    monkeypatch.setattr(backends, "_glibc_version", lambda: (2, 31))
     assert picks(_cpu("lstm", 256, 64, 128, needs_grad=True))
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=lots")
-    assert picks(_cpu("lstm", 256, 64, 128, needs_grad=True))
+    monkeypatch.setattr(backends, "_glibc_version", lambda: (2, 36))
+    assert not picks(_cpu("lstm", 256, 64, 128, needs_grad=True))
     assert not picks(_cpu("lstm", 128, 1, 1000, proj=64))  # projections: unmeasured
     assert not picks(_cpu("rnn_tanh", 128, 1, 1000))
     # float64 keeps the BLAS rule

@@ -64,24 +64,51 @@ def _cpu_gemm_is_avx512() -> bool:
 #: cpu backend reuses its cached buffers.
 _CPU_LSTM_LARGE_ACTIVATIONS = 16 << 20
 #: glibc's own ceiling for its dynamic mmap threshold: a threshold set at least this high
-#: keeps every block torch.nn's LSTM frees at these sizes for reuse.
+#: keeps every block torch.nn's LSTM frees at these sizes for reuse. glibc before 2.35
+#: ignores a threshold above it (``do_set_mmap_threshold`` refused values over
+#: HEAP_MAX_SIZE / 2); 2.36 applied 1 GiB in our measurements.
 _GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
 _KEEPING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def _glibc_version() -> tuple[int, ...]:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else ()
+    except (AttributeError, ValueError, OSError, TypeError):
+        return ()
+
+
+def _parse_size(text: str) -> int | None:
+    """An unsigned number as glibc's tunables read it (strtoul, base 0)."""
+    text = text.strip()
+    try:
+        if text.lower().startswith("0x"):
+            return int(text, 16)
+        return int(text, 8) if len(text) > 1 and text.startswith("0") else int(text)
+    except ValueError:
+        return None
 
 
 def _malloc_keeps_freed_memory() -> bool:
     """Whether this process's malloc keeps large freed blocks for reuse instead of
     unmapping them, so torch.nn's LSTM training does not fault in fresh memory at every
-    step: glibc with ``glibc.malloc.mmap_threshold`` raised to 32 MiB or more through
-    GLIBC_TUNABLES (measured), or jemalloc, tcmalloc or mimalloc in LD_PRELOAD (assumed
-    alike; not measured). A ``mallopt`` call by the application is not seen."""
+    step: glibc with its mmap threshold set to 32 MiB or more (measured) through
+    GLIBC_TUNABLES ``glibc.malloc.mmap_threshold`` or MALLOC_MMAP_THRESHOLD_ (above 32 MiB
+    only from glibc 2.35), or jemalloc, tcmalloc or mimalloc in LD_PRELOAD (assumed
+    alike; not measured). It reads the environment as the process sees it now; glibc
+    read it at start, and a ``mallopt`` call by the application is not seen."""
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
         name, _, value = item.partition("=")
         if name.strip() == "glibc.malloc.mmap_threshold":
-            try:
-                return int(value, 0) >= _GLIBC_MMAP_THRESHOLD_MAX
-            except ValueError:
-                return False
+            threshold = value
+    if threshold is not None:
+        size = _parse_size(threshold)
+        if size is not None and size >= _GLIBC_MMAP_THRESHOLD_MAX:
+            version = _glibc_version()
+            if size == _GLIBC_MMAP_THRESHOLD_MAX or not version or version >= (2, 35):
+                return True
     preload = os.environ.get("LD_PRELOAD", "")
     return any(name in preload for name in _KEEPING_ALLOCATORS)
 
