@@ -416,6 +416,23 @@ class SpinBarrier {
   alignas(64) std::atomic<int64_t> generation_{0};
 };
 
+// Runs body(i) on `team` OpenMP threads, i the thread's number, and returns true; or
+// returns false, nobody having run body, when the runtime gives fewer threads than asked
+// (a limit, nesting): the per-step path then computes the same thing.
+template <typename Body>
+bool run_on_team(int team, const Body& body) {
+  std::atomic<bool> full_team{true};
+#pragma omp parallel num_threads(team)
+  {
+    if (omp_get_num_threads() != team) {
+      full_team.store(false);
+    } else {
+      body(omp_get_thread_num());
+    }
+  }
+  return full_team.load();
+}
+
 struct PersistentSlice {
   int64_t j0 = 0, j1 = 0;
   // Packed rows of each gate's units, gate after gate, each gate's part padded to whole
@@ -470,111 +487,101 @@ bool persistent_forward(Cell cell, const std::vector<int64_t>& rows, bool revers
   float* const x = from_input ? source.x().data_ptr<float>() : nullptr;
   const auto& kernels = pointwise_kernels<float>();
   SpinBarrier barrier;
-  std::atomic<bool> full_team{true};
-
-#pragma omp parallel num_threads(team)
-  {
-    // The runtime may give fewer threads than asked (a limit, nesting): then nobody
-    // runs here and the per-step path computes the same thing.
-    if (omp_get_num_threads() != team) {
-      full_team.store(false);
-    } else {
-      const int i = omp_get_thread_num();
-      const PersistentSlice& sl = slices[i];
-      const int64_t j0 = sl.j0, j1 = sl.j1, span = j1 - j0;
-      const int64_t pspan = (span + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
-      const int64_t width = gates * pspan, panels = width / kPanelWidth;
-      // Packed here, by the thread that reads it at every step.
-      pack_gate_rows(w_hh, gates, H, j0, j1, pspan, sl.w_hh.data_ptr<float>());
-      if (from_input) {
-        pack_gate_rows(source.w_ih(), gates, H, j0, j1, pspan, sl.w_ih.data_ptr<float>());
-        if (source.bias().defined()) {
-          for (int q = 0; q < gates; ++q) {
-            std::memcpy(sl.bias.data_ptr<float>() + q * pspan,
-                        source.bias().const_data_ptr<float>() + q * H + j0, span * sizeof(float));
-          }
+  const bool ran = run_on_team(team, [&](int i) {
+    const PersistentSlice& sl = slices[i];
+    const int64_t j0 = sl.j0, j1 = sl.j1, span = j1 - j0;
+    const int64_t pspan = (span + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
+    const int64_t width = gates * pspan, panels = width / kPanelWidth;
+    // Packed here, by the thread that reads it at every step.
+    pack_gate_rows(w_hh, gates, H, j0, j1, pspan, sl.w_hh.data_ptr<float>());
+    if (from_input) {
+      pack_gate_rows(source.w_ih(), gates, H, j0, j1, pspan, sl.w_ih.data_ptr<float>());
+      if (source.bias().defined()) {
+        for (int q = 0; q < gates; ++q) {
+          std::memcpy(sl.bias.data_ptr<float>() + q * pspan,
+                      source.bias().const_data_ptr<float>() + q * H + j0, span * sizeof(float));
         }
       }
-      float* cur = h.data_ptr<float>();
-      float* next = other.data_ptr<float>();
-      float* const c_data = c.defined() ? c.data_ptr<float>() : nullptr;
-      ForwardStep<float> s{};
-      s.hidden = H;
-      s.col_begin = j0;
-      s.col_end = j1;
-      s.hw = sl.hw.data_ptr<float>() - j0;
-      s.hw_row_stride = width;
-      s.hw_gate_stride = pspan;
-      s.c = c_data;
-      s.b_hn = b_hn.defined() ? b_hn.const_data_ptr<float>() : nullptr;
-      int64_t first = 0;  // first step of the projected chunk
-      auto copy_units = [&](float* dst, const float* src, int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          std::memcpy(dst + r * H + j0, src + r * H + j0, span * sizeof(float));
-        }
-      };
-      auto zero_units = [&](float* dst, int64_t r0, int64_t r1, int64_t stride, int copies) {
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int q = 0; q < copies; ++q) {
-            std::memset(dst + r * stride + q * H + j0, 0, span * sizeof(float));
-          }
-        }
-      };
-      for (int64_t step = 0; step < T; ++step) {
-        const int64_t t = reverse ? T - 1 - step : step;
-        const int64_t n = rows[t];
-        float* y_t = y.data_ptr<float>() + t * B * H;
-        float* act_t = act.data_ptr<float>() + (need_saved ? t * B * G : 0);
-        zero_units(y_t, n, B, H, 1);
-        if (need_saved) {
-          zero_units(act_t, n, B, G, gates);
-          copy_units(h_prev.data_ptr<float>() + t * B * H, cur, 0, B);
-          if (cell == kLstm) {
-            copy_units(extra.data_ptr<float>() + t * B * H, c_data, 0, B);
-          } else if (cell == kGru) {
-            zero_units(extra.data_ptr<float>() + t * B * H, n, B, H, 1);
-          }
-        }
-        if (from_input) {
-          if (step % chunk == 0) {
-            const int64_t len = std::min(chunk, T - step);
-            first = reverse ? T - step - len : step;
-            if (span > 0) {
-              packed_gemm_block_avx512(len * B, panels, width, I, x + first * B * I, I, 1,
-                                       sl.w_ih.const_data_ptr<float>(), I * kPanelWidth,
-                                       sl.bias.const_data_ptr<float>(), 0.0f,
-                                       sl.gx.data_ptr<float>(), width);
-            }
-          }
-          s.gx = sl.gx.const_data_ptr<float>() + (t - first) * B * width - j0;
-          s.gx_row_stride = width;
-          s.gx_gate_stride = pspan;
-        } else {
-          s.gx = source.whole() + t * B * G;
-          s.gx_row_stride = G;
-          s.gx_gate_stride = H;
-        }
-        if (n > 0 && span > 0) {
-          packed_gemm_block_avx512(n, panels, width, H, cur, H, 1,
-                                   sl.w_hh.const_data_ptr<float>(), H * kPanelWidth, nullptr,
-                                   0.0f, sl.hw.data_ptr<float>(), width);
-          s.rows = n;
-          s.act = act_t;
-          s.h_in = cur;
-          s.h = next;
-          s.y = y_t;
-          s.extra = need_saved && cell == kGru ? extra.data_ptr<float>() + t * B * H : nullptr;
-          kernels.forward[cell](s);
-        }
-        copy_units(next, cur, n, B);  // rows past the step keep their state
-        barrier.wait(team);
-        std::swap(cur, next);
-      }
-      // After an odd number of steps h_T is in `other`: copy this thread's units back.
-      if (T % 2 == 1) copy_units(h.data_ptr<float>(), cur, 0, B);
     }
-  }
-  if (!full_team.load()) return false;
+    float* cur = h.data_ptr<float>();
+    float* next = other.data_ptr<float>();
+    float* const c_data = c.defined() ? c.data_ptr<float>() : nullptr;
+    ForwardStep<float> s{};
+    s.hidden = H;
+    s.col_begin = j0;
+    s.col_end = j1;
+    s.hw = sl.hw.data_ptr<float>() - j0;
+    s.hw_row_stride = width;
+    s.hw_gate_stride = pspan;
+    s.c = c_data;
+    s.b_hn = b_hn.defined() ? b_hn.const_data_ptr<float>() : nullptr;
+    int64_t first = 0;  // first step of the projected chunk
+    auto copy_units = [&](float* dst, const float* src, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        std::memcpy(dst + r * H + j0, src + r * H + j0, span * sizeof(float));
+      }
+    };
+    auto zero_units = [&](float* dst, int64_t r0, int64_t r1, int64_t stride, int copies) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int q = 0; q < copies; ++q) {
+          std::memset(dst + r * stride + q * H + j0, 0, span * sizeof(float));
+        }
+      }
+    };
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = reverse ? T - 1 - step : step;
+      const int64_t n = rows[t];
+      float* y_t = y.data_ptr<float>() + t * B * H;
+      float* act_t = act.data_ptr<float>() + (need_saved ? t * B * G : 0);
+      zero_units(y_t, n, B, H, 1);
+      if (need_saved) {
+        zero_units(act_t, n, B, G, gates);
+        copy_units(h_prev.data_ptr<float>() + t * B * H, cur, 0, B);
+        if (cell == kLstm) {
+          copy_units(extra.data_ptr<float>() + t * B * H, c_data, 0, B);
+        } else if (cell == kGru) {
+          zero_units(extra.data_ptr<float>() + t * B * H, n, B, H, 1);
+        }
+      }
+      if (from_input) {
+        if (step % chunk == 0) {
+          const int64_t len = std::min(chunk, T - step);
+          first = reverse ? T - step - len : step;
+          if (span > 0) {
+            packed_gemm_block_avx512(len * B, panels, width, I, x + first * B * I, I, 1,
+                                     sl.w_ih.const_data_ptr<float>(), I * kPanelWidth,
+                                     sl.bias.const_data_ptr<float>(), 0.0f,
+                                     sl.gx.data_ptr<float>(), width);
+          }
+        }
+        s.gx = sl.gx.const_data_ptr<float>() + (t - first) * B * width - j0;
+        s.gx_row_stride = width;
+        s.gx_gate_stride = pspan;
+      } else {
+        s.gx = source.whole() + t * B * G;
+        s.gx_row_stride = G;
+        s.gx_gate_stride = H;
+      }
+      if (n > 0 && span > 0) {
+        packed_gemm_block_avx512(n, panels, width, H, cur, H, 1,
+                                 sl.w_hh.const_data_ptr<float>(), H * kPanelWidth, nullptr,
+                                 0.0f, sl.hw.data_ptr<float>(), width);
+        s.rows = n;
+        s.act = act_t;
+        s.h_in = cur;
+        s.h = next;
+        s.y = y_t;
+        s.extra = need_saved && cell == kGru ? extra.data_ptr<float>() + t * B * H : nullptr;
+        kernels.forward[cell](s);
+      }
+      copy_units(next, cur, n, B);  // rows past the step keep their state
+      barrier.wait(team);
+      std::swap(cur, next);
+    }
+    // After an odd number of steps h_T is in `other`: copy this thread's units back.
+    if (T % 2 == 1) copy_units(h.data_ptr<float>(), cur, 0, B);
+  });
+  if (!ran) return false;
   persistent_forward_count.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
@@ -752,55 +759,47 @@ bool persistent_backward(Cell cell, const std::vector<int64_t>& rows, bool rever
   }
   const auto& kernels = pointwise_kernels<float>();
   SpinBarrier barrier;
-  std::atomic<bool> full_team{true};
-
-#pragma omp parallel num_threads(team)
-  {
-    if (omp_get_num_threads() != team) {
-      full_team.store(false);
-    } else {
-      const int i = omp_get_thread_num();
-      const auto [j0, j1] = unit_slice(H, i, team);
-      const int64_t span = j1 - j0;
-      float* const w = packed[i].data_ptr<float>();
-      pack_b(G, span, w_hh.const_data_ptr<float>() + j0, H, 1, w);
-      BackwardStep<float> s{};
-      s.hidden = H;
-      s.col_begin = j0;
-      s.col_end = j1;
-      s.dh = dh.data_ptr<float>();
-      s.dc = dc.defined() ? dc.data_ptr<float>() : nullptr;
-      // Zeroes this thread's units of every gate in rows [n, B) of a (B, G) slab.
-      auto zero_units = [&](float* slab, int64_t n) {
-        for (int64_t r = n; r < B; ++r) {
-          for (int q = 0; q < gates; ++q) {
-            std::memset(slab + r * G + q * H + j0, 0, span * sizeof(float));
-          }
+  const bool ran = run_on_team(team, [&](int i) {
+    const auto [j0, j1] = unit_slice(H, i, team);
+    const int64_t span = j1 - j0;
+    float* const w = packed[i].data_ptr<float>();
+    pack_b(G, span, w_hh.const_data_ptr<float>() + j0, H, 1, w);
+    BackwardStep<float> s{};
+    s.hidden = H;
+    s.col_begin = j0;
+    s.col_end = j1;
+    s.dh = dh.data_ptr<float>();
+    s.dc = dc.defined() ? dc.data_ptr<float>() : nullptr;
+    // Zeroes this thread's units of every gate in rows [n, B) of a (B, G) slab.
+    auto zero_units = [&](float* slab, int64_t n) {
+      for (int64_t r = n; r < B; ++r) {
+        for (int q = 0; q < gates; ++q) {
+          std::memset(slab + r * G + q * H + j0, 0, span * sizeof(float));
         }
-      };
-      for (int64_t step = 0; step < T; ++step) {
-        const int64_t t = reverse ? step : T - 1 - step;
-        const int64_t n = rows[t];
-        s.d_gx = d_gx.data_ptr<float>() + t * B * G;
-        s.d_gh = d_gh.data_ptr<float>() + t * B * G;
-        zero_units(s.d_gx, n);
-        if (cell == kGru) zero_units(s.d_gh, n);
-        if (n == 0) continue;  // every thread skips the step: no barrier
-        s.rows = n;
-        s.act = act.const_data_ptr<float>() + t * B * G;
-        s.extra = extra.numel() > 0 ? extra.const_data_ptr<float>() + t * B * H : nullptr;
-        s.h_prev = h_prev.const_data_ptr<float>() + t * B * H;
-        s.d_y = d_y.const_data_ptr<float>() + t * B * H;
-        kernels.backward[cell](s);
-        barrier.wait(team);  // dG[t] complete
-        // GRU: the pointwise pass left d_h * z in dh; the recurrent part adds to it.
-        packed_gemm_block_avx512(n, (span + kPanelWidth - 1) / kPanelWidth, span, G, s.d_gh, G,
-                                 1, w, G * kPanelWidth, nullptr, cell == kGru ? 1.0f : 0.0f,
-                                 s.dh + j0, H);
       }
+    };
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = reverse ? step : T - 1 - step;
+      const int64_t n = rows[t];
+      s.d_gx = d_gx.data_ptr<float>() + t * B * G;
+      s.d_gh = d_gh.data_ptr<float>() + t * B * G;
+      zero_units(s.d_gx, n);
+      if (cell == kGru) zero_units(s.d_gh, n);
+      if (n == 0) continue;  // every thread skips the step: no barrier
+      s.rows = n;
+      s.act = act.const_data_ptr<float>() + t * B * G;
+      s.extra = extra.numel() > 0 ? extra.const_data_ptr<float>() + t * B * H : nullptr;
+      s.h_prev = h_prev.const_data_ptr<float>() + t * B * H;
+      s.d_y = d_y.const_data_ptr<float>() + t * B * H;
+      kernels.backward[cell](s);
+      barrier.wait(team);  // dG[t] complete
+      // GRU: the pointwise pass left d_h * z in dh; the recurrent part adds to it.
+      packed_gemm_block_avx512(n, (span + kPanelWidth - 1) / kPanelWidth, span, G, s.d_gh, G,
+                               1, w, G * kPanelWidth, nullptr, cell == kGru ? 1.0f : 0.0f,
+                               s.dh + j0, H);
     }
-  }
-  if (!full_team.load()) return false;
+  });
+  if (!ran) return false;
   persistent_backward_count.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
