@@ -4,8 +4,8 @@
 recurrence's per-step GEMMs, with the AVX-512 kernel and with torch's BLAS
 (CNNLSTM_FAST_CPU_GEMM), against float64 on shapes that hit every tile edge: rows
 1-3 (the 3 x 128 tile), 4-13 and 97-193 (12-row tiles and the 96-row blocks), columns
-that are not multiples of the 32-wide panel, k = 1. Also the float tanh of the
-pointwise pass, through an RNN-tanh step whose recurrent part is zero.
+that are not multiples of the 32-wide panel, k = 1. Also the float tanh and sigmoid of the
+pointwise pass (its own exp on AVX-512), through steps whose recurrent part is zero.
 """
 
 from __future__ import annotations
@@ -144,6 +144,40 @@ def test_tanh_of_the_pointwise_pass_is_within_a_few_ulps():
     err_ulps = ((y.double() - exact).abs() / ulp).max().item()
     assert err_ulps <= 4, f"tanh error {err_ulps:.2f} ulps"
     assert torch.isnan(tanh(torch.full_like(values, float("nan")))).all()
+
+
+def test_sigmoid_and_tanh_of_the_lstm_step_are_within_a_few_ulps():
+    """lstm with W_hh = 0 and h0 = c0 = 0 saves sigmoid(G_x) for the i, f and o gates
+    and tanh(G_x) for g: the pointwise pass's exp (exp_float on AVX-512) through both."""
+    hidden = 37  # not a multiple of the vector width: the masked tail too
+    values = torch.cat([torch.linspace(-87, 30, 200_003), torch.randn(20_000) * 1e-3,
+                        torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.55, -0.55, 16.5, -16.5])])
+    values = torch.cat([values, values[: -values.numel() % (4 * hidden)]]).float()
+    batch = values.numel() // (4 * hidden)
+    gx = values[torch.randperm(values.numel())].view(1, batch, 4 * hidden)
+    zeros = torch.zeros(batch, hidden)
+    act = torch.ops.cnnlstm_fast.recurrence_forward(
+        "lstm", gx, zeros, zeros, torch.zeros(4 * hidden, hidden), None, None, None, False,
+        True)[3].view(batch, 4, hidden)
+    pre = gx.view(batch, 4, hidden).double()
+    exact = torch.stack([pre[:, 0].sigmoid(), pre[:, 1].sigmoid(), pre[:, 2].tanh(),
+                         pre[:, 3].sigmoid()], 1)
+    ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    err_ulps = ((act.double() - exact).abs() / ulp).amax(dim=(0, 2))
+    # Measured 1.4-1.5 (torch.sigmoid in float32: 1.2), in units of eps * |exact|.
+    assert (err_ulps <= 2).all(), f"i, f, g, o errors {err_ulps.tolist()} ulps"
+
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), 100.0, -100.0, 89.0,
+                            -89.0, 0.0])
+    gx = special.repeat(4).view(1, 1, 4 * 8)
+    act = torch.ops.cnnlstm_fast.recurrence_forward(
+        "lstm", gx, torch.zeros(1, 8), torch.zeros(1, 8), torch.zeros(32, 8), None, None,
+        None, False, True)[3].view(4, 8)
+    # As float32 computes 1 / (1 + exp(-x)) and tanh: exp overflows to inf past 88.7.
+    want_sigmoid = torch.tensor([float("nan"), 1, 0, 1, 0, 1, 0, 0.5])
+    want_tanh = torch.tensor([float("nan"), 1, -1, 1, -1, 1, -1, 0])
+    for gate, want in zip(act, [want_sigmoid, want_sigmoid, want_tanh, want_sigmoid]):
+        torch.testing.assert_close(gate, want, equal_nan=True, rtol=0, atol=0)
 
 
 def test_bad_gemm_choice_is_named(monkeypatch):
