@@ -36,7 +36,8 @@ namespace gm = cnnlstm_fast::gate_math;
 // NaN. Within 1.3 ulps of exp; measured 1.6 ns a vector, and the LSTM step's pointwise
 // pass 17.3 -> 11.6 us at 64 x 128 units on the Zen 5 VM (standalone harness).
 #if defined(CPU_CAPABILITY_AVX512)
-inline at::vec::Vectorized<float> exp_float(at::vec::Vectorized<float> v) {
+__attribute__((always_inline)) inline at::vec::Vectorized<float> exp_float(
+    at::vec::Vectorized<float> v) {
   __m512 x = _mm512_min_ps(_mm512_set1_ps(88.8f), v);
   x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -70,7 +71,7 @@ V exp_of(V x) {
 // sign(x) (1 - 2 / (exp(2|x|) + 1)), where the subtraction cancels no leading digits. Both
 // are within a few float ulps of tanh; NaN and +-inf come out as tanh's.
 template <typename V>
-V tanh_float(V x) {
+__attribute__((always_inline)) inline V tanh_float(V x) {
   const V x2 = x * x;
   V p = V(-929569.0f / 638512875.0f);
   p = at::vec::fmadd(p, x2, V(21844.0f / 6081075.0f));
