@@ -38,23 +38,6 @@ struct ForwardStep {
   scalar_t* m;           // LSTM with projection (rows, hidden) out: o * tanh(c)
   scalar_t* extra;       // GRU (rows, hidden) out: a_n + b_hn, saved for backward (nullable)
   const scalar_t* b_hn;  // GRU (hidden) or null (no bias)
-
-  // The same step on its rows [r0, r0 + count) only (act has gates * hidden a row).
-  ForwardStep rows_from(int64_t r0, int64_t count, int gates) const {
-    ForwardStep b = *this;
-    auto at = [&](auto* p, int64_t stride) { return p != nullptr ? p + r0 * stride : p; };
-    b.rows = count;
-    b.gx = at(gx, gx_row_stride);
-    b.hw = at(hw, hw_row_stride);
-    b.act = at(act, gates * hidden);
-    b.h_in = at(h_in, hidden);
-    b.h = at(h, hidden);
-    b.y = at(y, hidden);
-    b.c = at(c, hidden);
-    b.m = at(m, hidden);
-    b.extra = at(extra, hidden);
-    return b;
-  }
 };
 
 // One backward step on rows [0, rows) and hidden units [col_begin, col_end) (all gates

@@ -357,9 +357,6 @@ constexpr int64_t kSmallBatchRows = 16;
 // the barrier is expected to cost more than the split saves.
 constexpr int64_t kPersistentMinWeightBytes = int64_t{64} << 10;
 constexpr int64_t kUnitWidth = kPanelWidth;  // hidden units per slice step: one GEMM panel
-// Rows per block of the persistent forward's step: the micro-kernel's tile height (12). An
-// element's dot product is the same whatever tile computes it, so this changes no bits.
-constexpr int64_t kFusedRows = 12;
 
 std::atomic<int64_t> persistent_forward_count{0};
 std::atomic<int64_t> persistent_backward_count{0};
@@ -570,14 +567,12 @@ bool persistent_forward(Cell cell, const std::vector<int64_t>& rows, bool revers
       s.h = next;
       s.y = y_t;
       s.extra = need_saved && cell == kGru ? extra.data_ptr<float>() + t * B * H : nullptr;
-      // A block of rows at a time, the GEMM and then the pointwise pass, which finds the
-      // block's h W_hh^T (12 rows x 4 gates x 128 units: 24 KB) still in L1.
-      for (int64_t r0 = 0; r0 < (span > 0 ? n : 0); r0 += kFusedRows) {
-        const int64_t count = std::min(kFusedRows, n - r0);
-        packed_gemm_block_avx512(count, panels, width, H, cur + r0 * H, H, 1,
+      if (n > 0 && span > 0) {
+        packed_gemm_block_avx512(n, panels, width, H, cur, H, 1,
                                  sl.w_hh.const_data_ptr<float>(), H * kPanelWidth, nullptr,
-                                 0.0f, sl.hw.data_ptr<float>() + r0 * width, width);
-        kernels.forward[cell](s.rows_from(r0, count, gates));
+                                 0.0f, sl.hw.data_ptr<float>(), width);
+        s.rows = n;
+        kernels.forward[cell](s);
       }
       copy_units(next, cur, n, B);  // rows past the step keep their state
       barrier.wait(team);
