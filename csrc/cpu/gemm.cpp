@@ -68,6 +68,12 @@ void pack_b(int64_t k, int64_t n, const float* b, int64_t rs, int64_t cs, float*
     for (int64_t p = begin; p < end; ++p) {
       float* out = packed + p * k * kPanelWidth;
       const int64_t j0 = p * kPanelWidth, width = std::min(kPanelWidth, n - j0);
+      if (rs == 1 && packed_gemm_supported()) {  // W row-major: transpose 16 x 16 blocks
+        // A 1024 x 256 weight: 29 us against 68 for the loop below built for AVX-512 (one
+        // thread, Zen 5 VM, standalone harness).
+        pack_panel_transposed_avx512(k, width, b + j0 * cs, cs, out);
+        continue;
+      }
       for (int64_t kk = 0; kk < k; ++kk) {
         float* row = out + kk * kPanelWidth;
         for (int64_t j = 0; j < width; ++j) row[j] = b[kk * rs + (j0 + j) * cs];

@@ -59,4 +59,10 @@ void packed_gemm_block_avx512(int64_t m, int64_t panels, int64_t cols, int64_t k
 void pack_a_transposed_avx512(int64_t kc, int64_t rows, const float* a, int64_t acs,
                               float* out);
 
+// One panel of pack_b for B = W^T, W (width <= kPanelWidth rows of k floats, row stride
+// ld) stored row-major: out[kk * kPanelWidth + j] = w[j * ld + kk], zero for j >= width.
+// 16 x 16 blocks transposed in registers instead of a strided read per element.
+void pack_panel_transposed_avx512(int64_t k, int64_t width, const float* w, int64_t ld,
+                                  float* out);
+
 }  // namespace cnnlstm_fast::cpu

@@ -117,6 +117,54 @@ void pack_a_transposed_avx512(int64_t kc, int64_t rows, const float* a, int64_t 
   }
 }
 
+namespace {
+
+// Transposes the 16 x 16 block in v (v[r] lane c -> v[c] lane r) in four rounds of
+// shuffles: 32-bit pairs, 64-bit pairs, then 128-bit lanes twice.
+void transpose16(__m512 v[16]) {
+  __m512 t[16];
+  for (int r = 0; r < 16; r += 2) {
+    t[r] = _mm512_unpacklo_ps(v[r], v[r + 1]);
+    t[r + 1] = _mm512_unpackhi_ps(v[r], v[r + 1]);
+  }
+  for (int r = 0; r < 16; r += 4) {
+    for (int q = 0; q < 2; ++q) {
+      const __m512d a = _mm512_castps_pd(t[r + q]), b = _mm512_castps_pd(t[r + 2 + q]);
+      v[r + 2 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      v[r + 2 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  }
+  for (int r = 0; r < 16; r += 8) {
+    for (int q = 0; q < 4; ++q) {
+      t[r + q] = _mm512_shuffle_f32x4(v[r + q], v[r + 4 + q], 0x88);
+      t[r + 4 + q] = _mm512_shuffle_f32x4(v[r + q], v[r + 4 + q], 0xDD);
+    }
+  }
+  for (int q = 0; q < 8; ++q) {
+    v[q] = _mm512_shuffle_f32x4(t[q], t[8 + q], 0x88);
+    v[8 + q] = _mm512_shuffle_f32x4(t[q], t[8 + q], 0xDD);
+  }
+}
+
+}  // namespace
+
+void pack_panel_transposed_avx512(int64_t k, int64_t width, const float* w, int64_t ld,
+                                  float* out) {
+  __m512 v[16];
+  for (int64_t k0 = 0; k0 < k; k0 += 16) {
+    const int64_t kc = k - k0 < 16 ? k - k0 : 16;
+    const __mmask16 mask = column_mask(kc);
+    for (int64_t half = 0; half < kPanelWidth; half += 16) {
+      for (int r = 0; r < 16; ++r) {
+        v[r] = half + r < width ? _mm512_maskz_loadu_ps(mask, w + (half + r) * ld + k0)
+                                : _mm512_setzero_ps();
+      }
+      transpose16(v);
+      for (int64_t c = 0; c < kc; ++c) _mm512_storeu_ps(out + (k0 + c) * kPanelWidth + half, v[c]);
+    }
+  }
+}
+
 }  // namespace cnnlstm_fast::cpu
 
 #else
@@ -126,6 +174,7 @@ void packed_gemm_block_avx512(int64_t, int64_t, int64_t, int64_t, const float*, 
                               int64_t, const float*, int64_t, const float*, float, float*,
                               int64_t) {}
 void pack_a_transposed_avx512(int64_t, int64_t, const float*, int64_t, float*) {}
+void pack_panel_transposed_avx512(int64_t, int64_t, const float*, int64_t, float*) {}
 }  // namespace cnnlstm_fast::cpu
 
 #endif
