@@ -12,7 +12,8 @@ the CPU has AVX-512 (torch's MKL measured 2-4x slower at these shapes on a 2-cor
 Zen 5, the rate of its AVX2 code), ``F.linear`` elsewhere. ``CNNLSTM_FAST_CPU_GEMM``
 (``auto``, ``avx512``, ``blas``) picks the GEMM of the projection and the recurrence alike.
 
-Its large buffers (saved activations, dG, the projection; 1 MB and more) come from a
+Its large buffers (saved activations, dG, the projection, packed weights, scratch; 128 KB
+and more) come from a
 cache of blocks that earlier calls freed (``csrc/cpu/alloc.h``): fresh memory of that
 size is faulted in a page at a time on every training step otherwise, which cost a
 third of an LSTM's forward+backward on a 2-core VM. ``CNNLSTM_FAST_CPU_CACHE_MB``

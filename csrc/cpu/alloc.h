@@ -1,5 +1,6 @@
 // Large buffers of the cpu backend (saved activations, gradients of G, the input
-// projection) from a cache of blocks that earlier calls freed.
+// projection, packed weights and per-call scratch) from a cache of blocks that earlier
+// calls freed.
 //
 // Why: each training step allocates the same tens of MB again, and glibc serves blocks
 // above 32 MB (and, until its threshold adapts, above 128 KB) with a fresh mmap that the
@@ -24,7 +25,7 @@
 namespace cnnlstm_fast::cpu {
 
 // at::empty(sizes, options) for a CPU tensor, its storage from the block cache when it
-// is at least 1 MB. An ordinary resizable CPU tensor.
+// is at least 128 KB. An ordinary resizable CPU tensor.
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace cnnlstm_fast::cpu

@@ -18,7 +18,7 @@ using at::Tensor;
 
 Tensor pack_weight(const Tensor& weight) {
   const int64_t n = weight.size(0), k = weight.size(1);
-  Tensor packed = at::empty({packed_size(k, n)}, weight.options());
+  Tensor packed = empty_large({packed_size(k, n)}, weight.options());
   pack_b(k, n, weight.const_data_ptr<float>(), weight.stride(1), weight.stride(0),
          packed.data_ptr<float>());
   return packed;

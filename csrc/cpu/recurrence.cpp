@@ -256,7 +256,7 @@ class GxSource {
       : x_(x), w_ih_(w_ih), bias_(bias) {
     const int64_t T = x.size(0), B = x.size(1);
     chunk_ = steps_per_chunk(int64_t{2} << 20, B * gates_width * int64_t{sizeof(scalar_t)}, T);
-    buffer_ = at::empty({chunk_, B, gates_width}, x.options());
+    buffer_ = empty_large({chunk_, B, gates_width}, x.options());
     step_stride_ = B * gates_width;
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (use_packed_gemm()) {
@@ -475,12 +475,12 @@ bool persistent_forward(Cell cell, const std::vector<int64_t>& rows, bool revers
     std::tie(sl.j0, sl.j1) = unit_slice(H, i, team);
     const int64_t pspan = (sl.j1 - sl.j0 + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
     const int64_t width = gates * pspan;
-    sl.w_hh = at::empty({width * H}, h.options());
-    sl.hw = at::empty({B, width}, h.options());
+    sl.w_hh = empty_large({width * H}, h.options());
+    sl.hw = empty_large({B, width}, h.options());
     if (from_input) {
-      sl.w_ih = at::empty({width * I}, h.options());
+      sl.w_ih = empty_large({width * I}, h.options());
       sl.bias = at::zeros({width}, h.options());
-      sl.gx = at::empty({chunk, B, width}, h.options());
+      sl.gx = empty_large({chunk, B, width}, h.options());
     }
   }
   Tensor other = at::empty_like(h);
@@ -755,7 +755,7 @@ bool persistent_backward(Cell cell, const std::vector<int64_t>& rows, bool rever
   std::vector<Tensor> packed(team);
   for (int i = 0; i < team; ++i) {
     const auto [j0, j1] = unit_slice(H, i, team);
-    packed[i] = at::empty({packed_size(G, j1 - j0)}, act.options());
+    packed[i] = empty_large({packed_size(G, j1 - j0)}, act.options());
   }
   const auto& kernels = pointwise_kernels<float>();
   SpinBarrier barrier;
