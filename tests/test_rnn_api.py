@@ -138,8 +138,13 @@ def test_auto_follows_the_measured_rules(monkeypatch):
     assert picks(_cpu("gru", 256, 256, 32, needs_grad=True))
     assert not picks(_cpu("gru", 256, 512, 32))  # beyond the measured batches
     assert picks(_cpu("lstm", 128, 1, 1000))  # small batch, long sequence
-    assert not picks(_cpu("lstm", 256, 1, 32))  # too few steps to repay the packing
-    assert not picks(_cpu("lstm", 1024, 16, 32))  # inference at batch 16: oneDNN
+    assert picks(_cpu("lstm", 256, 1, 32))  # inference up to batch 16
+    assert picks(_cpu("lstm", 1024, 16, 32))
+    assert not picks(_cpu("lstm", 256, 32, 32))  # 0.95x-1.0x from batch 32: oneDNN
+    assert not picks(_cpu("lstm", 64, 16, 32))  # below the measured hidden sizes
+    assert picks(_cpu("lstm", 64, 8, 256))  # the persistent path's small batches
+    assert picks(_cpu("lstm", 256, 2, 32, needs_grad=True))  # training at batch <= 2
+    assert not picks(_cpu("lstm", 256, 8, 32, needs_grad=True))  # 0.94x-1.0x: torch.nn
     assert picks(_cpu("lstm", 1024, 16, 32, needs_grad=True))
     assert not picks(_cpu("lstm", 512, 16, 32, needs_grad=True))  # 0.94x-1.43x: torch.nn
     assert picks(_cpu("lstm", 256, 64, 128, needs_grad=True))  # 32 MiB of activations

@@ -117,23 +117,28 @@ def _cpu_avx512_beats_torch(spec: RecurrenceSpec) -> bool:
     """float32 with our AVX-512 GEMM, measured on a 2-core AMD EPYC (Zen 5) against
     oneDNN's LSTM and ATen's GRU (benchmarks/results/cpu-amd-epyc/: batch-sweep,
     hidden-sweep, issue3-*, small-batch-lstm-*). GRU: faster everywhere measured (batch
-    1-256, hidden 128-2048; 1.9x-27x). LSTM (no projection; oneDNN's forward runs near
-    this machine's GEMM peak and is faster from batch 8, 0.8x-0.98x): inference at
-    batch <= 8 with >= 256 steps (the persistent path, 1.1x-1.75x); training there too
-    (1.3x-1.7x; 1.1x-1.7x with glibc keeping freed memory). Two more training cases win
-    only because glibc's default malloc makes torch.nn fault in fresh memory at every
-    step: hidden >= 1024 at batch 2-64 (1.2x-1.3x at batch 16) and saved activations
-    above 16 MiB (1.3x-1.95x); with a malloc that keeps freed memory
-    (:func:`_malloc_keeps_freed_memory`) torch.nn measured faster there (0.84x-0.89x),
-    so they do not apply. Elsewhere torch.nn (hidden 512 at batch 16 measured 0.94x-1.43x
-    across runs: left to torch.nn)."""
+    1-256, hidden 128-2048; 2.1x-27x). LSTM (no projection; oneDNN's forward runs near
+    this machine's GEMM peak): inference up to batch 16 at hidden >= 128 (1.04x-1.55x at
+    T=32, hidden 128-2048; 1.08x-2.3x at T=1000) and at batch <= 8 with >= 256 steps (the
+    persistent path); from batch 32 up it measured 0.95x-1.0x at T=32 (1.16x at B=64
+    T=128 with glibc's default malloc, 0.93x with glibc keeping freed memory), so it stays
+    with torch.nn. Training at batch <= 2 (1.19x-1.21x at T=32) and at batch <= 8 with
+    >= 256 steps (1.1x-2.1x). Two more training cases win only because glibc's default
+    malloc makes torch.nn fault in fresh memory at every step: hidden >= 1024 at batch
+    2-64 (1.46x-1.5x at batch 16) and saved activations above 16 MiB (1.27x-2.06x); with
+    a malloc that keeps freed memory (:func:`_malloc_keeps_freed_memory`) torch.nn
+    measured faster there (0.83x-0.89x), so they do not apply. Elsewhere torch.nn (B=8-64
+    T=32 H=256 training 0.88x-1.0x; hidden 512 at batch 16 measured 0.94x-1.43x across
+    runs: left to torch.nn)."""
     if spec.cell == "gru":
         return spec.batch <= 256 and spec.hidden_size <= 2048
     if spec.cell != "lstm" or spec.proj_size:
         return False
     small_batch = spec.batch <= 8 and spec.steps >= 256
-    if not spec.needs_grad or small_batch:
-        return small_batch
+    if not spec.needs_grad:
+        return small_batch or (spec.batch <= 16 and spec.hidden_size >= 128)
+    if small_batch or spec.batch <= 2:
+        return True
     if _malloc_keeps_freed_memory():
         return False
     activations = spec.steps * spec.batch * 4 * spec.hidden_size * 4
