@@ -21,8 +21,8 @@ namespace {
 // Smaller blocks come from glibc's heap (below its default mmap threshold). Larger ones
 // are not reliably reused there: the persistent path's per-call slices (0.5-1 MB for an
 // LSTM at H=256) were faulted in afresh at every call (glibc trims the heap's top when
-// they are freed), 8% of an inference at B=8 T=32 on the Zen 5 VM until they came
-// from here.
+// they are freed): the kernel's page-fault handling was ~14% of a profile's samples of
+// LSTM inference at B=8 T=32 on the Zen 5 VM until they came from here.
 constexpr size_t kMinBytes = size_t{128} << 10;
 constexpr size_t kRound = size_t{64} << 10;
 

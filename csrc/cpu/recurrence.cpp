@@ -562,16 +562,16 @@ bool persistent_forward(Cell cell, const std::vector<int64_t>& rows, bool revers
         s.gx_row_stride = G;
         s.gx_gate_stride = H;
       }
-      s.act = need_saved ? act_t : nullptr;  // inference: nothing reads the activations
-      s.h_in = cur;
-      s.h = next;
-      s.y = y_t;
-      s.extra = need_saved && cell == kGru ? extra.data_ptr<float>() + t * B * H : nullptr;
       if (n > 0 && span > 0) {
         packed_gemm_block_avx512(n, panels, width, H, cur, H, 1,
                                  sl.w_hh.const_data_ptr<float>(), H * kPanelWidth, nullptr,
                                  0.0f, sl.hw.data_ptr<float>(), width);
         s.rows = n;
+        s.act = need_saved ? act_t : nullptr;  // inference: nothing reads the activations
+        s.h_in = cur;
+        s.h = next;
+        s.y = y_t;
+        s.extra = need_saved && cell == kGru ? extra.data_ptr<float>() + t * B * H : nullptr;
         kernels.forward[cell](s);
       }
       copy_units(next, cur, n, B);  // rows past the step keep their state
