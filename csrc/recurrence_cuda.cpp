@@ -4,8 +4,12 @@
 //
 // The host runs the time loop and launches the per-step kernels of csrc/cuda/ on the
 // caller's current stream (taken from c10, so no CUDA headers of torch are needed and
-// a CPU-only torch compiles this file). dW_hh and dW_hr are one ATen GEMM each after
-// the loop. Compiled only when setup.py found nvcc (CNNLSTM_FAST_WITH_CUDA).
+// a CPU-only torch compiles this file). In the backward, each step's d_h = dG_h W_hh
+// (and d_m = g W_hr) is an ATen GEMM (cuBLAS, float32, on the same stream): the
+// in-house row-times-matrix kernel ran its 4H-long reduction serially in a few dozen
+// blocks (~140 us a step at B=16, H=768 on an H100). dW_hh and dW_hr are one ATen
+// GEMM each after the loop. Compiled only when setup.py found nvcc
+// (CNNLSTM_FAST_WITH_CUDA).
 #ifdef CNNLSTM_FAST_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -273,8 +277,11 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   const Tensor act = act_in.contiguous(), h_prev = h_prev_in.contiguous();
   const Tensor d_y = d_y_in.contiguous();
   const auto f32 = act.options().dtype(at::kFloat);
-  const Tensor w_hh_c = w_hh.to(d_y.scalar_type()).contiguous();
-  const Tensor w_hr_c = proj ? w_hr->to(d_y.scalar_type()).contiguous() : Tensor();
+  // The weights as the forward used them (rounded to the input dtype), in float32 for
+  // the float32 GEMMs of the loop; IEEE float32 unless the caller allowed TF32 in
+  // torch.backends.cuda.matmul.
+  const Tensor w_hh_f = w_hh.to(d_y.scalar_type()).to(at::kFloat).contiguous();
+  const Tensor w_hr_f = proj ? w_hr->to(d_y.scalar_type()).to(at::kFloat).contiguous() : Tensor();
 
   Tensor dh[2] = {d_hT.to(at::kFloat).contiguous().clone(), at::empty({batch, out}, f32)};
   Tensor dc;
@@ -296,15 +303,14 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = reverse ? s : steps - 1 - s;  // forward's order, backwards
     const int active = static_cast<int>(rows[t]);
-    if (proj) {  // d_m = (d_h + d_y[t]) W_hr
+    if (proj) {  // d_m = (d_h + d_y[t]) W_hr on active rows (the others are not read)
       check_launch(add_output_grad(dtype, batch, active, out, ptr<float>(dh[cur]),
                                    d_y[t].data_ptr(), ptr<float>(g_all[t]), stream),
                    "add_output_grad");
-      RowMatArgs r{};
-      r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
-      r.batch = batch, r.active = active, r.p = out, r.q = hidden;
-      r.a = g_all[t].data_ptr(), r.mat = w_hr_c.data_ptr(), r.out = ptr<float>(d_m);
-      check_launch(rowmat(r, stream), "rowmat (projection backward)");
+      if (active > 0) {
+        Tensor d_m_rows = d_m.narrow(0, 0, active);
+        at::mm_out(d_m_rows, g_all[t].narrow(0, 0, active), w_hr_f);
+      }
     }
     StepBackwardArgs a{};
     a.cell = cell, a.dtype = dtype;
@@ -321,13 +327,18 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
     a.m_t = proj ? ptr<float>(m_all[t]) : nullptr;
     check_launch(step_backward(a, stream), "step_backward");
     // d_h for the previous step: d_gh W_hh (+ d_h z for GRU); inactive rows carry d_h
-    RowMatArgs r{};
-    r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
-    r.batch = batch, r.active = active, r.p = gate_width, r.q = out;
-    r.a = d_gh[t].data_ptr(), r.mat = w_hh_c.data_ptr();
-    r.addend = gru ? ptr<float>(d_h_direct) : nullptr;
-    r.passthrough = ptr<float>(dh[cur]), r.out = ptr<float>(dh[1 - cur]);
-    check_launch(rowmat(r, stream), "rowmat (d_h)");
+    if (active > 0) {
+      Tensor d_h_rows = dh[1 - cur].narrow(0, 0, active);
+      const Tensor d_gh_rows = d_gh[t].narrow(0, 0, active);
+      if (gru) {
+        at::addmm_out(d_h_rows, d_h_direct.narrow(0, 0, active), d_gh_rows, w_hh_f);
+      } else {
+        at::mm_out(d_h_rows, d_gh_rows, w_hh_f);
+      }
+    }
+    if (active < batch) {
+      dh[1 - cur].narrow(0, active, batch - active).copy_(dh[cur].narrow(0, active, batch - active));
+    }
     cur = 1 - cur;
   }
   const Tensor none = at::empty({0}, f32);
