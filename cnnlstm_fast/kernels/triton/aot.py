@@ -21,8 +21,8 @@ DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _ARGS = {
     "recurrence_step_forward": "gx:x h_in:f h_out:f c:f y:x w_hh:x b_hn:x act:f extra:f "
     "n_active:s batch:s hidden:s out_size:s",
-    "recurrence_step_matmul": "a:f dy:x w:x keep:f out:f y:x z:f n_active:s batch:s "
-    "n_size:s k_size:s stride_wn:s stride_wk:s stride_z:s",
+    "recurrence_step_matmul": "a:f w:x keep:f out:f y:x n_active:s batch:s "
+    "n_size:s k_size:s stride_wn:s stride_wk:s",
     "recurrence_step_backward": "dh:f dy:x dc:f act:f extra:f h_prev:f w_hr:x dgx:f dgh:f "
     "dh_all:f n_active:s batch:s hidden:s out_size:s",
     "recurrence_forward_persistent": "gx:x h_state:f c0:f c_out:f y:x w_hh:x b_hn:x act:f "
@@ -45,12 +45,9 @@ def specialisations() -> list[tuple[str, str, dict]]:
         specs.append(("recurrence_forward_persistent", dtype, dict(
             **cell_id, HAS_B_HN=cell == "gru", SAVE=True, REVERSE=False,
             BLOCK_B=16, BLOCK_H=16, BLOCK_K=256)))
-    for dtype, (gru_skip, write_y) in itertools.product(
-        DTYPES, ((False, True), (False, False), (True, False))
-    ):
+    for dtype in DTYPES:
         specs.append(("recurrence_step_matmul", dtype, dict(
-            GRU_SKIP=gru_skip, WRITE_Y=write_y, INTERPRET=False,
-            BLOCK_B=16, BLOCK_N=16, BLOCK_K=64 if dtype != "fp32" else 32)))
+            INTERPRET=False, BLOCK_B=16, BLOCK_N=16, BLOCK_K=64 if dtype != "fp32" else 32)))
     return specs
 
 

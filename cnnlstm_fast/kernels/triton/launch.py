@@ -192,9 +192,9 @@ def _forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved, mode):
             )
             if proj:
                 recurrence_step_matmul[pgrid](
-                    m_t, gx, w_hr, h_state[i], h_state[o], y[t], gx, rows[t], batch,
-                    out_size, hidden, hidden, 1, 0, GRU_SKIP=False, WRITE_Y=True,
-                    INTERPRET=INTERPRETING, BLOCK_B=pcfg.block_b, BLOCK_N=pcfg.block_h,
+                    m_t, w_hr, h_state[i], h_state[o], y[t], rows[t], batch,
+                    out_size, hidden, hidden, 1, INTERPRET=INTERPRETING,
+                    BLOCK_B=pcfg.block_b, BLOCK_N=pcfg.block_h,
                     BLOCK_K=pcfg.block_k, num_warps=pcfg.num_warps,
                 )
     last = slots(steps - 1, 0 if spec.reverse else steps - 1)[1]
@@ -274,8 +274,12 @@ def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT):
 
     cfg = step_config(batch, hidden, out_size, w_hh.element_size())
     grid = (triton.cdiv(hidden, cfg.block_h), triton.cdiv(batch, cfg.block_b))
-    mcfg = step_config(batch, out_size, gate_width, w_hh.element_size())
-    mgrid = (triton.cdiv(out_size, mcfg.block_h), triton.cdiv(batch, mcfg.block_b))
+    # d_h = dG_h W_hh per step is a float32 torch GEMM (cuBLAS), with W_hh as the forward
+    # used it: a Triton row-times-matrix kernel ran the 4H-long reduction in a few dozen
+    # programs (~90 us a step at B=16, H=768 on an H100). IEEE float32 unless the caller
+    # allowed TF32 in torch.backends.cuda.matmul.
+    w_hh_f = w_hh.to(torch.float32)
+    z = act[..., hidden : 2 * hidden] if gru else None  # GRU: d_h also flows through z
     for t in reversed(_order(steps, spec.reverse)):
         recurrence_step_backward[grid](
             dh, d_y[t], act if dc is None else dc, act[t], act if extra is None else extra[t],
@@ -285,13 +289,14 @@ def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT):
             BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps,
         )
-        recurrence_step_matmul[mgrid](
-            d_gh[t], d_y[t], w_hh, dh, dh_next, dh, act[t, :, hidden:] if gru else act,
-            rows[t], batch, out_size, gate_width, 1, out_size, gate_width,
-            GRU_SKIP=gru, WRITE_Y=False, INTERPRET=INTERPRETING,
-            BLOCK_B=mcfg.block_b, BLOCK_N=mcfg.block_h, BLOCK_K=mcfg.block_k,
-            num_warps=mcfg.num_warps,
-        )
+        n = rows[t]  # active rows get d_gh W_hh (+ (dh + dY) z for GRU); the others keep dh
+        if n > 0:
+            if gru:
+                torch.addmm((dh[:n] + d_y[t, :n]) * z[t, :n], d_gh[t, :n], w_hh_f, out=dh_next[:n])
+            else:
+                torch.mm(d_gh[t, :n], w_hh_f, out=dh_next[:n])
+        if n < batch:
+            dh_next[n:] = dh[n:]
         dh, dh_next = dh_next, dh
 
     d_w_hh = d_gh.reshape(-1, gate_width).T @ h_prev.reshape(-1, out_size)

@@ -184,14 +184,13 @@ def recurrence_step_forward(
 
 @triton.jit(do_not_specialize=["n_active"])
 def recurrence_step_matmul(
-    a_ptr, dy_ptr, w_ptr, keep_ptr, out_ptr, y_ptr, z_ptr,
-    n_active, batch, n_size, k_size, stride_wn, stride_wk, stride_z,
-    GRU_SKIP: tl.constexpr, WRITE_Y: tl.constexpr, INTERPRET: tl.constexpr,
+    a_ptr, w_ptr, keep_ptr, out_ptr, y_ptr,
+    n_active, batch, n_size, k_size, stride_wn, stride_wk,
+    INTERPRET: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out = a W (+ (keep + dY[t]) z for GRU) on active rows, keep elsewhere; Y = out or 0.
-
-    Forward projection: a = m, W = W_hr^T. Backward: a = dG_h[t], W = W_hh, keep = dh."""
+    """The forward projection of one step: out = a W on active rows, keep elsewhere;
+    Y = out on active rows, 0 elsewhere (a = m, W = W_hr^T, keep = h before the step)."""
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < batch
@@ -202,13 +201,8 @@ def recurrence_step_matmul(
                         col_mask, k_size, False, INTERPRET, BLOCK_B, BLOCK_N, BLOCK_K)
     offs = rows[:, None] * n_size + cols[None, :]
     keep = tl.load(keep_ptr + offs, mask=mask, other=0.0)
-    if GRU_SKIP:
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
-        acc += (keep + dy) * z
     tl.store(out_ptr + offs, tl.where(active, acc, keep), mask=mask)
-    if WRITE_Y:
-        tl.store(y_ptr + offs, tl.where(active, acc, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, tl.where(active, acc, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_active"])
