@@ -117,6 +117,19 @@ T* ptr(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
 }
 
+// x[t] of a dense (steps, ...) tensor as a raw pointer, null for an undefined or empty x.
+// The backward's loop is bound by host time at small batches, and an ATen select costs
+// about a microsecond of it.
+template <typename T>
+T* step_ptr(const Tensor& x, int64_t t) {
+  if (!x.defined() || x.numel() == 0) return nullptr;
+  return reinterpret_cast<T*>(static_cast<char*>(x.data_ptr()) +
+                              t * x.stride(0) * x.element_size());
+}
+
+// The first n rows of a (rows, ...) tensor, without an ATen op when that is all of them.
+Tensor first_rows(const Tensor& x, int64_t n) { return n == x.size(0) ? x : x.narrow(0, 0, n); }
+
 Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, const Tensor& h0,
                             const std::optional<Tensor>& c0, const Tensor& w_hh,
                             const std::optional<Tensor>& w_hr, const std::optional<Tensor>& b_hn,
@@ -305,33 +318,33 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
     const int active = static_cast<int>(rows[t]);
     if (proj) {  // d_m = (d_h + d_y[t]) W_hr on active rows (the others are not read)
       check_launch(add_output_grad(dtype, batch, active, out, ptr<float>(dh[cur]),
-                                   d_y[t].data_ptr(), ptr<float>(g_all[t]), stream),
+                                   step_ptr<void>(d_y, t), step_ptr<float>(g_all, t), stream),
                    "add_output_grad");
       if (active > 0) {
-        Tensor d_m_rows = d_m.narrow(0, 0, active);
-        at::mm_out(d_m_rows, g_all[t].narrow(0, 0, active), w_hr_f);
+        Tensor d_m_rows = first_rows(d_m, active);
+        at::mm_out(d_m_rows, first_rows(g_all[t], active), w_hr_f);
       }
     }
     StepBackwardArgs a{};
     a.cell = cell, a.dtype = dtype;
     a.batch = batch, a.active = active, a.hidden = hidden, a.out_size = out;
-    a.act_t = ptr<float>(act[t]);
-    a.extra_t = extra_c.defined() ? ptr<float>(extra_c[t]) : nullptr;
-    a.h_prev_t = ptr<float>(h_prev[t]);
-    a.d_h = ptr<float>(dh[cur]), a.d_y_t = d_y[t].data_ptr();
+    a.act_t = step_ptr<float>(act, t);
+    a.extra_t = step_ptr<float>(extra_c, t);
+    a.h_prev_t = step_ptr<float>(h_prev, t);
+    a.d_h = ptr<float>(dh[cur]), a.d_y_t = step_ptr<void>(d_y, t);
     a.d_m = proj ? ptr<float>(d_m) : nullptr;
     a.d_c = lstm ? ptr<float>(dc) : nullptr;
-    a.d_gx_t = ptr<float>(d_gx[t]);
-    a.d_gh_t = gru ? ptr<float>(d_gh[t]) : nullptr;
+    a.d_gx_t = step_ptr<float>(d_gx, t);
+    a.d_gh_t = gru ? step_ptr<float>(d_gh, t) : nullptr;
     a.d_h_direct = gru ? ptr<float>(d_h_direct) : nullptr;
-    a.m_t = proj ? ptr<float>(m_all[t]) : nullptr;
+    a.m_t = proj ? step_ptr<float>(m_all, t) : nullptr;
     check_launch(step_backward(a, stream), "step_backward");
     // d_h for the previous step: d_gh W_hh (+ d_h z for GRU); inactive rows carry d_h
     if (active > 0) {
-      Tensor d_h_rows = dh[1 - cur].narrow(0, 0, active);
-      const Tensor d_gh_rows = d_gh[t].narrow(0, 0, active);
+      Tensor d_h_rows = first_rows(dh[1 - cur], active);
+      const Tensor d_gh_rows = first_rows(d_gh[t], active);
       if (gru) {
-        at::addmm_out(d_h_rows, d_h_direct.narrow(0, 0, active), d_gh_rows, w_hh_f);
+        at::addmm_out(d_h_rows, first_rows(d_h_direct, active), d_gh_rows, w_hh_f);
       } else {
         at::mm_out(d_h_rows, d_gh_rows, w_hh_f);
       }
