@@ -5,10 +5,9 @@
 // The host runs the time loop and launches the per-step kernels of csrc/cuda/ on the
 // caller's current stream (taken from c10, so no CUDA headers of torch are needed and
 // a CPU-only torch compiles this file). In the backward, each step's d_h = dG_h W_hh
-// (and d_m = g W_hr) is an ATen GEMM (cuBLAS, float32, on the same stream): the
-// in-house row-times-matrix kernel ran its 4H-long reduction serially in a few dozen
-// blocks (~140 us a step at B=16, H=768 on an H100). dW_hh and dW_hr are one ATen
-// GEMM each after the loop. Compiled only when setup.py found nvcc
+// (and d_m = g W_hr) is rowmat, a split-K kernel: cuBLAS's float32 GEMM measured 10 us
+// a step at B=16, H=768 and 50 us at H=128 (one block) on an H100. dW_hh and dW_hr are
+// one ATen GEMM each after the loop. Compiled only when setup.py found nvcc
 // (CNNLSTM_FAST_WITH_CUDA).
 #ifdef CNNLSTM_FAST_WITH_CUDA
 
@@ -127,8 +126,14 @@ T* step_ptr(const Tensor& x, int64_t t) {
                               t * x.stride(0) * x.element_size());
 }
 
-// The first n rows of a (rows, ...) tensor, without an ATen op when that is all of them.
-Tensor first_rows(const Tensor& x, int64_t n) { return n == x.size(0) ? x : x.narrow(0, 0, n); }
+// rowmat's workspace for these sizes.
+Tensor rowmat_buffer(int64_t batch, int64_t p, int64_t q, const at::TensorOptions& f32) {
+  long long floats = 0;
+  check_launch(rowmat_workspace(static_cast<int>(batch), static_cast<int>(p), static_cast<int>(q),
+                                &floats),
+               "rowmat_workspace");
+  return at::empty({static_cast<int64_t>(floats)}, f32);
+}
 
 Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, const Tensor& h0,
                             const std::optional<Tensor>& c0, const Tensor& w_hh,
@@ -228,6 +233,7 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
     return {y, h_buf[steps % 2].to(h0.scalar_type()), c_t, act, h_prev, extra};
   }
 
+  const Tensor proj_ws = proj ? rowmat_buffer(batch, hidden, out, f32) : Tensor();
   int cur = 0;
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = reverse ? steps - 1 - s : s;
@@ -248,7 +254,7 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
       r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
       r.batch = batch, r.active = rows[t], r.p = hidden, r.q = out;
       r.a = m.data_ptr(), r.mat = w_hr_t.data_ptr(), r.passthrough = ptr<float>(h[cur]);
-      r.out = ptr<float>(h[1 - cur]), r.y = y[t].data_ptr();
+      r.out = ptr<float>(h[1 - cur]), r.y = y[t].data_ptr(), r.workspace = ptr<float>(proj_ws);
       check_launch(rowmat(r, stream), "rowmat (projection)");
     }
     cur = 1 - cur;
@@ -290,11 +296,8 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   const Tensor act = act_in.contiguous(), h_prev = h_prev_in.contiguous();
   const Tensor d_y = d_y_in.contiguous();
   const auto f32 = act.options().dtype(at::kFloat);
-  // The weights as the forward used them (rounded to the input dtype), in float32 for
-  // the float32 GEMMs of the loop; IEEE float32 unless the caller allowed TF32 in
-  // torch.backends.cuda.matmul.
-  const Tensor w_hh_f = w_hh.to(d_y.scalar_type()).to(at::kFloat).contiguous();
-  const Tensor w_hr_f = proj ? w_hr->to(d_y.scalar_type()).to(at::kFloat).contiguous() : Tensor();
+  const Tensor w_hh_c = w_hh.to(d_y.scalar_type()).contiguous();
+  const Tensor w_hr_c = proj ? w_hr->to(d_y.scalar_type()).contiguous() : Tensor();
 
   Tensor dh[2] = {d_hT.to(at::kFloat).contiguous().clone(), at::empty({batch, out}, f32)};
   Tensor dc;
@@ -311,6 +314,8 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   const Tensor extra_c = extra.has_value() && extra->numel() ? extra->contiguous() : Tensor();
   const auto rows = active_rows(batch_sizes, steps, batch);
   void* stream = current_stream(act.device());
+  const Tensor d_h_ws = rowmat_buffer(batch, gate_width, out, f32);
+  const Tensor d_m_ws = proj ? rowmat_buffer(batch, out, hidden, f32) : Tensor();
 
   int cur = 0;
   for (int64_t s = 0; s < steps; ++s) {
@@ -320,10 +325,12 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
       check_launch(add_output_grad(dtype, batch, active, out, ptr<float>(dh[cur]),
                                    step_ptr<void>(d_y, t), step_ptr<float>(g_all, t), stream),
                    "add_output_grad");
-      if (active > 0) {
-        Tensor d_m_rows = first_rows(d_m, active);
-        at::mm_out(d_m_rows, first_rows(g_all[t], active), w_hr_f);
-      }
+      RowMatArgs r{};
+      r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
+      r.batch = batch, r.active = active, r.p = out, r.q = hidden;
+      r.a = step_ptr<void>(g_all, t), r.mat = w_hr_c.data_ptr(), r.out = ptr<float>(d_m);
+      r.workspace = ptr<float>(d_m_ws);
+      check_launch(rowmat(r, stream), "rowmat (projection backward)");
     }
     StepBackwardArgs a{};
     a.cell = cell, a.dtype = dtype;
@@ -340,18 +347,14 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
     a.m_t = proj ? step_ptr<float>(m_all, t) : nullptr;
     check_launch(step_backward(a, stream), "step_backward");
     // d_h for the previous step: d_gh W_hh (+ d_h z for GRU); inactive rows carry d_h
-    if (active > 0) {
-      Tensor d_h_rows = first_rows(dh[1 - cur], active);
-      const Tensor d_gh_rows = first_rows(d_gh[t], active);
-      if (gru) {
-        at::addmm_out(d_h_rows, first_rows(d_h_direct, active), d_gh_rows, w_hh_f);
-      } else {
-        at::mm_out(d_h_rows, d_gh_rows, w_hh_f);
-      }
-    }
-    if (active < batch) {
-      dh[1 - cur].narrow(0, active, batch - active).copy_(dh[cur].narrow(0, active, batch - active));
-    }
+    RowMatArgs r{};
+    r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
+    r.batch = batch, r.active = active, r.p = gate_width, r.q = out;
+    r.a = step_ptr<void>(d_gh, t), r.mat = w_hh_c.data_ptr();
+    r.addend = gru ? ptr<float>(d_h_direct) : nullptr;
+    r.passthrough = ptr<float>(dh[cur]), r.out = ptr<float>(dh[1 - cur]);
+    r.workspace = ptr<float>(d_h_ws);
+    check_launch(rowmat(r, stream), "rowmat (d_h)");
     cur = 1 - cur;
   }
   const Tensor none = at::empty({0}, f32);

@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "cnnlstm_fast/gate_math.h"
@@ -115,18 +116,70 @@ __global__ void step_forward_kernel(StepForwardArgs args) {
   static_cast<T*>(args.y_t)[(size_t)b * Hout + j] = from_float<T>(h_new);
 }
 
+// rowmat, split-K: block (x, y, z) owns kSplitCols output columns x kSplitRows rows (one
+// column per thread, the rows in registers) over the p-chunk y; a[rows, chunk] is staged
+// in shared memory kSplitP at a time and read as a broadcast. The per-step GEMMs of the
+// backward (B x 4H times 4H x H) have a small batch and a long reduction, so splitting p
+// is what fills the device; the previous one-block-per-tile kernel ran ~140 us a step.
+constexpr int kSplitCols = 128;
+constexpr int kSplitRows = 16;
+constexpr int kSplitP = 64;
+
+struct SplitPlan {
+  int splits, chunk;  // p-chunks of chunk (a multiple of kSplitP) columns of a
+};
+
+SplitPlan split_plan(int batch, int p, int q, int sms) {
+  const int tiles =
+      std::max(1, ((q + kSplitCols - 1) / kSplitCols) * ((batch + kSplitRows - 1) / kSplitRows));
+  const int max_splits = std::max(1, (p + kSplitP - 1) / kSplitP);
+  const int want = std::min(max_splits, std::max(1, (4 * sms + tiles - 1) / tiles));
+  const int chunk = std::max(kSplitP, ((p + want - 1) / want + kSplitP - 1) / kSplitP * kSplitP);
+  return {std::max(1, (p + chunk - 1) / chunk), chunk};
+}
+
 template <typename TA, typename TM>
-__global__ void rowmat_kernel(RowMatArgs args) {
-  const int q = blockIdx.x * kUnits + threadIdx.x;
-  const int b = blockIdx.y * kRows + threadIdx.y;
-  float acc[1] = {0.f};
-  accumulate_rows<1>(acc, static_cast<const TA*>(args.a), static_cast<const TM*>(args.mat),
-                     args.batch, args.p, args.q, args.q, blockIdx.y * kRows, q);
-  if (q >= args.q || b >= args.batch) return;
-  const size_t idx = (size_t)b * args.q + q;
+__global__ void __launch_bounds__(kSplitCols) rowmat_partial_kernel(RowMatArgs args, int chunk) {
+  __shared__ float tile[kSplitRows][kSplitP];
+  const int q = blockIdx.x * kSplitCols + threadIdx.x;
+  const int row0 = blockIdx.z * kSplitRows;
+  const int rows = min(kSplitRows, args.active - row0);
+  const int p_begin = blockIdx.y * chunk, p_end = min(args.p, p_begin + chunk);
+  const TA* a = static_cast<const TA*>(args.a);
+  const TM* mat = static_cast<const TM*>(args.mat);
+  float acc[kSplitRows] = {};
+  for (int p0 = p_begin; p0 < p_end; p0 += kSplitP) {
+    for (int i = threadIdx.x; i < kSplitRows * kSplitP; i += kSplitCols) {
+      const int r = i / kSplitP, p = p0 + i % kSplitP;
+      tile[r][i % kSplitP] = (r < rows && p < p_end) ? to_float(a[(size_t)(row0 + r) * args.p + p]) : 0.f;
+    }
+    __syncthreads();
+    if (q < args.q) {
+      const int n = min(kSplitP, p_end - p0);
+#pragma unroll 4
+      for (int pp = 0; pp < n; ++pp) {
+        const float w = to_float(mat[(size_t)(p0 + pp) * args.q + q]);
+#pragma unroll
+        for (int r = 0; r < kSplitRows; ++r) acc[r] += tile[r][pp] * w;
+      }
+    }
+    __syncthreads();
+  }
+  if (q >= args.q) return;
+  float* out = args.workspace + ((size_t)blockIdx.y * args.batch + row0) * args.q + q;
+  for (int r = 0; r < rows; ++r) out[(size_t)r * args.q] = acc[r];
+}
+
+template <typename TM>
+__global__ void rowmat_reduce_kernel(RowMatArgs args, int splits) {
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t n = (size_t)args.batch * args.q;
+  if (idx >= n) return;
+  const int b = static_cast<int>(idx / args.q);
   float v;
   if (b < args.active) {
-    v = acc[0] + (args.addend ? args.addend[idx] : 0.f);
+    v = args.addend ? args.addend[idx] : 0.f;
+    for (int s = 0; s < splits; ++s) v += args.workspace[s * n + idx];
   } else {
     v = args.passthrough ? args.passthrough[idx] : 0.f;
   }
@@ -194,17 +247,44 @@ int step_forward(const StepForwardArgs& args, void* stream_ptr) {
   });
 }
 
+static int sm_count(int* sms) {
+  int device = 0;
+  int err = cudaGetDevice(&device);
+  if (!err) err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  return err;
+}
+
+int rowmat_workspace(int batch, int p, int q, long long* floats) {
+  int sms = 0;
+  if (int err = sm_count(&sms)) return err;
+  *floats = (long long)split_plan(batch, p, q, sms).splits * batch * q;
+  return cudaSuccess;
+}
+
 int rowmat(const RowMatArgs& args, void* stream_ptr) {
-  if (args.batch == 0) return cudaSuccess;
+  if (args.batch == 0 || args.q == 0) return cudaSuccess;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
+  int sms = 0;
+  if (int err = sm_count(&sms)) return err;
+  const SplitPlan plan = split_plan(args.batch, args.p, args.q, sms);
   return with_dtype(args.mat_dtype, [&](auto mat_type) {
     using TM = decltype(mat_type);
-    auto launch = [&](auto a_type) {
+    auto partial = [&](auto a_type) {
       using TA = decltype(a_type);
-      rowmat_kernel<TA, TM><<<tiles(args.q, args.batch), dim3(kUnits, kRows), 0, stream>>>(args);
+      const dim3 grid((args.q + kSplitCols - 1) / kSplitCols, plan.splits,
+                      (args.active + kSplitRows - 1) / kSplitRows);
+      rowmat_partial_kernel<TA, TM><<<grid, kSplitCols, 0, stream>>>(args, plan.chunk);
       return cudaGetLastError();
     };
-    return args.a_dtype == DType::kFloat32 ? launch(float{}) : launch(TM{});
+    if (args.active > 0 && args.p > 0) {
+      const cudaError_t err = args.a_dtype == DType::kFloat32 ? partial(float{}) : partial(TM{});
+      if (err != cudaSuccess) return err;
+    }
+    // with an empty reduction no partial sums were written: the sum over 0 splits is 0
+    const int splits = args.p > 0 ? plan.splits : 0;
+    const size_t n = (size_t)args.batch * args.q;
+    rowmat_reduce_kernel<TM><<<(n + 255) / 256, 256, 0, stream>>>(args, splits);
+    return cudaGetLastError();
   });
 }
 

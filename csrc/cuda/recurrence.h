@@ -38,6 +38,9 @@ int step_forward(const StepForwardArgs& args, void* stream);
 // out[b, q] = sum_p a[b, p] * mat[p, q] (+ addend[b, q]) for rows b < active;
 // rows b >= active get passthrough[b, q] (or 0). Optionally also writes out cast to T
 // into y (0 for inactive rows). a is float32 or T (a_dtype), mat is T (mat_dtype).
+// The p-reduction is split over blocks (enough of them to fill the device at a small
+// batch) into float32 partial sums in workspace, which a second kernel adds up in a
+// fixed order (deterministic).
 struct RowMatArgs {
   DType a_dtype, mat_dtype;
   int batch, active, p, q;
@@ -47,8 +50,11 @@ struct RowMatArgs {
   const float* passthrough; // (batch, q) or null
   float* out;               // (batch, q)
   void* y;                  // (batch, q) of mat_dtype, or null
+  float* workspace;         // rowmat_workspace(batch, p, q) floats
 };
 int rowmat(const RowMatArgs& args, void* stream);
+// Floats of workspace rowmat needs for these sizes on the current device (*floats).
+int rowmat_workspace(int batch, int p, int q, long long* floats);
 
 // The pointwise part of one backward step: gradients of the pre-activations from the
 // saved activations. g = d_h + d_y[t] is the gradient of the step's output; with a
