@@ -166,16 +166,17 @@ def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
 
 def _cuda_beats_torch(spec: RecurrenceSpec) -> bool:
     """Where the ``cuda`` backend measured faster than torch.nn (cuDNN) on an H100
-    (benchmarks/results/h100-80gb-hbm3/: canonical and batch sweep at T=1024 of the
-    tensor-core persistent forward kernel as it is (aa60b73), the hidden sweep only of a
-    variant measured 5-12% slower (c6c04b1); T=256 only with the older CUDA-core kernel,
-    which still beat torch.nn in bf16 there). Inference only: the backward
-    still runs per-step kernels, 4-25x slower than cuDNN's. bfloat16 (cuDNN has no
-    persistent bf16 kernel): LSTM and GRU up to batch 32, hidden 128 to 1024, 1.7x to
-    5.3x. float16, where cuDNN's persistent kernel runs at ~2 us per step: only LSTM at
-    batch 1-2 (3.1x-4.1x) and GRU from hidden 256 up to batch 32 (1.4x-4.6x). Outside the
-    measured range (hidden above 1024, where the per-step kernels run; odd hidden sizes;
-    packed sequences; fewer than 256 steps; projections) torch.nn keeps it."""
+    (benchmarks/results/h100-80gb-hbm3/, T=1024, the tensor-core persistent forward
+    kernel of aa60b73: canonical and batch sweep at aa60b73, hidden sweep at 04ce18e; T=256
+    only with the older CUDA-core kernel, which still beat torch.nn in bf16 there).
+    Inference only: the backward runs per step (~17 us a step at B=16, H=768 against
+    cuDNN's ~4 in fp16), and the sweeps of training were measured before its split-K
+    kernel. bfloat16 (cuDNN has no persistent bf16 kernel): LSTM and GRU up to batch 32,
+    hidden 128 to 1024, 1.3x to 4.9x. float16, where cuDNN's persistent kernel runs at
+    ~2 us per step: only LSTM at batch 1-2 (2.8x-3.9x) and GRU from hidden 256 up to
+    batch 32 (1.4x-4.8x; 0.49x at hidden 128). Outside the measured range (hidden above
+    1024, where the per-step kernels run at 0.02x-0.04x; odd hidden sizes; packed
+    sequences; fewer than 256 steps; projections) torch.nn keeps it."""
     if (spec.needs_grad or spec.proj_size or spec.variable_lengths or spec.steps < 256
             or spec.hidden_size % 2 or spec.cell not in ("lstm", "gru")):
         return False
