@@ -7,7 +7,9 @@
 #   tests.log         build log, then the GPU-marked tests (every failure, not just the first)
 #   sanitizer.log     compute-sanitizer memcheck + racecheck on the cuda backend tests
 #   bench-*.json      benchmark suites ($SUITES, default "canonical quick"; "canonical" is
-#                     B=16 T=1024 I=H=768 against cuDNN in the same run)
+#                     B=16 T=1024 I=H=768 against cuDNN in the same run); rewritten after
+#                     every configuration, so a suite cut off by the budget keeps what it
+#                     measured ("complete": false)
 # Then commit the JSON files under benchmarks/results/<gpu>/ and run
 # `python benchmarks/report.py` to regenerate the README performance section.
 #

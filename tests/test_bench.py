@@ -43,6 +43,33 @@ def test_bench_tiny_json_csv_compare(tmp_path, capsys):
     assert "torch.nn" in out and "change against" in out
 
 
+def test_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    """--json is rewritten after every configuration, marked incomplete until the last:
+    a run killed by a time limit (a GPU session's) keeps the configurations it finished."""
+    path = tmp_path / "bench.json"
+    real, calls = bench.run_config, []
+
+    def stop_at_third(cfg, *args):
+        calls.append(cfg.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a time limit's signal does mid-run
+        return real(cfg, *args)
+
+    monkeypatch.setattr(bench, "run_config", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*TINY, "--providers", "cpu", "--json", str(path)])
+    partial = json.loads(path.read_text())
+    assert partial["complete"] is False
+    assert (partial["configs_done"], partial["configs_total"]) == (2, 4)
+    assert {r["config"] for r in partial["results"]} == set(calls[:2])
+    assert partial["notes"][0] == "incomplete: 2 of 4 configurations (the run was stopped)"
+    monkeypatch.setattr(bench, "run_config", real)
+    bench.main([*TINY, "--providers", "cpu", "--json", str(path)])
+    full = json.loads(path.read_text())
+    assert full["complete"] is True and full["configs_done"] == full["configs_total"] == 4
+    assert not any(note.startswith("incomplete") for note in full["notes"])
+
+
 def test_reference_skipped_above_its_limit():
     result = bench.main([*TINY, "--cells", "lstm", "--modes", "forward",
                          "--providers", "reference", "--limit", "reference=2"])

@@ -150,22 +150,36 @@ def device_name(device: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Runs the configurations of ``args`` with a progress bar; returns the report."""
+    """Runs the configurations of ``args`` with a progress bar; returns the report. With
+    ``--json``, the report so far is written after every configuration, marked
+    ``"complete": false`` (with ``configs_done`` of ``configs_total``) until the last, so a
+    run stopped by a time limit keeps what it measured."""
     from rich.progress import Progress
 
     configs = suites.make_configs(args.shapes, args.cells, args.dtypes, args.modes, args.device)
     peaks = {d: timing.matmul_peak_tflops(args.device, suites.DTYPES_TORCH[d]) for d in args.dtypes}
+    environment = env.collect()
     rows, skipped = [], []
     with Progress(transient=True, disable=args.no_progress) as progress:
         task = progress.add_task(f"{args.suite} on {args.device}", total=len(configs))
-        for cfg in configs:
+        for done, cfg in enumerate(configs, 1):
             progress.update(task, description=cfg.name)
             new_rows, new_skips = run_config(cfg, args.suite, args.providers, args.limits,
                                              args.reps, peaks)
             rows += new_rows
             skipped += new_skips
             progress.advance(task)
+            if args.json and done < len(configs):
+                report.write_json(args.json, _report(args, peaks, environment, rows, skipped,
+                                                     done, len(configs)))
+    return _report(args, peaks, environment, rows, skipped, len(configs), len(configs))
+
+
+def _report(args: argparse.Namespace, peaks: dict, environment: dict, rows: list[dict],
+            skipped: list[dict], done: int, total: int) -> dict:
     notes = report.skip_notes(skipped)
+    if done < total:
+        notes.insert(0, f"incomplete: {done} of {total} configurations (the run was stopped)")
     if not args.device.startswith("cuda"):
         notes.append("peak memory is measured on CUDA only (torch.cuda.max_memory_allocated); "
                      "blank on CPU")
@@ -177,11 +191,14 @@ def run(args: argparse.Namespace) -> dict:
         "device": device_name(args.device),
         "threads": torch.get_num_threads(),
         "argv": list(args.argv),
+        "complete": done == total,
+        "configs_done": done,
+        "configs_total": total,
         "peak_tflops": peaks,
         "peak_method": "best of a square torch.mm "
                        f"({'8192 do_bench' if args.device.startswith('cuda') else '2048, 3 runs; on CPU float32 also cnnlstm_fast::linear, the cpu backend GEMM'})",
         "notes": notes,
-        "environment": env.collect(),
+        "environment": environment,
         "results": rows,
         "skipped": skipped,
     }
