@@ -85,6 +85,10 @@ CPU_SETTINGS = ("CNNLSTM_FAST_CPU_GEMM", "CNNLSTM_FAST_CPU_CACHE_MB",
                 "THP_MEM_ALLOC_ENABLE")
 
 
+#: The cuda backend's kernel pins (csrc/recurrence_cuda.cpp).
+CUDA_SETTINGS = ("CNNLSTM_FAST_CUDA_KERNEL", "CNNLSTM_FAST_CUDA_BACKWARD")
+
+
 def _cpu_gemm(module) -> dict:
     try:
         return {**module.cpu_gemm_info(), "error": None}
@@ -142,6 +146,7 @@ def collect() -> dict:
         # glibc's malloc thresholds, which decide torch.nn's page faults): recorded with
         # every benchmark so runs can be compared.
         "cpu_settings": {name: os.environ.get(name) for name in CPU_SETTINGS},
+        "cuda_settings": {name: os.environ.get(name) for name in CUDA_SETTINGS},
         "backends": backends.backend_report(),
         "available_backends": backends.available_backends(),
         "default_backend": backends.get_default(),

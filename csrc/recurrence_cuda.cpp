@@ -111,6 +111,17 @@ std::string kernel_choice() {
   return choice;
 }
 
+// CNNLSTM_FAST_CUDA_BACKWARD: "auto" (default: the per-step kernels), "step", or
+// "persistent" (one cooperative launch for the sequence, no projection; an error where it
+// cannot run). auto does not pick the persistent backward yet: it has not run on a GPU.
+std::string backward_choice() {
+  const char* v = std::getenv("CNNLSTM_FAST_CUDA_BACKWARD");
+  const std::string choice = v && *v ? v : "auto";
+  TORCH_CHECK(choice == "auto" || choice == "step" || choice == "persistent",
+              "CNNLSTM_FAST_CUDA_BACKWARD must be auto, step or persistent, got '", choice, "'");
+  return choice;
+}
+
 template <typename T>
 T* ptr(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
@@ -314,11 +325,39 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   const Tensor extra_c = extra.has_value() && extra->numel() ? extra->contiguous() : Tensor();
   const auto rows = active_rows(batch_sizes, steps, batch);
   void* stream = current_stream(act.device());
-  const Tensor d_h_ws = rowmat_buffer(batch, gate_width, out, f32);
-  const Tensor d_m_ws = proj ? rowmat_buffer(batch, out, hidden, f32) : Tensor();
+  PersistentBackwardPlan plan;
+  if (backward_choice() == "persistent") {
+    TORCH_CHECK(!proj, "CNNLSTM_FAST_CUDA_BACKWARD=persistent, but the persistent backward "
+                "has no projection (proj_size)");
+    check_launch(persistent_backward_plan(cell, dtype, batch, hidden, &plan),
+                 "persistent backward plan");
+    TORCH_CHECK(plan.usable || batch == 0, "CNNLSTM_FAST_CUDA_BACKWARD=persistent, but this "
+                "device cannot launch it (no cooperative launch)");
+  }
+  const bool step_loop = !plan.usable;
+  const Tensor d_h_ws = step_loop ? rowmat_buffer(batch, gate_width, out, f32) : Tensor();
+  const Tensor d_m_ws = step_loop && proj ? rowmat_buffer(batch, out, hidden, f32) : Tensor();
+  if (plan.usable) {
+    const Tensor rows_dev =
+        batch_sizes.has_value()
+            ? at::tensor(std::vector<int32_t>(rows.begin(), rows.end()), act.options().dtype(at::kInt))
+            : Tensor();
+    const Tensor partial = at::empty({static_cast<int64_t>(plan.partial_floats)}, f32);
+    PersistentBackwardArgs a{};
+    a.cell = cell, a.dtype = dtype;
+    a.steps = steps, a.batch = batch, a.hidden = hidden, a.reverse = reverse;
+    a.active_rows = rows_dev.defined() ? rows_dev.data_ptr<int32_t>() : nullptr;
+    a.act = ptr<float>(act), a.extra = ptr<float>(extra_c), a.h_prev = ptr<float>(h_prev);
+    a.d_y = d_y.data_ptr(), a.w_hh = w_hh_c.data_ptr();
+    a.d_h = ptr<float>(dh[0]), a.d_c = lstm ? ptr<float>(dc) : nullptr;
+    a.d_gx = ptr<float>(d_gx), a.d_gh = ptr<float>(d_gh);
+    a.d_h_direct = gru ? ptr<float>(d_h_direct) : nullptr;
+    a.partial = ptr<float>(partial);
+    check_launch(persistent_backward(a, plan, stream), "persistent_backward");
+  }
 
   int cur = 0;
-  for (int64_t s = 0; s < steps; ++s) {
+  for (int64_t s = 0; step_loop && s < steps; ++s) {
     const int64_t t = reverse ? s : steps - 1 - s;  // forward's order, backwards
     const int active = static_cast<int>(rows[t]);
     if (proj) {  // d_m = (d_h + d_y[t]) W_hr on active rows (the others are not read)

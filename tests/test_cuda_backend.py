@@ -121,6 +121,32 @@ def test_cuda_matches_reference_fp32(case, kernel, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if not c[2]], ids=str)
+def test_cuda_persistent_backward_matches_reference_fp32(case, monkeypatch):
+    """CNNLSTM_FAST_CUDA_BACKWARD=persistent (auto does not pick it yet): the reverse-time
+    loop in one cooperative launch, W_hh read from L2, against the float64 reference;
+    packed sequences, reverse direction, several partial-sum splits and row tiles."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    spec, bs, tensors = _make(case)
+    ref_out, ref_grads = _run("reference", spec, bs, tensors, "cpu", torch.float64)
+    out, grads = _run("cuda", spec, bs, tensors, "cuda", torch.float32)
+    for a, e in zip(out, ref_out):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+    for a, e in zip(grads, ref_grads):
+        if e is not None:
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_persistent_backward_pinned_with_projection_is_an_error(monkeypatch):
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    layer = clf.LSTM(8, 16, proj_size=4, backend="cuda").cuda()
+    y, _ = layer(torch.randn(3, 2, 8, device="cuda"))
+    with pytest.raises(RuntimeError, match="persistent backward has no projection"):
+        y.sum().backward()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["step", "persistent"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_cuda_saved_state_matches_reference(case, kernel, monkeypatch):
@@ -164,13 +190,16 @@ def _error_vs_fp64(outs_grads, exact):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["step", "persistent"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", MMA_CASES, ids=str)
-def test_cuda_tensor_core_kernel_low_precision(case, dtype, monkeypatch):
+def test_cuda_tensor_core_kernel_low_precision(case, dtype, backward, monkeypatch):
     """The tensor-core persistent kernel (pinned, so an unusable plan fails instead of
-    passing on another path), forward and backward against the fp64 reference: h is
-    rounded to the dtype at each of the 12 steps, so the bound is 12 eps."""
+    passing on another path), forward and backward (per-step or persistent) against the
+    fp64 reference: h is rounded to the dtype at each of the 12 steps, so the bound is
+    12 eps."""
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma")
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", backward)
     cell, hidden, proj, reverse, sizes, batch = case
     spec, bs, tensors = make_args(cell, hidden, proj, reverse, sizes, dtype=torch.float64,
                                   batch=batch, steps=12)

@@ -42,6 +42,39 @@ struct PersistentPlan {
   int k_steps = 0;      // 16-wide slices of the reduction per warp
 };
 
+// The persistent backward (csrc/cuda/recurrence.cu): the whole reverse-time loop of one
+// layer without projection in one cooperative launch, W_hh read from L2 every step.
+struct PersistentBackwardArgs {
+  Cell cell;
+  DType dtype;
+  int steps, batch, hidden;
+  bool reverse;
+  const int* active_rows;  // device (steps,) rows active per step, or null (all)
+  const float* act;        // (steps, batch, gates*hidden) saved by forward
+  const float* extra;      // (steps, batch, hidden) LSTM c_prev / GRU a_n + b_hn; null for RNN
+  const float* h_prev;     // (steps, batch, hidden) state before each step
+  const void* d_y;         // (steps, batch, hidden), T
+  const void* w_hh;        // (gates*hidden, hidden), T: W_hh as torch stores it
+  float* d_h;              // (batch, hidden): d_hT in, d_h0 out
+  float* d_c;              // (batch, hidden), LSTM: d_cT in, d_c0 out
+  float* d_gx;             // (steps, batch, gates*hidden), zeroed
+  float* d_gh;             // GRU: (steps, batch, gates*hidden), zeroed (the recurrent part)
+  float* d_h_direct;       // (batch, hidden), GRU scratch
+  float* partial;          // PersistentBackwardPlan::partial_floats
+};
+
+struct PersistentBackwardPlan {
+  bool usable = false;        // false: no cooperative launch on this device
+  int blocks = 0;             // grid size (all co-resident)
+  int splits = 0, chunk = 0;  // the reduction over gates*hidden in splits chunks
+  long long partial_floats = 0;
+};
+
+int persistent_backward_plan(Cell cell, DType dtype, int batch, int hidden,
+                             PersistentBackwardPlan* plan);
+int persistent_backward(const PersistentBackwardArgs& args, const PersistentBackwardPlan& plan,
+                        void* stream);
+
 // Size the grid for the current device from its properties and the occupancy API;
 // plan->usable is false where the shape does not fit.
 int persistent_forward_plan(Cell cell, DType dtype, int batch, int hidden, PersistentPlan* plan);

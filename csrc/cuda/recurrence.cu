@@ -6,6 +6,7 @@
 // transposed (out_size, gates*hidden) so a warp's loads of one p are contiguous.
 // Synchronisation: none across blocks; steps are ordered by the stream, and h is
 // double-buffered by the host loop (h_prev and h_next are different buffers).
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -15,10 +16,12 @@
 
 #include "cnnlstm_fast/gate_math.h"
 #include "common.cuh"
+#include "persistent.h"
 
 namespace cnnlstm_fast::cuda {
 namespace {
 
+namespace cg = cooperative_groups;
 namespace gm = cnnlstm_fast::gate_math;
 using Math = gm::ScalarMath<float>;
 
@@ -187,13 +190,14 @@ __global__ void rowmat_reduce_kernel(RowMatArgs args, int splits) {
   if (args.y) static_cast<TM*>(args.y)[idx] = from_float<TM>(b < args.active ? v : 0.f);
 }
 
+// The pointwise backward of one active (row, unit) of a step: gate gradients from the
+// saved activations; d_c carried in place. Reads and writes only this (b, j)'s elements
+// of d_h, d_c, d_h_direct and m_t, so a thread that owns (b, j) across steps needs no
+// synchronisation for them.
 template <int kCell, typename T>
-__global__ void step_backward_kernel(StepBackwardArgs args) {
+__device__ __forceinline__ void backward_pointwise(const StepBackwardArgs& args, int b, int j) {
   constexpr int kG = kGates<kCell>;
   const int H = args.hidden, gH = kG * H, Hout = args.out_size;
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-  const int b = idx / H, j = idx % H;
-  if (b >= args.active) return;  // inactive rows: d_gx stays 0, d_c is carried as is
   const float* act = args.act_t + (size_t)b * gH;
   float* d_gx = args.d_gx_t + (size_t)b * gH;
   const T* d_y = static_cast<const T*>(args.d_y_t);
@@ -217,6 +221,113 @@ __global__ void step_backward_kernel(StepBackwardArgs args) {
   } else {
     constexpr bool kRelu = kCell == static_cast<int>(Cell::kRnnRelu);
     d_gx[j] = gm::rnn_backward<Math, kRelu>(act[j], args.d_h[o] + to_float(d_y[o]));
+  }
+}
+
+template <int kCell, typename T>
+__global__ void step_backward_kernel(StepBackwardArgs args) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const int b = idx / args.hidden, j = idx % args.hidden;
+  if (b >= args.active) return;  // inactive rows: d_gx stays 0, d_c is carried as is
+  backward_pointwise<kCell, T>(args, b, j);
+}
+
+// Persistent backward (CUDA cores, any dtype): one cooperative launch for the sequence;
+// W_hh is not kept on chip but read from L2 every step (so any hidden size fits), and
+// the grid meets twice a step:
+//   A. each thread owns fixed (row, unit) elements: it adds up the previous step's
+//      partial sums into d_h (+ d_h z for GRU; inactive rows keep d_h), then runs the
+//      pointwise backward of step t, writing dG[t];
+//   B. the blocks share the work items (kSplitCols columns of d_h x a p-chunk x
+//      kSplitRows rows) of partial[chunk] = dG_h[t, rows, chunk] W_hh[chunk, columns],
+//      with dG_h[t] staged transposed in shared memory (four rows per 16-byte read).
+// Data written by other blocks within the launch (dG_h[t], the partial sums) is read
+// with ld.global.cg, so no stale L1 line is used. The partial sums are added in a fixed
+// order (deterministic). After the last step, phase A's sum alone gives d_h0.
+constexpr int kPbPad = 4;  // tile row padding: 4-way instead of 16-way bank conflicts on staging
+
+template <int kCell, typename T>
+__global__ void __launch_bounds__(kSplitCols)
+    persistent_backward_kernel(PersistentBackwardArgs a, int splits, int chunk) {
+  constexpr int kG = kGates<kCell>;
+  constexpr bool kGru = kCell == static_cast<int>(Cell::kGru);
+  __shared__ __align__(16) float tile[kSplitP][kSplitRows + kPbPad];  // tile[pp][r]
+  cg::grid_group grid = cg::this_grid();
+  const int H = a.hidden, gH = kG * H, B = a.batch;
+  const size_t n = (size_t)B * H;
+  const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const T* w = static_cast<const T*>(a.w_hh);
+  const T* d_y = static_cast<const T*>(a.d_y);
+  const int col_tiles = (H + kSplitCols - 1) / kSplitCols;
+  int pending = 0;  // rows of the step whose partial sums phase A adds up next
+  for (int s = 0; s <= a.steps; ++s) {
+    const bool has_step = s < a.steps;
+    const int t = a.reverse ? s : a.steps - 1 - s;  // forward's order, backwards
+    const int active = has_step ? (a.active_rows ? a.active_rows[t] : B) : 0;
+    StepBackwardArgs p{};
+    if (has_step) {
+      const size_t at = (size_t)t * B;
+      p.batch = B, p.active = active, p.hidden = H, p.out_size = H;
+      p.act_t = a.act + at * gH;
+      p.extra_t = a.extra ? a.extra + at * H : nullptr;
+      p.h_prev_t = a.h_prev + at * H;
+      p.d_h = a.d_h, p.d_y_t = d_y + at * H, p.d_c = a.d_c;
+      p.d_gx_t = a.d_gx + at * gH;
+      p.d_gh_t = kGru ? a.d_gh + at * gH : nullptr;
+      p.d_h_direct = a.d_h_direct;
+    }
+    for (size_t idx = first; idx < n; idx += stride) {  // phase A
+      const int b = static_cast<int>(idx / H), j = static_cast<int>(idx % H);
+      if (b < pending) {
+        float v = kGru ? a.d_h_direct[idx] : 0.f;
+        for (int sp = 0; sp < splits; ++sp) v += __ldcg(a.partial + sp * n + idx);
+        a.d_h[idx] = v;
+      }
+      if (b < active) backward_pointwise<kCell, T>(p, b, j);
+    }
+    if (!has_step) break;
+    grid.sync();
+
+    const float* d_gh = (kGru ? a.d_gh : a.d_gx) + (size_t)t * B * gH;  // phase B
+    const int row_tiles = (active + kSplitRows - 1) / kSplitRows;
+    const int items = col_tiles * splits * row_tiles;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {  // uniform in a block
+      const int ct = item % col_tiles, sp = item / col_tiles % splits;
+      const int row0 = item / (col_tiles * splits) * kSplitRows;
+      const int rows = min(kSplitRows, active - row0);
+      const int q = ct * kSplitCols + threadIdx.x;
+      const int p_begin = sp * chunk, p_end = min(gH, p_begin + chunk);
+      float acc[kSplitRows] = {};
+      for (int p0 = p_begin; p0 < p_end; p0 += kSplitP) {
+        __syncthreads();  // the tile's previous contents are used up
+        for (int i = threadIdx.x; i < kSplitRows * kSplitP; i += kSplitCols) {
+          const int r = i / kSplitP, pp = i % kSplitP, col = p0 + pp;
+          tile[pp][r] = r < rows && col < p_end ? __ldcg(d_gh + (size_t)(row0 + r) * gH + col) : 0.f;
+        }
+        __syncthreads();
+        if (q < H) {
+          const int count = min(kSplitP, p_end - p0);
+#pragma unroll 4
+          for (int pp = 0; pp < count; ++pp) {
+            const float wv = to_float(w[(size_t)(p0 + pp) * H + q]);
+            const float4* v4 = reinterpret_cast<const float4*>(tile[pp]);
+#pragma unroll
+            for (int r4 = 0; r4 < kSplitRows / 4; ++r4) {
+              const float4 v = v4[r4];
+              acc[4 * r4] += v.x * wv, acc[4 * r4 + 1] += v.y * wv;
+              acc[4 * r4 + 2] += v.z * wv, acc[4 * r4 + 3] += v.w * wv;
+            }
+          }
+        }
+      }
+      if (q < H) {
+        float* out = a.partial + ((size_t)sp * B + row0) * H + q;
+        for (int r = 0; r < rows; ++r) out[(size_t)r * H] = acc[r];
+      }
+    }
+    grid.sync();
+    pending = active;
   }
 }
 
@@ -311,6 +422,59 @@ int add_output_grad(DType dtype, int batch, int active, int width, const float* 
     add_output_grad_kernel<T>
         <<<(n + 255) / 256, 256, 0, stream>>>(batch, active, width, d_h, static_cast<const T*>(d_y_t), out);
     return cudaGetLastError();
+  });
+}
+
+int persistent_backward_plan(Cell cell, DType dtype, int batch, int hidden,
+                             PersistentBackwardPlan* plan) {
+  *plan = PersistentBackwardPlan{};
+  if (batch <= 0 || hidden <= 0) return cudaSuccess;
+  int device = 0, sms = 0, coop = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (!err) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  if (err) return reported(err);
+  if (!coop) return cudaSuccess;
+  return with_cell(cell, [&](auto cell_c) {
+    return with_dtype(dtype, [&](auto type) {
+      using T = decltype(type);
+      auto kernel = persistent_backward_kernel<decltype(cell_c)::value, T>;
+      int per_sm = 0;
+      const cudaError_t e =
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSplitCols, 0);
+      if (e) return reported(e);
+      if (per_sm <= 0) return cudaSuccess;
+      // two blocks per SM: enough warps to hide L2 latency, few arrivals per grid barrier
+      const int blocks = std::min(per_sm, 2) * sms;
+      const int p = gates_of(cell) * hidden;
+      const int tiles = ((hidden + kSplitCols - 1) / kSplitCols) *
+                        ((batch + kSplitRows - 1) / kSplitRows);
+      const int want = std::max(1, std::min((blocks + tiles - 1) / tiles, (p + 7) / 8));
+      const int chunk = ((p + want - 1) / want + 7) / 8 * 8;
+      plan->usable = true;
+      plan->blocks = blocks;
+      plan->chunk = chunk;
+      plan->splits = (p + chunk - 1) / chunk;
+      plan->partial_floats = (long long)plan->splits * batch * hidden;
+      return cudaSuccess;
+    });
+  });
+}
+
+int persistent_backward(const PersistentBackwardArgs& args, const PersistentBackwardPlan& plan,
+                        void* stream) {
+  if (!plan.usable) return cudaErrorInvalidConfiguration;
+  return with_cell(args.cell, [&](auto cell_c) {
+    return with_dtype(args.dtype, [&](auto type) {
+      using T = decltype(type);
+      auto kernel = persistent_backward_kernel<decltype(cell_c)::value, T>;
+      PersistentBackwardArgs a = args;
+      int splits = plan.splits, chunk = plan.chunk;
+      void* params[] = {&a, &splits, &chunk};
+      return reported(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel),
+                                                  dim3(plan.blocks), dim3(kSplitCols), params, 0,
+                                                  static_cast<cudaStream_t>(stream)));
+    });
   });
 }
 
