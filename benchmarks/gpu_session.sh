@@ -68,7 +68,7 @@ if ! skipped bench; then
     pinned=()
     if [[ $suite == canonical-pb ]]; then pinned=(env CNNLSTM_FAST_CUDA_BACKWARD=persistent); fi
     if [[ $suite == canonical* ]]; then what=(--config B=16,T=1024,I=768,H=768); else what=(--suite "$suite"); fi
-    timeout $(( $(left) - 10 )) "${pinned[@]}" python3 -m cnnlstm_fast.bench "${what[@]}" --device cuda \
+    timeout $(( $(left) - 10 )) ${pinned[@]+"${pinned[@]}"} python3 -m cnnlstm_fast.bench "${what[@]}" --device cuda \
       --no-progress ${BENCH_ARGS:-} --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1
     summary "bench $suite rc=$?"
   done

@@ -327,12 +327,14 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   void* stream = current_stream(act.device());
   PersistentBackwardPlan plan;
   if (backward_choice() == "persistent") {
-    TORCH_CHECK(!proj, "CNNLSTM_FAST_CUDA_BACKWARD=persistent, but the persistent backward "
-                "has no projection (proj_size)");
+    // an empty batch or hidden size has nothing to launch: the step loop handles it
+    const bool empty = batch == 0 || hidden == 0;
+    TORCH_CHECK(!proj || empty, "CNNLSTM_FAST_CUDA_BACKWARD=persistent, but the persistent "
+                "backward has no projection (proj_size)");
     check_launch(persistent_backward_plan(cell, dtype, batch, hidden, &plan),
                  "persistent backward plan");
-    TORCH_CHECK(plan.usable || batch == 0, "CNNLSTM_FAST_CUDA_BACKWARD=persistent, but this "
-                "device cannot launch it (no cooperative launch)");
+    TORCH_CHECK(plan.usable || empty, "CNNLSTM_FAST_CUDA_BACKWARD=persistent, but this device "
+                "cannot launch it (no cooperative launch, or no block of it fits on an SM)");
   }
   const bool step_loop = !plan.usable;
   const Tensor d_h_ws = step_loop ? rowmat_buffer(batch, gate_width, out, f32) : Tensor();

@@ -449,7 +449,9 @@ int persistent_backward_plan(Cell cell, DType dtype, int batch, int hidden,
       const int p = gates_of(cell) * hidden;
       const int tiles = ((hidden + kSplitCols - 1) / kSplitCols) *
                         ((batch + kSplitRows - 1) / kSplitRows);
-      const int want = std::max(1, std::min((blocks + tiles - 1) / tiles, (p + 7) / 8));
+      // about one work item per block, but p-chunks of at least 32 (fewer partial sums
+      // for phase A to add up at small shapes)
+      const int want = std::max(1, std::min((blocks + tiles - 1) / tiles, (p + 31) / 32));
       const int chunk = ((p + want - 1) / want + 7) / 8 * 8;
       plan->usable = true;
       plan->blocks = blocks;
