@@ -100,14 +100,16 @@ void check_saved(const Tensor& t, const char* name, const at::Device& device,
 
 // CNNLSTM_FAST_CUDA_KERNEL: "auto" (default: the tensor-core persistent kernel where it
 // fits, else the CUDA-core persistent kernel where it fits, else the per-step kernels),
-// "step", "persistent" (CUDA cores) or "mma" (tensor cores); a pinned persistent kernel
-// is an error where it does not fit. Lets tests and benchmarks pin a path.
+// "step", "persistent" (CUDA cores), "mma" (tensor cores) or "streamed" (one cooperative
+// launch reading W_hh from L2 each step; not picked by auto: it has not run on a GPU);
+// a pinned kernel is an error where it cannot run. Lets tests and benchmarks pin a path.
 std::string kernel_choice() {
   const char* v = std::getenv("CNNLSTM_FAST_CUDA_KERNEL");
   const std::string choice = v && *v ? v : "auto";
-  TORCH_CHECK(choice == "auto" || choice == "step" || choice == "persistent" || choice == "mma",
-              "CNNLSTM_FAST_CUDA_KERNEL must be auto, step, persistent or mma, got '", choice,
-              "'");
+  TORCH_CHECK(choice == "auto" || choice == "step" || choice == "persistent" || choice == "mma" ||
+                  choice == "streamed",
+              "CNNLSTM_FAST_CUDA_KERNEL must be auto, step, persistent, mma or streamed, got '",
+              choice, "'");
   return choice;
 }
 
@@ -200,17 +202,23 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
   if (!proj && !plan.usable && (choice == "auto" || choice == "persistent")) {
     check_launch(persistent_forward_plan(cell, dtype, batch, hidden, &plan), "persistent plan");
   }
+  StreamedPlan streamed;
+  if (!proj && choice == "streamed") {
+    check_launch(streamed_forward_plan(cell, dtype, batch, hidden, &streamed), "streamed plan");
+  }
   // an empty batch has nothing to launch: the step loop returns h0 and c0 as they are
-  TORCH_CHECK(plan.usable || choice == "auto" || choice == "step" || batch == 0,
+  TORCH_CHECK(plan.usable || streamed.usable || choice == "auto" || choice == "step" ||
+                  batch == 0,
               "CNNLSTM_FAST_CUDA_KERNEL=", choice, ", but that kernel cannot run ", cell_name,
               " with hidden_size ", hidden, ", batch ", batch, ", dtype ", gx.scalar_type(),
               proj ? " and proj_size" : "", " on this device (the tensor-core kernel needs "
               "float16/bfloat16, an even hidden_size and W_hh spread over at most one block "
-              "per SM; neither persistent kernel supports proj_size)");
+              "per SM; the streamed kernel a cooperative launch; none of the persistent or "
+              "streamed kernels supports proj_size)");
   // The tensor-core kernel reads W_hh as stored; the others read it transposed.
   const Tensor w_hh_c = plan.mma ? w_hh.to(gx.scalar_type()).contiguous()
                                  : w_hh.to(gx.scalar_type()).t().contiguous();
-  if (plan.usable) {
+  if (plan.usable || streamed.usable) {
     const Tensor rows_dev =
         batch_sizes.has_value()
             ? at::tensor(std::vector<int32_t>(rows.begin(), rows.end()), gx.options().dtype(at::kInt))
@@ -232,7 +240,11 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
     a.act = need_saved ? ptr<float>(act) : nullptr;
     a.h_prev_all = need_saved ? ptr<float>(h_prev) : nullptr;
     a.extra = need_saved ? ptr<float>(extra) : nullptr;
-    if (plan.mma) {
+    if (streamed.usable) {
+      const Tensor partial = at::empty({static_cast<int64_t>(streamed.partial_floats)}, f32);
+      a.w_hh_t = w_hh_c.data_ptr(), a.h_buf = ptr<float>(h_buf), a.partial = ptr<float>(partial);
+      check_launch(streamed_forward(a, streamed, stream), "streamed_forward");
+    } else if (plan.mma) {
       a.w_hh = w_hh_c.data_ptr(), a.h_exchange = h_buf.data_ptr();
       a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
       check_launch(persistent_mma_forward(a, plan, stream), "persistent_mma_forward");
@@ -325,7 +337,7 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   const Tensor extra_c = extra.has_value() && extra->numel() ? extra->contiguous() : Tensor();
   const auto rows = active_rows(batch_sizes, steps, batch);
   void* stream = current_stream(act.device());
-  PersistentBackwardPlan plan;
+  StreamedPlan plan;
   if (backward_choice() == "persistent") {
     // an empty batch or hidden size has nothing to launch: the step loop handles it
     const bool empty = batch == 0 || hidden == 0;

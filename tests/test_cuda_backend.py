@@ -104,12 +104,12 @@ def _make(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["step", "persistent", "auto"])
+@pytest.mark.parametrize("kernel", ["step", "persistent", "streamed", "auto"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_cuda_matches_reference_fp32(case, kernel, monkeypatch):
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
-    if kernel == "persistent" and case[2]:
-        pytest.skip("the persistent kernel has no projection")
+    if kernel in ("persistent", "streamed") and case[2]:
+        pytest.skip(f"the {kernel} kernel has no projection")
     spec, bs, tensors = _make(case)
     ref_out, ref_grads = _run("reference", spec, bs, tensors, "cpu", torch.float64)
     out, grads = _run("cuda", spec, bs, tensors, "cuda", torch.float32)
@@ -147,14 +147,14 @@ def test_cuda_persistent_backward_pinned_with_projection_is_an_error(monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["step", "persistent"])
+@pytest.mark.parametrize("kernel", ["step", "persistent", "streamed"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_cuda_saved_state_matches_reference(case, kernel, monkeypatch):
     """What forward saves (activations, state before each step, LSTM cell state / GRU
     a_n + b_hn, inactive rows included) is the reference's, in float32."""
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
-    if kernel == "persistent" and case[2]:
-        pytest.skip("the persistent kernel has no projection")
+    if kernel in ("persistent", "streamed") and case[2]:
+        pytest.skip(f"the {kernel} kernel has no projection")
     spec, bs, tensors = _make(case)
     ref = _backend("reference").forward(spec, *tensors, bs, True)
     moved = [None if v is None else v.detach().to("cuda", torch.float32) for v in tensors]
@@ -205,6 +205,28 @@ def test_cuda_tensor_core_kernel_low_precision(case, dtype, backward, monkeypatc
                                   batch=batch, steps=12)
     tensors[3] = tensors[3].detach() / hidden**0.5
     # the same inputs as the kernel sees them, rounded to the dtype
+    rounded = [None if v is None else v.detach().to(dtype).double() for v in tensors]
+    exact = _run("reference", spec, bs, rounded, "cpu", torch.float64)
+    errs = _error_vs_fp64(_run("cuda", spec, bs, tensors, "cuda", dtype), exact)
+    bound = 12 * torch.finfo(dtype).eps
+    assert max(errs.values()) <= bound, f"errors {errs} exceed {bound:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", MMA_CASES + [("lstm", 2048, 0, False, [16] * 6 + [9] * 6, 16)],
+                         ids=str)
+def test_cuda_streamed_kernels_low_precision(case, dtype, monkeypatch):
+    """The streamed forward and the persistent backward (both pinned; not picked by auto
+    yet), fp16/bf16 against the fp64 reference with the tensor-core test's bound (the
+    streamed kernel keeps h in float32, so it rounds less); hidden 2048 is the size the
+    persistent kernels cannot hold on chip."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "streamed")
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    cell, hidden, proj, reverse, sizes, batch = case
+    spec, bs, tensors = make_args(cell, hidden, proj, reverse, sizes, dtype=torch.float64,
+                                  batch=batch, steps=12)
+    tensors[3] = tensors[3].detach() / hidden**0.5
     rounded = [None if v is None else v.detach().to(dtype).double() for v in tensors]
     exact = _run("reference", spec, bs, rounded, "cpu", torch.float64)
     errs = _error_vs_fp64(_run("cuda", spec, bs, tensors, "cuda", dtype), exact)

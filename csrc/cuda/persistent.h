@@ -29,6 +29,8 @@ struct PersistentForwardArgs {
   const void* w_hh;        // (gates*hidden, hidden), T: W_hh as torch stores it
   void* h_exchange;        // (2, batch, hidden), T: [0] holds h0; the final h is [steps % 2]
   unsigned int* barrier;   // one zeroed counter: the grid's arrivals, all steps together
+  // streamed kernel only:
+  float* partial;          // StreamedPlan::partial_floats
 };
 
 struct PersistentPlan {
@@ -60,20 +62,27 @@ struct PersistentBackwardArgs {
   float* d_gx;             // (steps, batch, gates*hidden), zeroed
   float* d_gh;             // GRU: (steps, batch, gates*hidden), zeroed (the recurrent part)
   float* d_h_direct;       // (batch, hidden), GRU scratch
-  float* partial;          // PersistentBackwardPlan::partial_floats
+  float* partial;          // StreamedPlan::partial_floats
 };
 
-struct PersistentBackwardPlan {
-  bool usable = false;        // false: no cooperative launch on this device
+// The plan of a kernel that streams W_hh from L2 (the persistent backward, the streamed
+// forward): a co-resident grid, and the per-step product's reduction in p-chunks whose
+// float32 partial sums (partial_floats of them) the next phase adds up.
+struct StreamedPlan {
+  bool usable = false;        // false: no cooperative launch on this device, or no block fits
   int blocks = 0;             // grid size (all co-resident)
-  int splits = 0, chunk = 0;  // the reduction over gates*hidden in splits chunks
+  int splits = 0, chunk = 0;  // the reduction in `splits` chunks of `chunk`
   long long partial_floats = 0;
 };
 
-int persistent_backward_plan(Cell cell, DType dtype, int batch, int hidden,
-                             PersistentBackwardPlan* plan);
-int persistent_backward(const PersistentBackwardArgs& args, const PersistentBackwardPlan& plan,
+int persistent_backward_plan(Cell cell, DType dtype, int batch, int hidden, StreamedPlan* plan);
+int persistent_backward(const PersistentBackwardArgs& args, const StreamedPlan& plan,
                         void* stream);
+// The streamed forward (csrc/cuda/recurrence.cu): reads gx, w_hh_t, b_hn, h_buf,
+// c_state, active_rows and writes y, h_buf, c_state, act, h_prev_all, extra as
+// PersistentForwardArgs describes; partial: StreamedPlan::partial_floats.
+int streamed_forward_plan(Cell cell, DType dtype, int batch, int hidden, StreamedPlan* plan);
+int streamed_forward(const PersistentForwardArgs& args, const StreamedPlan& plan, void* stream);
 
 // Size the grid for the current device from its properties and the occupancy API;
 // plan->usable is false where the shape does not fit.

@@ -57,17 +57,16 @@ __device__ __forceinline__ void accumulate_rows(float (&acc)[kG], const TA* a, c
   }
 }
 
+// The pointwise forward of one (row, unit) of a step, given the recurrent pre-activations
+// acc (h W_hh^T of the unit's gates): G_x added, activations, state update, saved
+// tensors. Reads and writes only this (b, j)'s elements of h, c and the outputs, so a
+// thread that owns (b, j) across steps needs no synchronisation for them.
 template <int kCell, typename T>
-__global__ void step_forward_kernel(StepForwardArgs args) {
+__device__ __forceinline__ void forward_pointwise(const StepForwardArgs& args,
+                                                  const float (&acc)[kGates<kCell>], int b,
+                                                  int j) {
   constexpr int kG = kGates<kCell>;
-  const int j = blockIdx.x * kUnits + threadIdx.x;
-  const int b = blockIdx.y * kRows + threadIdx.y;
   const int H = args.hidden, gH = kG * args.hidden, Hout = args.out_size;
-  float acc[kG] = {};
-  accumulate_rows<kG>(acc, args.h_prev, static_cast<const T*>(args.w_hh_t), args.batch, Hout,
-                      gH, H, blockIdx.y * kRows, j);
-  if (j >= H || b >= args.batch) return;
-
   if (b >= args.active) {  // inactive row: keep the state, output 0
     if (args.m_out == nullptr) {
       args.h_next[(size_t)b * Hout + j] = args.h_prev[(size_t)b * Hout + j];
@@ -117,6 +116,18 @@ __global__ void step_forward_kernel(StepForwardArgs args) {
   }
   args.h_next[(size_t)b * Hout + j] = h_new;
   static_cast<T*>(args.y_t)[(size_t)b * Hout + j] = from_float<T>(h_new);
+}
+
+template <int kCell, typename T>
+__global__ void step_forward_kernel(StepForwardArgs args) {
+  constexpr int kG = kGates<kCell>;
+  const int j = blockIdx.x * kUnits + threadIdx.x;
+  const int b = blockIdx.y * kRows + threadIdx.y;
+  float acc[kG] = {};
+  accumulate_rows<kG>(acc, args.h_prev, static_cast<const T*>(args.w_hh_t), args.batch,
+                      args.out_size, kG * args.hidden, args.hidden, blockIdx.y * kRows, j);
+  if (j >= args.hidden || b >= args.batch) return;
+  forward_pointwise<kCell, T>(args, acc, b, j);
 }
 
 // rowmat, split-K: block (x, y, z) owns kSplitCols output columns x kSplitRows rows (one
@@ -245,13 +256,62 @@ __global__ void step_backward_kernel(StepBackwardArgs args) {
 // with ld.global.cg, so no stale L1 line is used. The partial sums are added in a fixed
 // order (deterministic). After the last step, phase A's sum alone gives d_h0.
 constexpr int kPbPad = 4;  // tile row padding: 4-way instead of 16-way bank conflicts on staging
+using PartialTile = float[kSplitP][kSplitRows + kPbPad];  // tile[pp][r]: a^T, a chunk of p
+
+// partial[sp][b][q] = sum over p in chunk sp of a[b][p] mat[p][q], rows b < active,
+// columns q < q_size, for one step of a streamed kernel: the blocks of the grid share
+// the work items (kSplitCols columns x a p-chunk x kSplitRows rows). `a` (float32,
+// (batch, p_size)) was written by other blocks in this launch: read with ld.global.cg.
+// Every thread of every block must call it (it synchronises the block).
+template <typename T>
+__device__ void partial_items(const float* a, int p_size, const T* mat, int q_size, int batch,
+                              int active, int splits, int chunk, float* partial,
+                              PartialTile& tile) {
+  const int col_tiles = (q_size + kSplitCols - 1) / kSplitCols;
+  const int row_tiles = (active + kSplitRows - 1) / kSplitRows;
+  const int items = col_tiles * splits * row_tiles;
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {  // uniform in a block
+    const int ct = item % col_tiles, sp = item / col_tiles % splits;
+    const int row0 = item / (col_tiles * splits) * kSplitRows;
+    const int rows = min(kSplitRows, active - row0);
+    const int q = ct * kSplitCols + threadIdx.x;
+    const int p_begin = sp * chunk, p_end = min(p_size, p_begin + chunk);
+    float acc[kSplitRows] = {};
+    for (int p0 = p_begin; p0 < p_end; p0 += kSplitP) {
+      __syncthreads();  // the tile's previous contents are used up
+      for (int i = threadIdx.x; i < kSplitRows * kSplitP; i += kSplitCols) {
+        const int r = i / kSplitP, pp = i % kSplitP, col = p0 + pp;
+        tile[pp][r] = r < rows && col < p_end ? __ldcg(a + (size_t)(row0 + r) * p_size + col) : 0.f;
+      }
+      __syncthreads();
+      if (q < q_size) {
+        const int count = min(kSplitP, p_end - p0);
+#pragma unroll 4
+        for (int pp = 0; pp < count; ++pp) {
+          const float wv = to_float(mat[(size_t)(p0 + pp) * q_size + q]);
+          const float4* v4 = reinterpret_cast<const float4*>(tile[pp]);
+#pragma unroll
+          for (int r4 = 0; r4 < kSplitRows / 4; ++r4) {
+            const float4 v = v4[r4];
+            acc[4 * r4] += v.x * wv, acc[4 * r4 + 1] += v.y * wv;
+            acc[4 * r4 + 2] += v.z * wv, acc[4 * r4 + 3] += v.w * wv;
+          }
+        }
+      }
+    }
+    if (q < q_size) {
+      float* out = partial + ((size_t)sp * batch + row0) * q_size + q;
+      for (int r = 0; r < rows; ++r) out[(size_t)r * q_size] = acc[r];
+    }
+  }
+}
 
 template <int kCell, typename T>
 __global__ void __launch_bounds__(kSplitCols)
     persistent_backward_kernel(PersistentBackwardArgs a, int splits, int chunk) {
   constexpr int kG = kGates<kCell>;
   constexpr bool kGru = kCell == static_cast<int>(Cell::kGru);
-  __shared__ __align__(16) float tile[kSplitP][kSplitRows + kPbPad];  // tile[pp][r]
+  __shared__ __align__(16) PartialTile tile;
   cg::grid_group grid = cg::this_grid();
   const int H = a.hidden, gH = kG * H, B = a.batch;
   const size_t n = (size_t)B * H;
@@ -259,7 +319,6 @@ __global__ void __launch_bounds__(kSplitCols)
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   const T* w = static_cast<const T*>(a.w_hh);
   const T* d_y = static_cast<const T*>(a.d_y);
-  const int col_tiles = (H + kSplitCols - 1) / kSplitCols;
   int pending = 0;  // rows of the step whose partial sums phase A adds up next
   for (int s = 0; s <= a.steps; ++s) {
     const bool has_step = s < a.steps;
@@ -290,44 +349,63 @@ __global__ void __launch_bounds__(kSplitCols)
     grid.sync();
 
     const float* d_gh = (kGru ? a.d_gh : a.d_gx) + (size_t)t * B * gH;  // phase B
-    const int row_tiles = (active + kSplitRows - 1) / kSplitRows;
-    const int items = col_tiles * splits * row_tiles;
-    for (int item = blockIdx.x; item < items; item += gridDim.x) {  // uniform in a block
-      const int ct = item % col_tiles, sp = item / col_tiles % splits;
-      const int row0 = item / (col_tiles * splits) * kSplitRows;
-      const int rows = min(kSplitRows, active - row0);
-      const int q = ct * kSplitCols + threadIdx.x;
-      const int p_begin = sp * chunk, p_end = min(gH, p_begin + chunk);
-      float acc[kSplitRows] = {};
-      for (int p0 = p_begin; p0 < p_end; p0 += kSplitP) {
-        __syncthreads();  // the tile's previous contents are used up
-        for (int i = threadIdx.x; i < kSplitRows * kSplitP; i += kSplitCols) {
-          const int r = i / kSplitP, pp = i % kSplitP, col = p0 + pp;
-          tile[pp][r] = r < rows && col < p_end ? __ldcg(d_gh + (size_t)(row0 + r) * gH + col) : 0.f;
-        }
-        __syncthreads();
-        if (q < H) {
-          const int count = min(kSplitP, p_end - p0);
-#pragma unroll 4
-          for (int pp = 0; pp < count; ++pp) {
-            const float wv = to_float(w[(size_t)(p0 + pp) * H + q]);
-            const float4* v4 = reinterpret_cast<const float4*>(tile[pp]);
-#pragma unroll
-            for (int r4 = 0; r4 < kSplitRows / 4; ++r4) {
-              const float4 v = v4[r4];
-              acc[4 * r4] += v.x * wv, acc[4 * r4 + 1] += v.y * wv;
-              acc[4 * r4 + 2] += v.z * wv, acc[4 * r4 + 3] += v.w * wv;
-            }
-          }
-        }
-      }
-      if (q < H) {
-        float* out = a.partial + ((size_t)sp * B + row0) * H + q;
-        for (int r = 0; r < rows; ++r) out[(size_t)r * H] = acc[r];
-      }
-    }
+    partial_items(d_gh, gH, w, H, B, active, splits, chunk, a.partial, tile);
     grid.sync();
     pending = active;
+  }
+}
+
+// Streamed forward (CUDA cores, any dtype; opt-in, CNNLSTM_FAST_CUDA_KERNEL=streamed):
+// the per-step kernels' work in one cooperative launch for shapes whose W_hh the
+// persistent kernels cannot hold on chip; W_hh^T is read from L2 every step, and the
+// grid meets twice a step:
+//   B. the blocks share the work items of partial[chunk] = h[rows, chunk] W_hh^T[chunk,
+//      gate columns] (rows < active; h written by other blocks: ld.global.cg);
+//   A. each thread owns fixed (row, unit) elements: it adds up its unit's gate
+//      pre-activations in a fixed order and runs the pointwise forward (G_x,
+//      activations, state, saved tensors; inactive rows keep their state).
+// h is double-buffered (h_buf[s % 2] before step s); c is updated in place.
+template <int kCell, typename T>
+__global__ void __launch_bounds__(kSplitCols)
+    streamed_forward_kernel(PersistentForwardArgs a, int splits, int chunk) {
+  constexpr int kG = kGates<kCell>;
+  __shared__ __align__(16) PartialTile tile;
+  cg::grid_group grid = cg::this_grid();
+  const int H = a.hidden, gH = kG * H, B = a.batch;
+  const size_t n = (size_t)B * H, ng = (size_t)B * gH;
+  const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const T* w_t = static_cast<const T*>(a.w_hh_t);
+  for (int s = 0; s < a.steps; ++s) {
+    const int t = a.reverse ? a.steps - 1 - s : s;
+    const int active = a.active_rows ? a.active_rows[t] : B;
+    float* h_cur = a.h_buf + (size_t)(s & 1) * n;
+    partial_items(h_cur, H, w_t, gH, B, active, splits, chunk, a.partial, tile);  // phase B
+    grid.sync();
+
+    const size_t at = (size_t)t * B;  // phase A
+    StepForwardArgs p{};
+    p.batch = B, p.active = active, p.hidden = H, p.out_size = H;
+    p.gx_t = static_cast<const T*>(a.gx) + at * gH;
+    p.h_prev = h_cur, p.h_next = a.h_buf + (size_t)((s + 1) & 1) * n;
+    p.c_prev = a.c_state, p.c_next = a.c_state;
+    p.b_hn = a.b_hn, p.y_t = static_cast<T*>(a.y) + at * H;
+    p.act_t = a.act ? a.act + at * gH : nullptr;
+    p.extra_t = a.extra ? a.extra + at * H : nullptr;
+    for (size_t idx = first; idx < n; idx += stride) {
+      const int b = static_cast<int>(idx / H), j = static_cast<int>(idx % H);
+      if (a.h_prev_all) a.h_prev_all[at * H + idx] = h_cur[idx];
+      float acc[kG] = {};
+      if (b < active) {
+        const float* mine = a.partial + (size_t)b * gH + j;
+#pragma unroll
+        for (int g = 0; g < kG; ++g) {
+          for (int sp = 0; sp < splits; ++sp) acc[g] += __ldcg(mine + sp * ng + (size_t)g * H);
+        }
+      }
+      forward_pointwise<kCell, T>(p, acc, b, j);
+    }
+    grid.sync();  // h of this step complete; the partial sums used up
   }
 }
 
@@ -425,57 +503,84 @@ int add_output_grad(DType dtype, int batch, int active, int width, const float* 
   });
 }
 
-int persistent_backward_plan(Cell cell, DType dtype, int batch, int hidden,
-                             PersistentBackwardPlan* plan) {
-  *plan = PersistentBackwardPlan{};
-  if (batch <= 0 || hidden <= 0) return cudaSuccess;
-  int device = 0, sms = 0, coop = 0;
+namespace {
+
+// The grid and the p-split of a streamed kernel (p: the reduction, q: the columns of
+// the per-step product) on the current device; plan->usable false where the device has
+// no cooperative launch or no block fits.
+template <typename K>
+cudaError_t streamed_plan(K kernel, int batch, int p, int q, StreamedPlan* plan) {
+  *plan = StreamedPlan{};
+  if (batch <= 0 || p <= 0 || q <= 0) return cudaSuccess;
+  int device = 0, sms = 0, coop = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (!err) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  if (!err) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSplitCols, 0);
   if (err) return reported(err);
-  if (!coop) return cudaSuccess;
+  if (!coop || per_sm <= 0) return cudaSuccess;
+  // two blocks per SM: enough warps to hide L2 latency, few arrivals per grid barrier
+  const int blocks = std::min(per_sm, 2) * sms;
+  const int tiles = ((q + kSplitCols - 1) / kSplitCols) * ((batch + kSplitRows - 1) / kSplitRows);
+  // about one work item per block, but p-chunks of at least 32 (fewer partial sums
+  // for phase A to add up at small shapes)
+  const int want = std::max(1, std::min((blocks + tiles - 1) / tiles, (p + 31) / 32));
+  const int chunk = ((p + want - 1) / want + 7) / 8 * 8;
+  plan->usable = true;
+  plan->blocks = blocks;
+  plan->chunk = chunk;
+  plan->splits = (p + chunk - 1) / chunk;
+  plan->partial_floats = (long long)plan->splits * batch * q;
+  return cudaSuccess;
+}
+
+template <typename Args>
+cudaError_t streamed_launch(const void* kernel, const Args& args, const StreamedPlan& plan,
+                            void* stream) {
+  Args a = args;
+  int splits = plan.splits, chunk = plan.chunk;
+  void* params[] = {&a, &splits, &chunk};
+  return reported(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kSplitCols),
+                                              params, 0, static_cast<cudaStream_t>(stream)));
+}
+
+}  // namespace
+
+int persistent_backward_plan(Cell cell, DType dtype, int batch, int hidden, StreamedPlan* plan) {
   return with_cell(cell, [&](auto cell_c) {
     return with_dtype(dtype, [&](auto type) {
-      using T = decltype(type);
-      auto kernel = persistent_backward_kernel<decltype(cell_c)::value, T>;
-      int per_sm = 0;
-      const cudaError_t e =
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSplitCols, 0);
-      if (e) return reported(e);
-      if (per_sm <= 0) return cudaSuccess;
-      // two blocks per SM: enough warps to hide L2 latency, few arrivals per grid barrier
-      const int blocks = std::min(per_sm, 2) * sms;
-      const int p = gates_of(cell) * hidden;
-      const int tiles = ((hidden + kSplitCols - 1) / kSplitCols) *
-                        ((batch + kSplitRows - 1) / kSplitRows);
-      // about one work item per block, but p-chunks of at least 32 (fewer partial sums
-      // for phase A to add up at small shapes)
-      const int want = std::max(1, std::min((blocks + tiles - 1) / tiles, (p + 31) / 32));
-      const int chunk = ((p + want - 1) / want + 7) / 8 * 8;
-      plan->usable = true;
-      plan->blocks = blocks;
-      plan->chunk = chunk;
-      plan->splits = (p + chunk - 1) / chunk;
-      plan->partial_floats = (long long)plan->splits * batch * hidden;
-      return cudaSuccess;
+      auto kernel = persistent_backward_kernel<decltype(cell_c)::value, decltype(type)>;
+      return streamed_plan(kernel, batch, gates_of(cell) * hidden, hidden, plan);
     });
   });
 }
 
-int persistent_backward(const PersistentBackwardArgs& args, const PersistentBackwardPlan& plan,
+int streamed_forward_plan(Cell cell, DType dtype, int batch, int hidden, StreamedPlan* plan) {
+  return with_cell(cell, [&](auto cell_c) {
+    return with_dtype(dtype, [&](auto type) {
+      auto kernel = streamed_forward_kernel<decltype(cell_c)::value, decltype(type)>;
+      return streamed_plan(kernel, batch, hidden, gates_of(cell) * hidden, plan);
+    });
+  });
+}
+
+int streamed_forward(const PersistentForwardArgs& args, const StreamedPlan& plan, void* stream) {
+  if (!plan.usable) return cudaErrorInvalidConfiguration;
+  return with_cell(args.cell, [&](auto cell_c) {
+    return with_dtype(args.dtype, [&](auto type) {
+      auto kernel = streamed_forward_kernel<decltype(cell_c)::value, decltype(type)>;
+      return streamed_launch(reinterpret_cast<const void*>(kernel), args, plan, stream);
+    });
+  });
+}
+
+int persistent_backward(const PersistentBackwardArgs& args, const StreamedPlan& plan,
                         void* stream) {
   if (!plan.usable) return cudaErrorInvalidConfiguration;
   return with_cell(args.cell, [&](auto cell_c) {
     return with_dtype(args.dtype, [&](auto type) {
-      using T = decltype(type);
-      auto kernel = persistent_backward_kernel<decltype(cell_c)::value, T>;
-      PersistentBackwardArgs a = args;
-      int splits = plan.splits, chunk = plan.chunk;
-      void* params[] = {&a, &splits, &chunk};
-      return reported(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel),
-                                                  dim3(plan.blocks), dim3(kSplitCols), params, 0,
-                                                  static_cast<cudaStream_t>(stream)));
+      auto kernel = persistent_backward_kernel<decltype(cell_c)::value, decltype(type)>;
+      return streamed_launch(reinterpret_cast<const void*>(kernel), args, plan, stream);
     });
   });
 }
