@@ -208,7 +208,7 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
   }
   // an empty batch has nothing to launch: the step loop returns h0 and c0 as they are
   TORCH_CHECK(plan.usable || streamed.usable || choice == "auto" || choice == "step" ||
-                  batch == 0,
+                  batch == 0 || hidden == 0,
               "CNNLSTM_FAST_CUDA_KERNEL=", choice, ", but that kernel cannot run ", cell_name,
               " with hidden_size ", hidden, ", batch ", batch, ", dtype ", gx.scalar_type(),
               proj ? " and proj_size" : "", " on this device (the tensor-core kernel needs "

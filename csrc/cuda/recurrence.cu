@@ -522,9 +522,10 @@ cudaError_t streamed_plan(K kernel, int batch, int p, int q, StreamedPlan* plan)
   // two blocks per SM: enough warps to hide L2 latency, few arrivals per grid barrier
   const int blocks = std::min(per_sm, 2) * sms;
   const int tiles = ((q + kSplitCols - 1) / kSplitCols) * ((batch + kSplitRows - 1) / kSplitRows);
-  // about one work item per block, but p-chunks of at least 32 (fewer partial sums
-  // for phase A to add up at small shapes)
-  const int want = std::max(1, std::min((blocks + tiles - 1) / tiles, (p + 31) / 32));
+  // at most one work item per block (rounding up would leave some blocks two, doubling
+  // the phase), and p-chunks of at least 32 (fewer partial sums for phase A to add up at
+  // small shapes)
+  const int want = std::max(1, std::min(blocks / tiles, (p + 31) / 32));
   const int chunk = ((p + want - 1) / want + 7) / 8 * 8;
   plan->usable = true;
   plan->blocks = blocks;
