@@ -39,7 +39,7 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     assert {int(a) for a, *_ in compiled} == set(ARCHS)
     assert {k for _, k, *_ in compiled} == {
         "recurrence_step_forward", "recurrence_step_backward", "recurrence_step_matmul",
-        "recurrence_forward_persistent",
+        "recurrence_forward_persistent", "recurrence_backward_persistent",
     }
     assert {d for _, _, d, *_ in compiled} == {"fp32", "fp16", "bf16"}
     assert all(int(ptx) > 0 and int(cubin) > 0 for *_, ptx, cubin in compiled)
@@ -49,6 +49,7 @@ def test_specialisations_cover_every_cell_and_dtype():
     specs = specialisations()
     cells = {c["CELL"] for name, _, c in specs if name == "recurrence_step_forward"}
     assert cells == {0, 1, 2, 3}
-    assert {d for name, d, _ in specs if name == "recurrence_forward_persistent"} == {
-        "fp32", "fp16", "bf16"}
+    for kernel in ("recurrence_forward_persistent", "recurrence_backward_persistent"):
+        assert {d for name, d, _ in specs if name == kernel} == {"fp32", "fp16", "bf16"}
+        assert {c["CELL"] for name, _, c in specs if name == kernel} == {0, 1, 2, 3}
     assert any(c.get("PROJ") for name, _, c in specs if name == "recurrence_step_backward")

@@ -1,11 +1,13 @@
 """The ``triton`` backend: fused Triton kernels of the recurrence.
 
 Kernels and launchers live in ``cnnlstm_fast/kernels/triton/`` (per-step kernels in
-``recurrence.py``, the persistent forward in ``persistent.py``, launchers and block
-size tables in ``launch.py``); they are imported on first use, so the package imports
-without Triton. On CUDA tensors the forward uses the persistent kernel where its
-co-residency assumptions hold (grid <= SM count, W_hh slice on chip, no proj_size) and
-the per-step kernels otherwise; the backward always runs per step. With
+``recurrence.py``, the persistent forward and backward in ``persistent.py``, launchers
+and block size tables in ``launch.py``); they are imported on first use, so the
+package imports without Triton. On CUDA tensors the forward uses the persistent kernel
+where its co-residency assumptions hold (grid <= SM count, W_hh slice on chip, no
+proj_size) and the per-step kernels otherwise. The backward runs per step unless
+``CNNLSTM_FAST_TRITON_BACKWARD`` is ``auto`` (persistent where it fits) or
+``persistent``: the persistent backward has not run on a GPU yet. With
 ``TRITON_INTERPRET=1`` the same kernels run in Triton's interpreter on CPU tensors
 (per step only; that is how they are tested without a GPU).
 """

@@ -27,6 +27,8 @@ _ARGS = {
     "dh_all:f n_active:s batch:s hidden:s out_size:s",
     "recurrence_forward_persistent": "gx:x h_state:f c0:f c_out:f y:x w_hh:x b_hn:x act:f "
     "extra:f batch_sizes:i counter:i timed_out:i steps:s batch:s hidden:s spin_limit:s",
+    "recurrence_backward_persistent": "d_y:x dh:f dc:f act:f extra:f h_prev:f w_hh:x dgx:f "
+    "dgh:f batch_sizes:i counter:i timed_out:i steps:s batch:s hidden:s spin_limit:s",
 }
 
 
@@ -45,6 +47,8 @@ def specialisations() -> list[tuple[str, str, dict]]:
         specs.append(("recurrence_forward_persistent", dtype, dict(
             **cell_id, HAS_B_HN=cell == "gru", SAVE=True, REVERSE=False,
             BLOCK_B=16, BLOCK_H=16, BLOCK_K=256)))
+        specs.append(("recurrence_backward_persistent", dtype, dict(
+            **cell_id, REVERSE=False, BLOCK_B=16, BLOCK_H=16, BLOCK_K=256)))
     for dtype in DTYPES:
         specs.append(("recurrence_step_matmul", dtype, dict(
             INTERPRET=False, BLOCK_B=16, BLOCK_N=16, BLOCK_K=64 if dtype != "fp32" else 32)))
@@ -69,7 +73,7 @@ def compile_one(name: str, dtype: str, constexprs: dict, arch: int) -> tuple[int
     signature.update({k: "constexpr" for k in constexprs})
     target = GPUTarget("cuda", arch, 32)
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    num_warps = 8 if name == "recurrence_forward_persistent" else 4
+    num_warps = 8 if name.endswith("_persistent") else 4
     compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
     return len(compiled.asm["ptx"]), len(compiled.asm["cubin"])
 

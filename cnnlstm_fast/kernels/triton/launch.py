@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 
-from .persistent import recurrence_forward_persistent
+from .persistent import recurrence_backward_persistent, recurrence_forward_persistent
 from .recurrence import (
     CELL_IDS,
     recurrence_step_backward,
@@ -79,8 +80,9 @@ def _sm_count(device_index: int) -> int:
 def persistent_config(
     batch: int, hidden: int, gates: int, itemsize: int, programs_max: int
 ) -> StepConfig | None:
-    """Blocks of the persistent kernel, or None when its assumptions cannot hold:
-    more programs than ``programs_max`` (the SM count) or a slice too large on chip."""
+    """Blocks of a persistent kernel (forward or backward: the same tiles), or None when
+    its assumptions cannot hold: more programs than ``programs_max`` (the SM count) or
+    a slice too large on chip."""
     block_b = _pow2(batch, 16, 64)
     block_k = _pow2(hidden, 16, 1 << 30)
     batch_blocks = triton.cdiv(batch, block_b)
@@ -105,19 +107,42 @@ def _order(steps: int, reverse: bool) -> range:
     return range(steps - 1, -1, -1) if reverse else range(steps)
 
 
-def _persistent_key(spec, gx) -> tuple:
-    return (spec.cell, gx.shape[1], spec.hidden_size, gx.dtype, gx.device.index)
+def _persistent_key(spec, gx, backward: bool = False) -> tuple:
+    return (spec.cell, gx.shape[1], spec.hidden_size, gx.dtype, gx.device.index, backward)
 
 
-def _persistent_choice(spec, gx, proj: bool) -> StepConfig | None:
+def _persistent_choice(spec, gx, proj: bool, backward: bool = False) -> StepConfig | None:
+    """Blocks of the persistent forward (or backward) kernel for gx's shape, dtype and
+    device (for the backward, gx is any tensor of the layer's dtype with the batch as
+    dimension 1), or None where it cannot run."""
     if proj or INTERPRETING or gx.device.type != "cuda":
         return None
-    if _persistent_key(spec, gx) in _persistent_out_of_resources:
+    if _persistent_key(spec, gx, backward) in _persistent_out_of_resources:
         return None
-    steps, batch, _ = gx.shape
     return persistent_config(
-        batch, spec.hidden_size, spec.gates, gx.element_size(), _sm_count(gx.device.index or 0)
+        gx.shape[1], spec.hidden_size, spec.gates, gx.element_size(),
+        _sm_count(gx.device.index or 0),
     )
+
+
+def _try_persistent(mode: str, fits, proj: bool, key: tuple, kind: str, run) -> bool:
+    """Calls ``run`` (a persistent launch) where ``mode`` asks for it ("persistent", or
+    "auto" where ``fits``); returns whether it ran. "auto" falls back (False, and
+    remembers ``key``) when the kernel needs more shared memory than the GPU has."""
+    if not (mode == "persistent" or (mode == "auto" and fits)):
+        return False
+    if proj:
+        raise ValueError(f"the persistent {kind} kernel has no projection (proj_size); "
+                         "use mode='step'")
+    try:
+        run()
+    except triton.runtime.OutOfResources:
+        # Raised when the kernel is loaded, before anything ran: no state changed.
+        if mode == "persistent":
+            raise
+        _persistent_out_of_resources.add(key)
+        return False
+    return True
 
 
 def _on_device(device: torch.device):
@@ -160,19 +185,11 @@ def _forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved, mode):
         return (t + 1, t) if spec.reverse else (t, t + 1)
 
     common = dict(CELL=CELL_IDS[spec.cell], NGATES=gates, INTERPRET=INTERPRETING)
-    persistent = mode == "persistent" or (mode == "auto" and _persistent_choice(spec, gx, proj))
-    if persistent:
-        if proj:
-            raise ValueError("the persistent kernel has no projection (proj_size); use mode='step'")
-        try:
-            _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, batch_sizes,
-                            need_saved)
-        except triton.runtime.OutOfResources:
-            # Raised when the kernel is loaded, before anything ran: no state changed.
-            if mode == "persistent":
-                raise
-            _persistent_out_of_resources.add(_persistent_key(spec, gx))
-            persistent = False
+    persistent = _try_persistent(
+        mode, mode == "auto" and _persistent_choice(spec, gx, proj), proj,
+        _persistent_key(spec, gx), "forward",
+        lambda: _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, batch_sizes,
+                                need_saved))
     if not persistent:
         cfg = step_config(batch, hidden, out_size, gx.element_size())
         grid = (triton.cdiv(hidden, cfg.block_h), triton.cdiv(batch, cfg.block_b))
@@ -207,55 +224,107 @@ def _forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved, mode):
     return y, h_t, c_t, saved
 
 
-def _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, batch_sizes, need_saved):
-    steps, batch, _ = gx.shape
+def _persistent_setup(spec, like, batch_sizes, backward: bool):
+    """Blocks, grid, barrier flags and device row counts of a persistent launch; raises
+    ValueError where the kernel cannot run. ``like``: a tensor of the layer's dtype
+    with the batch as dimension 1 (G_x in the forward, dY in the backward)."""
+    steps, batch = like.shape[:2]
     hidden = spec.hidden_size
+    kind = "backward" if backward else "forward"
     if INTERPRETING:
         cfg = StepConfig(_pow2(batch, 16, 64), _pow2(hidden, 16, 1 << 30),
                          _pow2(hidden, 16, 1 << 30), 4)
         if batch > cfg.block_b:
-            raise ValueError(f"the interpreter runs the persistent kernel with one program "
-                             f"only (batch <= 64), got batch {batch}")
+            raise ValueError(f"the interpreter runs the persistent {kind} kernel with one "
+                             f"program only (batch <= 64), got batch {batch}")
     else:
-        cfg = _persistent_choice(spec, gx, False)
+        cfg = _persistent_choice(spec, like, False, backward)
         if cfg is None:
             raise ValueError(
-                f"the persistent kernel cannot hold hidden_size {hidden}, batch {batch}, "
-                f"{gx.dtype} on this GPU (grid <= SM count, W_hh slice on chip)"
+                f"the persistent {kind} kernel cannot hold hidden_size {hidden}, batch "
+                f"{batch}, {like.dtype} on this GPU (grid <= SM count, W_hh slice on chip)"
             )
     grid = (triton.cdiv(hidden, cfg.block_h), triton.cdiv(batch, cfg.block_b))
-    flags = torch.zeros(2, device=gx.device, dtype=torch.int32)  # barrier counter, timed out
+    flags = torch.zeros(2, device=like.device, dtype=torch.int32)  # barrier counter, timed out
     # The row counts reach the device without a host sync (a pageable copy would sync).
     if batch_sizes is None:
-        rows = torch.full((steps,), batch, device=gx.device, dtype=torch.int32)
+        rows = torch.full((steps,), batch, device=like.device, dtype=torch.int32)
     else:
         rows = batch_sizes.to(torch.int32)
-        rows = (rows.pin_memory() if gx.is_cuda else rows).to(gx.device, non_blocking=True)
-    c_state = gx if c is None else c  # read at the start and written at the end by its owner
-    recurrence_forward_persistent[grid](
-        gx, h_state, c_state, c_state, y, w_hh, gx if b_hn is None else b_hn,
-        gx if act is None else act, gx if extra is None else extra, rows, flags,
-        flags[1:], steps, batch, hidden, PERSISTENT_SPIN_LIMIT,
-        CELL=CELL_IDS[spec.cell], NGATES=spec.gates, HAS_B_HN=b_hn is not None,
-        SAVE=need_saved, REVERSE=spec.reverse, INTERPRET=INTERPRETING,
-        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-    )
+        rows = (rows.pin_memory() if like.is_cuda else rows).to(like.device, non_blocking=True)
+    return cfg, grid, flags, rows
+
+
+def _check_barrier(flags, grid, kind: str) -> None:
     # A host sync per call (the kernel's wait is bounded either way): a timed-out
     # barrier means wrong outputs, which must not be returned silently. It costs the
     # overlap of the next launches with this kernel, ~10-50 us of host time per call.
     if int(flags[1]) != 0:
         raise RuntimeError(
-            f"persistent kernel: grid barrier timed out with {grid[0] * grid[1]} programs; "
-            "they were not co-resident (is another kernel occupying the GPU?)"
+            f"persistent {kind} kernel: grid barrier timed out with {grid[0] * grid[1]} "
+            "programs; they were not co-resident (is another kernel occupying the GPU?)"
         )
 
 
-def backward(spec, saved, batch_sizes, d_y, d_hT, d_cT):
+def _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, batch_sizes, need_saved):
+    steps, batch, _ = gx.shape
+    cfg, grid, flags, rows = _persistent_setup(spec, gx, batch_sizes, backward=False)
+    c_state = gx if c is None else c  # read at the start and written at the end by its owner
+    recurrence_forward_persistent[grid](
+        gx, h_state, c_state, c_state, y, w_hh, gx if b_hn is None else b_hn,
+        gx if act is None else act, gx if extra is None else extra, rows, flags,
+        flags[1:], steps, batch, spec.hidden_size, PERSISTENT_SPIN_LIMIT,
+        CELL=CELL_IDS[spec.cell], NGATES=spec.gates, HAS_B_HN=b_hn is not None,
+        SAVE=need_saved, REVERSE=spec.reverse, INTERPRET=INTERPRETING,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+    )
+    _check_barrier(flags, grid, "forward")
+
+
+def _persistent_backward_run(spec, act, h_prev, extra, w_hh, d_y, dh, dc, d_gx, d_gh,
+                             batch_sizes):
+    steps, batch, _ = act.shape
+    cfg, grid, flags, rows = _persistent_setup(spec, d_y, batch_sizes, backward=True)
+    recurrence_backward_persistent[grid](
+        d_y, dh, act if dc is None else dc, act, act if extra is None else extra, h_prev,
+        w_hh, d_gx, d_gh, rows, flags, flags[1:], steps, batch, spec.hidden_size,
+        PERSISTENT_SPIN_LIMIT, CELL=CELL_IDS[spec.cell], NGATES=spec.gates,
+        REVERSE=spec.reverse, INTERPRET=INTERPRETING,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+    )
+    _check_barrier(flags, grid, "backward")
+
+
+#: Values of CNNLSTM_FAST_TRITON_BACKWARD (see ``backward``).
+BACKWARD_MODES = ("step", "persistent", "auto")
+
+
+def backward_mode() -> str:
+    """CNNLSTM_FAST_TRITON_BACKWARD, default "step"."""
+    mode = os.environ.get("CNNLSTM_FAST_TRITON_BACKWARD", "step")
+    if mode not in BACKWARD_MODES:
+        raise ValueError(
+            f"CNNLSTM_FAST_TRITON_BACKWARD must be one of {', '.join(BACKWARD_MODES)}, "
+            f"got {mode!r}"
+        )
+    return mode
+
+
+def backward(spec, saved, batch_sizes, d_y, d_hT, d_cT, mode=None):
+    """The reverse-time recurrence. ``mode``: "step" (two launches a step), "persistent"
+    (one launch for the layer; raises where it cannot run: projections, a grid larger
+    than the SM count or a slice too large on chip; in the interpreter only a grid of
+    one program), or "auto" (persistent where it fits, else per step). None reads
+    CNNLSTM_FAST_TRITON_BACKWARD, default "step": the persistent backward has not run
+    on a GPU yet."""
+    mode = backward_mode() if mode is None else mode
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"mode must be one of {', '.join(BACKWARD_MODES)}, got {mode!r}")
     with _on_device(saved[0].device):
-        return _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT)
+        return _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT, mode)
 
 
-def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT):
+def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT, mode):
     act, h_prev, extra, w_hh, w_hr, m = saved
     steps, batch, gate_width = act.shape
     hidden, out_size = spec.hidden_size, h_prev.shape[2]
@@ -264,14 +333,37 @@ def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT):
     rows = _active_rows(batch_sizes, steps, batch)
     d_y = d_y.contiguous()
     dh = d_hT.to(torch.float32).contiguous().clone()
-    dh_next = torch.empty_like(dh)
     dc = None
     if spec.cell == "lstm":
-        dc = torch.zeros(batch, hidden, **f32) if d_cT is None else d_cT.to(torch.float32).clone()
+        dc = torch.zeros(batch, hidden, **f32) if d_cT is None else d_cT.to(torch.float32).contiguous().clone()
     d_gx = torch.zeros(steps, batch, gate_width, **f32)
     d_gh = torch.zeros_like(d_gx) if gru else d_gx
     d_h_all = torch.zeros(steps, batch, out_size, **f32) if proj else None
 
+    persistent = _try_persistent(
+        mode, mode == "auto" and _persistent_choice(spec, d_y, proj, backward=True), proj,
+        _persistent_key(spec, d_y, backward=True), "backward",
+        lambda: _persistent_backward_run(spec, act, h_prev, extra, w_hh, d_y, dh, dc, d_gx,
+                                         d_gh, batch_sizes))
+    if not persistent:
+        _step_backward(spec, act, h_prev, extra, w_hh, w_hr, d_y, rows, dh, dc, d_gx, d_gh,
+                       d_h_all)
+
+    d_w_hh = d_gh.reshape(-1, gate_width).T @ h_prev.reshape(-1, out_size)
+    d_w_hr = None
+    if proj:
+        d_w_hr = d_h_all.reshape(-1, out_size).T @ m.reshape(-1, hidden)
+    d_b_hn = d_gh[..., 2 * hidden :].sum((0, 1)) if gru else None
+    return d_gx, dh, dc, d_w_hh, d_w_hr, d_b_hn
+
+
+def _step_backward(spec, act, h_prev, extra, w_hh, w_hr, d_y, rows, dh, dc, d_gx, d_gh,
+                   d_h_all):
+    """The per-step backward loop; updates dh, dc, d_gx, d_gh, d_h_all in place."""
+    steps, batch, _ = act.shape
+    hidden, out_size = spec.hidden_size, h_prev.shape[2]
+    proj, gru = w_hr is not None, spec.cell == "gru"
+    dh_in, dh_next = dh, torch.empty_like(dh)
     cfg = step_config(batch, hidden, out_size, w_hh.element_size())
     grid = (triton.cdiv(hidden, cfg.block_h), triton.cdiv(batch, cfg.block_b))
     # d_h = dG_h W_hh per step is a float32 torch GEMM (cuBLAS), with W_hh as the forward
@@ -298,10 +390,5 @@ def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT):
         if n < batch:
             dh_next[n:] = dh[n:]
         dh, dh_next = dh_next, dh
-
-    d_w_hh = d_gh.reshape(-1, gate_width).T @ h_prev.reshape(-1, out_size)
-    d_w_hr = None
-    if proj:
-        d_w_hr = d_h_all.reshape(-1, out_size).T @ m.reshape(-1, hidden)
-    d_b_hn = d_gh[..., 2 * hidden :].sum((0, 1)) if gru else None
-    return d_gx, dh, dc, d_w_hh, d_w_hr, d_b_hn
+    if dh is not dh_in:
+        dh_in.copy_(dh)

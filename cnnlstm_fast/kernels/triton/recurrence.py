@@ -11,8 +11,10 @@ then computes h = m W_hr^T (a second launch per step, since every h column needs
 
 Backward walks the steps in reverse, two launches per step: ``recurrence_step_backward``
 (pointwise gate gradients -> dG_x[t], the carried dc; with proj_size it first forms
-dm = (dh + dY[t]) W_hr) and ``recurrence_step_matmul`` (dh_{t-1} = dG_h[t] W_hh, plus
-dh z for GRU). dW_hh and dW_hr are one GEMM each after the loop (in the launcher).
+dm = (dh + dY[t]) W_hr) and a float32 torch GEMM in the launcher (dh_{t-1} =
+dG_h[t] W_hh, plus (dh + dY[t]) z for GRU). dW_hh and dW_hr are one GEMM each after
+the loop. The pointwise backward (``_cell_backward``) is shared with the persistent
+backward kernel in ``persistent.py``.
 
 Inactive rows (row >= n_active, variable lengths) keep their state; Y and dG_x are 0
 there. ``INTERPRET`` switches to what the Triton interpreter can run (tanh as
@@ -116,6 +118,46 @@ def _store_gates(ptr, offs, hidden, mask, g0, g1, g2, g3, NGATES: tl.constexpr):
         tl.store(ptr + offs + 2 * hidden, g2, mask=mask)
     if NGATES > 3:
         tl.store(ptr + offs + 3 * hidden, g3, mask=mask)
+
+
+@triton.jit
+def _cell_backward(
+    d_out, dc, act_ptr, extra_ptr, h_prev_ptr, offs_h, offs_g, hidden, mask,
+    CELL: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Gate gradients of one block of one step, from d_out (the gradient reaching the
+    step's output) and dc (LSTM: the cell-state gradient carried from the next step).
+
+    act_ptr + offs_g: the step's gate activations; extra_ptr + offs_h: c before the
+    step (LSTM) or a_n + b_hn (GRU); h_prev_ptr + offs_h: the state before the step
+    (GRU). Returns dG_x of gates 0..3, dG_h of gate 2 (GRU: d a_n r; else gate 2's
+    dG_x) and the cell-state gradient before the step (dc unchanged but for LSTM)."""
+    g0 = tl.load(act_ptr + offs_g, mask=mask, other=0.0)
+    if CELL == LSTM:
+        f = tl.load(act_ptr + offs_g + hidden, mask=mask, other=0.0)
+        g = tl.load(act_ptr + offs_g + 2 * hidden, mask=mask, other=0.0)
+        o = tl.load(act_ptr + offs_g + 3 * hidden, mask=mask, other=0.0)
+        c_prev = tl.load(extra_ptr + offs_h, mask=mask, other=0.0)
+        tanh_c = _tanh(f * c_prev + g0 * g, INTERPRET)
+        d_c = dc + d_out * o * (1.0 - tanh_c * tanh_c)
+        d_g = d_c * g0 * (1.0 - g * g)
+        return (d_c * g * g0 * (1.0 - g0), d_c * c_prev * f * (1.0 - f), d_g,
+                d_out * tanh_c * o * (1.0 - o), d_g, d_c * f)
+    elif CELL == GRU:
+        z = tl.load(act_ptr + offs_g + hidden, mask=mask, other=0.0)
+        n = tl.load(act_ptr + offs_g + 2 * hidden, mask=mask, other=0.0)
+        h_n = tl.load(extra_ptr + offs_h, mask=mask, other=0.0)
+        h_prev = tl.load(h_prev_ptr + offs_h, mask=mask, other=0.0)
+        d_an = d_out * (1.0 - z) * (1.0 - n * n)
+        d_ar = d_an * h_n * g0 * (1.0 - g0)
+        d_az = d_out * (h_prev - n) * z * (1.0 - z)
+        return d_ar, d_az, d_an, d_an, d_an * g0, dc
+    else:
+        if CELL == RNN_TANH:
+            d = d_out * (1.0 - g0 * g0)
+        else:
+            d = tl.where(g0 > 0.0, d_out, 0.0)
+        return d, d, d, d, d, dc
 
 
 @triton.jit(do_not_specialize=["n_active"])
@@ -241,30 +283,14 @@ def recurrence_step_backward(
     else:
         d_out = tl.load(dh_ptr + offs_h, mask=mask, other=0.0)
         d_out += tl.load(dy_ptr + offs_h, mask=mask, other=0.0).to(tl.float32)
-    g0 = tl.load(act_ptr + offs_g, mask=mask, other=0.0)
     if CELL == LSTM:
-        f = tl.load(act_ptr + offs_g + hidden, mask=mask, other=0.0)
-        g = tl.load(act_ptr + offs_g + 2 * hidden, mask=mask, other=0.0)
-        o = tl.load(act_ptr + offs_g + 3 * hidden, mask=mask, other=0.0)
-        c_prev = tl.load(extra_ptr + offs_h, mask=mask, other=0.0)
         dc = tl.load(dc_ptr + offs_h, mask=mask, other=0.0)
-        tanh_c = _tanh(f * c_prev + g0 * g, INTERPRET)
-        d_c = dc + d_out * o * (1.0 - tanh_c * tanh_c)
-        _store_gates(dgx_ptr, offs_g, hidden, active,
-                     d_c * g * g0 * (1.0 - g0), d_c * c_prev * f * (1.0 - f),
-                     d_c * g0 * (1.0 - g * g), d_out * tanh_c * o * (1.0 - o), NGATES)
-        tl.store(dc_ptr + offs_h, tl.where(active, d_c * f, dc), mask=mask)
-    elif CELL == GRU:
-        z = tl.load(act_ptr + offs_g + hidden, mask=mask, other=0.0)
-        n = tl.load(act_ptr + offs_g + 2 * hidden, mask=mask, other=0.0)
-        h_n = tl.load(extra_ptr + offs_h, mask=mask, other=0.0)
-        h_prev = tl.load(h_prev_ptr + offs_h, mask=mask, other=0.0)
-        d_an = d_out * (1.0 - z) * (1.0 - n * n)
-        d_ar = d_an * h_n * g0 * (1.0 - g0)
-        d_az = d_out * (h_prev - n) * z * (1.0 - z)
-        _store_gates(dgx_ptr, offs_g, hidden, active, d_ar, d_az, d_an, d_an, NGATES)
-        _store_gates(dgh_ptr, offs_g, hidden, active, d_ar, d_az, d_an * g0, d_an, NGATES)
-    elif CELL == RNN_TANH:
-        tl.store(dgx_ptr + offs_g, d_out * (1.0 - g0 * g0), mask=active)
     else:
-        tl.store(dgx_ptr + offs_g, tl.where(g0 > 0.0, d_out, 0.0), mask=active)
+        dc = d_out  # unused: only the LSTM carries a cell-state gradient
+    d0, d1, d2, d3, d2_h, dc_new = _cell_backward(
+        d_out, dc, act_ptr, extra_ptr, h_prev_ptr, offs_h, offs_g, hidden, mask, CELL, INTERPRET)
+    _store_gates(dgx_ptr, offs_g, hidden, active, d0, d1, d2, d3, NGATES)
+    if CELL == GRU:
+        _store_gates(dgh_ptr, offs_g, hidden, active, d0, d1, d2_h, d3, NGATES)
+    if CELL == LSTM:
+        tl.store(dc_ptr + offs_h, tl.where(active, dc_new, dc), mask=mask)
