@@ -63,12 +63,15 @@ fi
 
 if ! skipped bench; then
   for suite in $SUITES; do
-    # canonical-pb / canonical-tpb: the canonical size with the cuda / triton persistent
-    # backward pinned (CNNLSTM_FAST_CUDA_BACKWARD=persistent,
-    # CNNLSTM_FAST_TRITON_BACKWARD=persistent; recorded in the JSON's cuda_settings)
+    # The canonical size with a kernel pinned (recorded in the JSON's cuda_settings):
+    # canonical-pb / canonical-tpb the cuda / triton persistent backward, canonical-mp the
+    # pipelined tensor-core forward.
     pinned=()
-    if [[ $suite == canonical-pb ]]; then pinned=(env CNNLSTM_FAST_CUDA_BACKWARD=persistent); fi
-    if [[ $suite == canonical-tpb ]]; then pinned=(env CNNLSTM_FAST_TRITON_BACKWARD=persistent); fi
+    case $suite in
+      canonical-pb) pinned=(env CNNLSTM_FAST_CUDA_BACKWARD=persistent) ;;
+      canonical-tpb) pinned=(env CNNLSTM_FAST_TRITON_BACKWARD=persistent) ;;
+      canonical-mp) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-pipelined) ;;
+    esac
     if [[ $suite == canonical* ]]; then what=(--config B=16,T=1024,I=768,H=768); else what=(--suite "$suite"); fi
     timeout $(( $(left) - 10 )) ${pinned[@]+"${pinned[@]}"} python3 -m cnnlstm_fast.bench "${what[@]}" --device cuda \
       --no-progress ${BENCH_ARGS:-} --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1

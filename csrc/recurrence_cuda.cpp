@@ -100,16 +100,18 @@ void check_saved(const Tensor& t, const char* name, const at::Device& device,
 
 // CNNLSTM_FAST_CUDA_KERNEL: "auto" (default: the tensor-core persistent kernel where it
 // fits, else the CUDA-core persistent kernel where it fits, else the per-step kernels),
-// "step", "persistent" (CUDA cores), "mma" (tensor cores) or "streamed" (one cooperative
-// launch reading W_hh from L2 each step; not picked by auto: it has not run on a GPU);
-// a pinned kernel is an error where it cannot run. Lets tests and benchmarks pin a path.
+// "step", "persistent" (CUDA cores), "mma" (tensor cores), "mma-pipelined" (the same with
+// each pass's G_x, c and h loaded during the previous pass's barrier) or "streamed" (one
+// cooperative launch reading W_hh from L2 each step); auto picks neither of the last two:
+// they have not run on a GPU. A pinned kernel is an error where it cannot run. Lets
+// tests and benchmarks pin a path.
 std::string kernel_choice() {
   const char* v = std::getenv("CNNLSTM_FAST_CUDA_KERNEL");
   const std::string choice = v && *v ? v : "auto";
   TORCH_CHECK(choice == "auto" || choice == "step" || choice == "persistent" || choice == "mma" ||
-                  choice == "streamed",
-              "CNNLSTM_FAST_CUDA_KERNEL must be auto, step, persistent, mma or streamed, got '",
-              choice, "'");
+                  choice == "mma-pipelined" || choice == "streamed",
+              "CNNLSTM_FAST_CUDA_KERNEL must be auto, step, persistent, mma, mma-pipelined or "
+              "streamed, got '", choice, "'");
   return choice;
 }
 
@@ -195,8 +197,9 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
 
   const std::string choice = kernel_choice();
   PersistentPlan plan;
-  if (!proj && (choice == "auto" || choice == "mma")) {
-    check_launch(persistent_mma_forward_plan(cell, dtype, batch, hidden, &plan),
+  if (!proj && (choice == "auto" || choice == "mma" || choice == "mma-pipelined")) {
+    check_launch(persistent_mma_forward_plan(cell, dtype, batch, hidden,
+                                             choice == "mma-pipelined", &plan),
                  "persistent tensor-core plan");
   }
   if (!proj && !plan.usable && (choice == "auto" || choice == "persistent")) {

@@ -206,14 +206,16 @@ def _assert_low_precision_within_12_eps(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backward", ["step", "persistent"])
+@pytest.mark.parametrize("kernel", ["mma", "mma-pipelined"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", MMA_CASES, ids=str)
-def test_cuda_tensor_core_kernel_low_precision(case, dtype, backward, monkeypatch):
+def test_cuda_tensor_core_kernel_low_precision(case, dtype, kernel, backward, monkeypatch):
     """The tensor-core persistent kernel (pinned, so an unusable plan fails instead of
-    passing on another path), forward and backward (per-step or persistent) against the
-    fp64 reference: h is rounded to the dtype at each of the 12 steps, so the bound is
-    12 eps."""
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma")
+    passing on another path; "mma-pipelined" loads each pass's G_x, c and h during the
+    previous pass, not yet run on a GPU), forward and backward (per-step or persistent)
+    against the fp64 reference: h is rounded to the dtype at each of the 12 steps, so the
+    bound is 12 eps. The cases include several passes of rows and packed sequences."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", backward)
     _assert_low_precision_within_12_eps(case, dtype)
 

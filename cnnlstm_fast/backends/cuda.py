@@ -2,10 +2,14 @@
 ``cnnlstm_fast._C`` (``csrc/cuda/``), dispatched through the same torch.library ops as
 the ``cpu`` backend (CUDA dispatch key, ``csrc/recurrence_cuda.cpp``).
 
-Forward runs the persistent kernel (one cooperative launch for the sequence, W_hh
-slice in shared memory, one grid barrier per step) where the shape fits co-resident on
-the device, else the fused per-step kernels; backward runs per-step kernels in reverse
-time and one GEMM for dW_hh. ``CNNLSTM_FAST_CUDA_KERNEL=step|persistent`` pins a path.
+Forward runs a persistent kernel (one cooperative launch for the sequence, one grid
+barrier per step; for fp16/bf16 on tensor cores with W_hh in registers, else W_hh in
+shared memory) where the shape fits co-resident on the device, else the fused per-step
+kernels; backward runs per-step kernels in reverse time and one GEMM for dW_hh.
+``CNNLSTM_FAST_CUDA_KERNEL=auto|step|persistent|mma|mma-pipelined|streamed`` and
+``CNNLSTM_FAST_CUDA_BACKWARD=auto|step|persistent`` pin a path (csrc/recurrence_cuda.cpp;
+``mma-pipelined``, ``streamed`` and the persistent backward have not run on a GPU yet,
+so ``auto`` does not pick them).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ struct PersistentPlan {
   bool mma = false;     // the tensor-core kernel (h exchanged in T through h_exchange)
   int m_tiles = 0;      // 16-row tiles of a block's gate rows (gates * units, padded)
   int k_steps = 0;      // 16-wide slices of the reduction per warp
+  bool pipelined = false;  // tensor-core kernel: next pass's G_x, c, h loaded a pass early
 };
 
 // The persistent backward (csrc/cuda/recurrence.cu): the whole reverse-time loop of one
@@ -88,7 +89,8 @@ int streamed_forward(const PersistentForwardArgs& args, const StreamedPlan& plan
 // plan->usable is false where the shape does not fit.
 int persistent_forward_plan(Cell cell, DType dtype, int batch, int hidden, PersistentPlan* plan);
 int persistent_forward(const PersistentForwardArgs& args, const PersistentPlan& plan, void* stream);
-int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, PersistentPlan* plan);
+int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, bool pipelined,
+                                PersistentPlan* plan);
 int persistent_mma_forward(const PersistentForwardArgs& args, const PersistentPlan& plan,
                            void* stream);
 

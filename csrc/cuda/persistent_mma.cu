@@ -79,7 +79,45 @@ __device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int
   __syncthreads();
 }
 
-template <int kCell, typename T, int kMTiles>
+// What the pointwise of one (unit j, row b) pair reads at step s besides the matmul: G_x,
+// the cell state (LSTM) and the state before the step. A thread owns the same pairs at
+// every step, so each value was written by this thread (or before the launch) and may be
+// loaded as early as its last write.
+template <int kG, typename T>
+struct PairInputs {
+  float gx[kG];
+  float c;
+  T h;
+};
+
+template <int kCell, typename T>
+__device__ __forceinline__ PairInputs<kGates<kCell>, T> load_pair_inputs(
+    const PersistentForwardArgs& a, int s, int b, int j, bool mine) {
+  constexpr int kG = kGates<kCell>;
+  PairInputs<kG, T> in;
+  in.c = 0.f;
+  in.h = from_float<T>(0.f);
+#pragma unroll
+  for (int k = 0; k < kG; ++k) in.gx[k] = 0.f;
+  if (!mine) return in;
+  const int H = a.hidden, B = a.batch;
+  const int t = a.reverse ? a.steps - 1 - s : s;
+  const T* gx = static_cast<const T*>(a.gx) + ((size_t)t * B + b) * kG * H + j;
+#pragma unroll
+  for (int k = 0; k < kG; ++k) in.gx[k] = to_float(gx[(size_t)k * H]);
+  const size_t o = (size_t)b * H + j;
+  const T* hp = static_cast<const T*>(a.h_exchange) + (size_t)(s & 1) * B * H;
+  const unsigned short h_bits = __ldcg(reinterpret_cast<const unsigned short*>(hp + o));
+  in.h = *reinterpret_cast<const T*>(&h_bits);
+  if constexpr (kCell == 0) in.c = a.c_state[o];
+  return in;
+}
+
+// kPipelined: a thread loads the next pass's PairInputs at the end of the current pass,
+// so that their latency (G_x comes from HBM) overlaps the grid barrier instead of
+// lengthening the next step; otherwise it loads them at the start of each pass, in
+// parallel with the h fragments.
+template <int kCell, typename T, int kMTiles, bool kPipelined>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_mma_forward_kernel(PersistentForwardArgs a, int units, int k_steps) {
   constexpr int kG = kGates<kCell>;
@@ -112,11 +150,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  const T* gx_all = static_cast<const T*>(a.gx);
   T* y_all = static_cast<T*>(a.y);
   const T* b_hn = static_cast<const T*>(a.b_hn);
   T* h_ex = static_cast<T*>(a.h_exchange);
   const int pairs = units * kPassRows;  // pointwise work of a pass: (unit, row)
+  // this thread's pointwise pair in the pass starting at row b0: (unit, row) of the block
+  const int u = threadIdx.x % units, j = j0 + u;
+  auto row_of = [&](int b0) { return b0 + (int)threadIdx.x / units; };
+  auto owns = [&](int b0) { return threadIdx.x < pairs && row_of(b0) < B && j < H; };
+  PairInputs<kG, T> next;
+  if constexpr (kPipelined) next = load_pair_inputs<kCell, T>(a, 0, row_of(0), j, owns(0));
 
   for (int s = 0; s < a.steps; ++s) {
     const int t = a.reverse ? a.steps - 1 - s : s;
@@ -124,14 +167,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T* hp = h_ex + (size_t)(s & 1) * B * H;
     T* hn = h_ex + (size_t)((s + 1) & 1) * B * H;
     for (int b0 = 0; b0 < B; b0 += kPassRows) {
-      // this thread's pointwise pair; its G_x loads are issued before the matmul
-      const int u = threadIdx.x % units, b = b0 + threadIdx.x / units, j = j0 + u;
-      const bool mine = threadIdx.x < pairs && b < B && j < H;
+      const int b = row_of(b0);
+      const bool mine = owns(b0);
       const bool live = mine && b < active;
-      float gxv[kG];
-#pragma unroll
-      for (int k = 0; k < kG; ++k) {
-        gxv[k] = live ? to_float(gx_all[((size_t)t * B + b) * gH + k * H + j]) : 0.f;
+      PairInputs<kG, T> in;
+      if constexpr (kPipelined) {
+        in = next;
+      } else {
+        in = load_pair_inputs<kCell, T>(a, s, b, j, mine);
       }
 
       uint32_t hf[kMaxSteps][2][2];
@@ -182,16 +225,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       if (mine) {
         const size_t o = (size_t)b * H + j;
-        const unsigned short h_bits = __ldcg(reinterpret_cast<const unsigned short*>(hp + o));
-        const T h_old_t = *reinterpret_cast<const T*>(&h_bits);
+        const T h_old_t = in.h;
         const float h_old = to_float(h_old_t);
+        const float* gxv = in.gx;
         const size_t ot = (size_t)t * B * H + o;
         if (a.h_prev_all) a.h_prev_all[ot] = h_old;
         if (!live) {  // inactive row: keep the state, output 0
           hn[o] = h_old_t;
           y_all[ot] = from_float<T>(0.f);
           if constexpr (kCell == 0) {
-            if (a.extra) a.extra[ot] = a.c_state[o];
+            if (a.extra) a.extra[ot] = in.c;
           }
         } else {
           float pre[kG];
@@ -200,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           float* act = a.act ? a.act + ((size_t)t * B + b) * gH : nullptr;
           float h_new;
           if constexpr (kCell == 0) {
-            const float c_prev = a.c_state[o];
+            const float c_prev = in.c;
             const auto r = gm::lstm_forward<Math>(pre[0] + gxv[0], pre[1] + gxv[1],
                                                   pre[2] + gxv[2], pre[3] + gxv[3], c_prev);
             a.c_state[o] = r.c;
@@ -226,15 +269,20 @@ __global__ void __launch_bounds__(kThreads, 1)
           y_all[ot] = h_t;
         }
       }
+      if constexpr (kPipelined) {  // the next pass: this step's next rows, or step s + 1
+        const bool last = b0 + kPassRows >= B;
+        const int s2 = last ? s + 1 : s, b2 = last ? 0 : b0 + kPassRows;
+        if (s2 < a.steps) next = load_pair_inputs<kCell, T>(a, s2, row_of(b2), j, owns(b2));
+      }
       __syncthreads();  // the partials are rewritten by the next pass
     }
     if (s + 1 < a.steps) grid_barrier(a.barrier, (unsigned int)(s + 1) * gridDim.x);
   }
 }
 
-// f(kernel), the instantiation for cell, dtype (fp16/bf16 only) and m_tiles.
+// f(kernel), the instantiation for cell, dtype (fp16/bf16 only), m_tiles and pipelining.
 template <typename F>
-cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, F&& f) {
+cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, bool pipelined, F&& f) {
   return with_cell(cell, [&](auto cell_c) {
     return with_dtype(dtype, [&](auto type) -> cudaError_t {
       using T = decltype(type);
@@ -242,12 +290,16 @@ cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, F&& f) {
       if constexpr (std::is_same_v<T, float>) {
         return cudaErrorInvalidValue;
       } else {
-        switch (m_tiles) {
-          case 1: return f(persistent_mma_forward_kernel<kCell, T, 1>);
-          case 2: return f(persistent_mma_forward_kernel<kCell, T, 2>);
-          case 4: return f(persistent_mma_forward_kernel<kCell, T, 4>);
-        }
-        return cudaErrorInvalidValue;
+        auto pick = [&](auto pipe) -> cudaError_t {
+          constexpr bool kPipe = decltype(pipe)::value;
+          switch (m_tiles) {
+            case 1: return f(persistent_mma_forward_kernel<kCell, T, 1, kPipe>);
+            case 2: return f(persistent_mma_forward_kernel<kCell, T, 2, kPipe>);
+            case 4: return f(persistent_mma_forward_kernel<kCell, T, 4, kPipe>);
+          }
+          return cudaErrorInvalidValue;
+        };
+        return pipelined ? pick(std::true_type{}) : pick(std::false_type{});
       }
     });
   });
@@ -255,7 +307,7 @@ cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, F&& f) {
 
 }  // namespace
 
-int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden,
+int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, bool pipelined,
                                 PersistentPlan* plan) {
   *plan = PersistentPlan{};
   if (dtype == DType::kFloat32 || batch <= 0 || hidden <= 0 || hidden % 2) return cudaSuccess;
@@ -275,7 +327,7 @@ int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden,
     if (m_tiles * k_steps > kFragRegs || k_steps > 8) return cudaSuccess;  // more tiles need more
     if (blocks > sms || units * kPassRows > kThreads) continue;
     const size_t smem = (size_t)kWarps * m_tiles * 16 * kPassRows * sizeof(float);
-    return with_mma_kernel(cell, dtype, m_tiles, [&](auto kernel) {
+    return with_mma_kernel(cell, dtype, m_tiles, pipelined, [&](auto kernel) {
       cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            (int)smem);
       if (e) return reported(e);
@@ -283,7 +335,7 @@ int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden,
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
       if (e) return reported(e);
       if (per_sm > 0 && blocks <= per_sm * sms) {
-        *plan = PersistentPlan{true, units, blocks, 0, smem, true, m_tiles, k_steps};
+        *plan = PersistentPlan{true, units, blocks, 0, smem, true, m_tiles, k_steps, pipelined};
       }
       return cudaSuccess;
     });
@@ -294,7 +346,7 @@ int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden,
 int persistent_mma_forward(const PersistentForwardArgs& args, const PersistentPlan& plan,
                            void* stream) {
   if (!plan.usable || !plan.mma) return cudaErrorInvalidConfiguration;
-  return with_mma_kernel(args.cell, args.dtype, plan.m_tiles, [&](auto kernel) {
+  return with_mma_kernel(args.cell, args.dtype, plan.m_tiles, plan.pipelined, [&](auto kernel) {
     PersistentForwardArgs a = args;
     int units = plan.units, k_steps = plan.k_steps;
     void* params[] = {&a, &units, &k_steps};
