@@ -79,6 +79,30 @@ std::vector<int64_t> active_rows(const std::optional<Tensor>& batch_sizes, int64
   return rows;
 }
 
+// The active rows of every step as a device int32 tensor, written by kernels that take
+// the values as arguments (write_row_runs): no host-to-device copy, so the forward and
+// backward stay capturable in a CUDA graph and never wait for the stream.
+Tensor device_rows(const std::vector<int64_t>& rows, const at::TensorOptions& options,
+                   void* stream) {
+  Tensor out = at::empty({static_cast<int64_t>(rows.size())}, options.dtype(at::kInt));
+  RowRuns runs;
+  auto flush = [&] {
+    check_launch(write_row_runs(runs, out.data_ptr<int32_t>(), stream), "write_row_runs");
+    runs.start = runs.end[runs.count - 1], runs.count = 0;
+  };
+  for (size_t t = 0; t < rows.size(); ++t) {
+    if (runs.count > 0 && runs.value[runs.count - 1] == rows[t]) {
+      runs.end[runs.count - 1] = static_cast<int>(t + 1);
+      continue;
+    }
+    if (runs.count == kMaxRowRuns) flush();
+    runs.value[runs.count] = static_cast<int>(rows[t]);
+    runs.end[runs.count++] = static_cast<int>(t + 1);
+  }
+  if (runs.count > 0) flush();
+  return out;
+}
+
 // The shape checks of the CPU kernels (csrc/cpu/recurrence.cpp), plus the device: the
 // dispatcher picks this kernel when any argument is on CUDA, and a tensor elsewhere
 // would reach a kernel as a pointer it cannot read.
@@ -223,9 +247,7 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
                                  : w_hh.to(gx.scalar_type()).t().contiguous();
   if (plan.usable || streamed.usable) {
     const Tensor rows_dev =
-        batch_sizes.has_value()
-            ? at::tensor(std::vector<int32_t>(rows.begin(), rows.end()), gx.options().dtype(at::kInt))
-            : Tensor();
+        batch_sizes.has_value() ? device_rows(rows, gx.options(), stream) : Tensor();
     // Double-buffered h, [0] = h0. The tensor-core kernel exchanges h in the input dtype
     // (its MMA operand), so each step reads h rounded to T, as torch.nn's (cuDNN's)
     // fp16/bf16 LSTM does; the CUDA-core kernel keeps it in float32.
@@ -356,9 +378,7 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   const Tensor d_m_ws = step_loop && proj ? rowmat_buffer(batch, out, hidden, f32) : Tensor();
   if (plan.usable) {
     const Tensor rows_dev =
-        batch_sizes.has_value()
-            ? at::tensor(std::vector<int32_t>(rows.begin(), rows.end()), act.options().dtype(at::kInt))
-            : Tensor();
+        batch_sizes.has_value() ? device_rows(rows, act.options(), stream) : Tensor();
     const Tensor partial = at::empty({static_cast<int64_t>(plan.partial_floats)}, f32);
     PersistentBackwardArgs a{};
     a.cell = cell, a.dtype = dtype;

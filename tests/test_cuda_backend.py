@@ -89,24 +89,24 @@ GPU_CASES = [
 ]
 
 
-def _make(case):
+def _make(case, steps=6):
     """make_args with W_hh (and W_hr) scaled by 1/sqrt(fan_in), as torch initialises
     them: with unit-variance weights the recurrence is chaotic and float32 rounding is
     amplified past any sensible tolerance (the reference itself in float32 misses these
     bounds in 4 of the first 7 cases, by up to 6e4x), so a correct kernel would fail."""
     cell, hidden, proj, reverse, sizes, batch = case
     spec, bs, tensors = make_args(cell, hidden, proj, reverse, sizes, dtype=torch.float64,
-                                  batch=batch, steps=6)
+                                  batch=batch, steps=steps)
     tensors[3] = tensors[3].detach() / (proj or hidden) ** 0.5
     if proj:
         tensors[4] = tensors[4].detach() / hidden**0.5
     return spec, bs, tensors
 
 
-def _assert_matches_reference_fp32(case):
+def _assert_matches_reference_fp32(case, steps=6):
     """Forward and backward of the cuda backend in float32 (the kernels the environment
     pins) against the float64 reference."""
-    spec, bs, tensors = _make(case)
+    spec, bs, tensors = _make(case, steps)
     ref_out, ref_grads = _run("reference", spec, bs, tensors, "cpu", torch.float64)
     out, grads = _run("cuda", spec, bs, tensors, "cuda", torch.float32)
     for a, e in zip(out, ref_out):
@@ -134,6 +134,94 @@ def test_cuda_persistent_backward_matches_reference_fp32(case, monkeypatch):
     packed sequences, reverse direction, several partial-sum splits and row tiles."""
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
     _assert_matches_reference_fp32(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["auto", "streamed"])
+def test_cuda_packed_rows_written_by_several_launches(kernel, monkeypatch):
+    """125 distinct lengths: the kernels that read the row counts from device memory get
+    them from two launches of write_row_runs (at most 120 runs each)."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    _assert_matches_reference_fp32(("gru", 32, 0, False, list(range(125, 0, -1)), 125), 125)
+
+
+def _graph_check(make_model, run, new_input, dtype):
+    """``run(model, x)`` returns a flat list of tensors. Captured in a CUDA graph (after a
+    warm-up on a side stream) and replayed on fresh inputs, it gives what eager gives."""
+    torch.manual_seed(0)
+    captured, eager = make_model().to("cuda", dtype), make_model().to("cuda", dtype)
+    eager.load_state_dict(captured.state_dict())
+    static_x = new_input()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run(captured, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(captured, static_x)
+    for _ in range(2):
+        x = new_input()
+        static_x.copy_(x)
+        graph.replay()
+        for i, (a, e) in enumerate(zip(static_out, run(eager, x))):
+            torch.testing.assert_close(a, e, msg=lambda m, i=i: f"output {i}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype):
+    """Forward and backward through torch.cuda.make_graphed_callables (stacked,
+    bidirectional; the persistent or per-step forward, the per-step backward, the dW
+    GEMMs), replayed on fresh inputs: outputs, input and weight gradients as eager."""
+    torch.manual_seed(0)
+    kw = dict(input_size=24, hidden_size=64, num_layers=2, bidirectional=True, backend="cuda")
+    model = getattr(clf, cls)(**kw).to("cuda", dtype)
+    eager = getattr(clf, cls)(**kw).to("cuda", dtype)
+    eager.load_state_dict(model.state_dict())
+    sample = torch.randn(20, 4, 24, device="cuda", dtype=dtype, requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(model, (sample,))
+    for _ in range(2):
+        x = torch.randn_like(sample)
+        results = []
+        for net, fn in ((model, graphed), (eager, eager)):
+            net.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            y, hidden = fn(xi)
+            outs = [y, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            sum((o.float() * torch.randn(o.shape, generator=gen).to("cuda")).sum()
+                for o in outs).backward()
+            results.append([o.detach() for o in outs] + [xi.grad]
+                           + [p.grad for p in net.parameters()])
+        for i, (a, e) in enumerate(zip(*results)):
+            torch.testing.assert_close(a, e, msg=lambda m, i=i: f"tensor {i}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["auto", "step", "streamed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_packed_inference_is_capturable_in_a_cuda_graph(dtype, kernel, monkeypatch):
+    """Packed sequences (the row counts reach the device through write_row_runs, whose
+    arguments the graph keeps) in inference, captured and replayed on fresh data."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
+    lengths = torch.tensor([9, 7, 7, 4, 1])
+
+    def new_input():
+        x = torch.randn(9, 5, 16, device="cuda", dtype=dtype)
+        return torch.nn.utils.rnn.pack_padded_sequence(x, lengths).data
+
+    batch_sizes = torch.nn.utils.rnn.pack_padded_sequence(torch.zeros(9, 5, 1), lengths).batch_sizes
+
+    def run(model, data):
+        with torch.no_grad():
+            y, (h, c) = model(torch.nn.utils.rnn.PackedSequence(data, batch_sizes))
+        return [y.data, h, c]
+
+    _graph_check(lambda: clf.LSTM(16, 48, num_layers=2, backend="cuda"), run, new_input, dtype)
 
 
 @pytest.mark.gpu

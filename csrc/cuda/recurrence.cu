@@ -505,6 +505,25 @@ int add_output_grad(DType dtype, int batch, int active, int width, const float* 
 
 namespace {
 
+__global__ void write_row_runs_kernel(RowRuns runs, int* out) {
+  const int t = runs.start + blockIdx.x * blockDim.x + threadIdx.x;
+  if (runs.count == 0 || t >= runs.end[runs.count - 1]) return;
+  int r = 0;
+  while (t >= runs.end[r]) ++r;
+  out[t] = runs.value[r];
+}
+
+}  // namespace
+
+int write_row_runs(const RowRuns& runs, int* out, void* stream) {
+  if (runs.count == 0) return cudaSuccess;
+  const int n = runs.end[runs.count - 1] - runs.start;
+  write_row_runs_kernel<<<(n + 255) / 256, 256, 0, static_cast<cudaStream_t>(stream)>>>(runs, out);
+  return cudaGetLastError();
+}
+
+namespace {
+
 // The grid and the p-split of a streamed kernel (p: the reduction, q: the columns of
 // the per-step product) on the current device; plan->usable false where the device has
 // no cooperative launch or no block fits.

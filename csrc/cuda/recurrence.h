@@ -81,6 +81,20 @@ int step_backward(const StepBackwardArgs& args, void* stream);
 int add_output_grad(DType dtype, int batch, int active, int width, const float* d_h,
                     const void* d_y_t, float* out, void* stream);
 
+// Runs of equal active-row counts (a step range [end of the previous run, end[r]) with
+// value[r] rows), passed to a kernel by value: a CUDA graph captures them, where a copy
+// from a host buffer would read that buffer again at every replay (and a pageable copy
+// blocks the host until the stream is idle).
+constexpr int kMaxRowRuns = 120;
+struct RowRuns {
+  int start = 0;  // the first step of run 0
+  int count = 0;
+  int end[kMaxRowRuns];
+  int value[kMaxRowRuns];
+};
+// out[t] = value of the run holding step t, for the steps the runs cover.
+int write_row_runs(const RowRuns& runs, int* out, void* stream);
+
 // cudaGetErrorString of an error returned above.
 const char* error_string(int error);
 
