@@ -16,7 +16,8 @@
 # Usage (device tool, from the repo root):
 #   OUT=$OUT bash benchmarks/gpu_session.sh [budget_seconds]
 # Variables: SUITES, BENCH_ARGS (extra bench options, e.g. --providers torch.nn,cuda),
-# TESTS (pytest -k expression), SKIP (words: build tests sanitizer bench).
+# TESTS (pytest -k expression), SKIP (words: build tests sanitizer bench), SANITIZE_KERNEL
+# (CNNLSTM_FAST_CUDA_KERNEL under the sanitizer), SANITIZE_TOOLS (default "memcheck racecheck").
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET=${1:-540}
@@ -49,7 +50,7 @@ fi
 
 if ! skipped sanitizer; then
   if command -v compute-sanitizer > /dev/null; then
-    for tool in memcheck racecheck; do
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
       CNNLSTM_FAST_CUDA_KERNEL=${SANITIZE_KERNEL:-auto} timeout $(( $(left) / 6 )) \
         compute-sanitizer --tool "$tool" --error-exitcode 9 \
         "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "(fp32 and not 301) or (tensor_core and not 768 and not 1024)" \
