@@ -7,7 +7,10 @@ package imports without Triton. On CUDA tensors the forward uses the persistent 
 where its co-residency assumptions hold (grid <= SM count, W_hh slice on chip, no
 proj_size) and the per-step kernels otherwise. The backward runs per step unless
 ``CNNLSTM_FAST_TRITON_BACKWARD`` is ``auto`` (persistent where it fits) or
-``persistent``: the persistent backward has not run on a GPU yet. With
+``persistent``: the persistent backward has not run on a GPU yet. Both persistent
+kernels assume no other kernel occupies the SMs while they run (with
+DistributedDataParallel, NCCL's all-reduce runs beside the backward); if that fails,
+their bounded barrier raises a RuntimeError instead of returning wrong values. With
 ``TRITON_INTERPRET=1`` the same kernels run in Triton's interpreter on CPU tensors
 (per step only; that is how they are tested without a GPU).
 """
@@ -58,6 +61,8 @@ class TritonBackend(Backend):
     def forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
         from ..kernels.triton import launch
 
+        if need_saved:  # a bad CNNLSTM_FAST_TRITON_BACKWARD fails now, not after the forward
+            launch.backward_mode()
         return launch.forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved)
 
     def backward(self, spec, saved, batch_sizes, d_y, d_hT, d_cT):

@@ -240,9 +240,12 @@ def _persistent_setup(spec, like, batch_sizes, backward: bool):
     else:
         cfg = _persistent_choice(spec, like, False, backward)
         if cfg is None:
+            why = ("it needed more shared memory than the GPU has at an earlier launch"
+                   if _persistent_key(spec, like, backward) in _persistent_out_of_resources
+                   else "grid <= SM count, W_hh slice on chip")
             raise ValueError(
                 f"the persistent {kind} kernel cannot hold hidden_size {hidden}, batch "
-                f"{batch}, {like.dtype} on this GPU (grid <= SM count, W_hh slice on chip)"
+                f"{batch}, {like.dtype} on this GPU ({why})"
             )
     grid = (triton.cdiv(hidden, cfg.block_h), triton.cdiv(batch, cfg.block_b))
     flags = torch.zeros(2, device=like.device, dtype=torch.int32)  # barrier counter, timed out

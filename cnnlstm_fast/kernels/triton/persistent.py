@@ -16,6 +16,9 @@ few seconds, whatever the number of steps). No projection (proj_size): the
 launcher uses the per-step kernels then. In Triton's interpreter, which runs programs
 one after another, only a grid of one program can pass the barrier.
 
+The backward is where the assumption is weakest: under DistributedDataParallel NCCL's
+all-reduce kernels run beside it on another stream.
+
 The backward (``recurrence_backward_persistent``) uses the same grid and barrier with
 the transposed slice, W_hh[:, cols] of every gate (see its docstring). Both kernels
 need ~192 KiB of shared memory at hidden 768 in fp16/bf16 (Triton stages the dot
