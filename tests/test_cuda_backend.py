@@ -205,8 +205,11 @@ def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype):
 @pytest.mark.parametrize("kernel", ["auto", "step", "streamed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_packed_inference_is_capturable_in_a_cuda_graph(dtype, kernel, monkeypatch):
-    """Packed sequences (the row counts reach the device through write_row_runs, whose
-    arguments the graph keeps) in inference, captured and replayed on fresh data."""
+    """Packed sequences in inference, captured and replayed on fresh data: the module
+    builds its packed index on the device while capturing (nn/rnn.py, _packed_index)
+    and the row counts reach the kernels through write_row_runs, whose arguments the
+    graph keeps. (Packed training is not captured here: make_graphed_callables takes
+    tensors, not PackedSequences.)"""
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
     lengths = torch.tensor([9, 7, 7, 4, 1])
 

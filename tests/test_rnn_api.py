@@ -301,3 +301,18 @@ def test_cpu_autocast_output_dtype_and_values_follow_torch(cls_name, kwargs, sha
         e, g = (e if isinstance(e, torch.Tensor) else e[0]), (g if isinstance(g, torch.Tensor) else g[0])
         assert g.dtype == e.dtype
         torch.testing.assert_close(g.float(), e.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("lengths", [[1], [5, 5, 5], [9, 7, 7, 4, 1], list(range(130, 0, -1))],
+                         ids=lambda v: f"{len(v)}-rows")
+def test_packed_index_built_on_the_device_matches_the_host_one(lengths):
+    """The index a CUDA graph capture builds (aranges per run of equal batch sizes) is
+    the one eager builds on the host (tested here with CPU tensors for both)."""
+    from cnnlstm_fast.nn.rnn import _packed_index
+
+    batch_sizes = torch.nn.utils.rnn.pack_padded_sequence(
+        torch.zeros(max(lengths), len(lengths), 1), torch.tensor(lengths)).batch_sizes
+    cpu = torch.device("cpu")
+    host = _packed_index(batch_sizes, cpu, on_device=False)
+    assert torch.equal(_packed_index(batch_sizes, cpu, on_device=True), host)
+    assert len(host) == sum(lengths) and host.unique().numel() == len(host)

@@ -88,6 +88,30 @@ def _torch_class(module: nn.Module) -> type:
     return _torch_class_of_type(type(module))
 
 
+def _packed_index(batch_sizes: torch.Tensor, device: torch.device, on_device: bool):
+    """Flat positions t * B + b of the valid (t, b) of a packed batch, in packed order.
+
+    Built on the CPU and copied from pinned memory without blocking the host, or with
+    ``on_device`` from aranges on ``device``, one per run of equal batch sizes: no copy
+    from host memory, which a CUDA graph capture cannot take (a blocking copy
+    synchronises the stream; an asynchronous one would re-read a freed buffer at every
+    replay)."""
+    steps, batch = len(batch_sizes), int(batch_sizes[0])
+    if on_device:
+        sizes, parts, start = batch_sizes.tolist(), [], 0
+        for t in range(1, steps + 1):
+            if t == steps or sizes[t] != sizes[start]:
+                rows = torch.arange(start, t, device=device) * batch
+                parts.append((rows[:, None] + torch.arange(sizes[start], device=device)).reshape(-1))
+                start = t
+        return torch.cat(parts)
+    cols = torch.arange(batch)
+    index = (torch.arange(steps)[:, None] * batch + cols)[cols[None, :] < batch_sizes[:, None]]
+    if device.type == "cuda":
+        index = index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
 class _PackedLayout:
     """Moves packed rows (N, F) to the padded time-major layout (T, B, F) and back.
 
@@ -97,10 +121,8 @@ class _PackedLayout:
     def __init__(self, batch_sizes: torch.Tensor, device: torch.device):
         self.steps = len(batch_sizes)
         self.batch = int(batch_sizes[0])
-        cols = torch.arange(self.batch)
-        valid = cols[None, :] < batch_sizes[:, None]
-        flat = torch.arange(self.steps)[:, None] * self.batch + cols[None, :]
-        self.index = flat[valid].to(device)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        self.index = _packed_index(batch_sizes, device, on_device=capturing)
 
     def to_padded(self, data: torch.Tensor) -> torch.Tensor:
         out = data.new_zeros(self.steps * self.batch, data.shape[1])

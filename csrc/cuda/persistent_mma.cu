@@ -159,7 +159,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto row_of = [&](int b0) { return b0 + (int)threadIdx.x / units; };
   auto owns = [&](int b0) { return threadIdx.x < pairs && row_of(b0) < B && j < H; };
   PairInputs<kG, T> next;
-  if constexpr (kPipelined) next = load_pair_inputs<kCell, T>(a, 0, row_of(0), j, owns(0));
+  if constexpr (kPipelined) {
+    if (a.steps > 0) next = load_pair_inputs<kCell, T>(a, 0, row_of(0), j, owns(0));
+  }
 
   for (int s = 0; s < a.steps; ++s) {
     const int t = a.reverse ? a.steps - 1 - s : s;
