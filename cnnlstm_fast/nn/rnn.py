@@ -108,7 +108,7 @@ def _packed_index(batch_sizes: torch.Tensor, device: torch.device, on_device: bo
     cols = torch.arange(batch)
     index = (torch.arange(steps)[:, None] * batch + cols)[cols[None, :] < batch_sizes[:, None]]
     if device.type == "cuda":
-        index = index.pin_memory().to(device, non_blocking=True)
+        return index.pin_memory().to(device, non_blocking=True)
     return index.to(device)
 
 

@@ -333,7 +333,6 @@ def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT, mode):
     hidden, out_size = spec.hidden_size, h_prev.shape[2]
     proj, gru = w_hr is not None, spec.cell == "gru"
     f32 = dict(device=act.device, dtype=torch.float32)
-    rows = _active_rows(batch_sizes, steps, batch)
     d_y = d_y.contiguous()
     dh = d_hT.to(torch.float32).contiguous().clone()
     dc = None
@@ -349,8 +348,8 @@ def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT, mode):
         lambda: _persistent_backward_run(spec, act, h_prev, extra, w_hh, d_y, dh, dc, d_gx,
                                          d_gh, batch_sizes))
     if not persistent:
-        _step_backward(spec, act, h_prev, extra, w_hh, w_hr, d_y, rows, dh, dc, d_gx, d_gh,
-                       d_h_all)
+        _step_backward(spec, act, h_prev, extra, w_hh, w_hr, d_y, batch_sizes, dh, dc, d_gx,
+                       d_gh, d_h_all)
 
     d_w_hh = d_gh.reshape(-1, gate_width).T @ h_prev.reshape(-1, out_size)
     d_w_hr = None
@@ -360,10 +359,11 @@ def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT, mode):
     return d_gx, dh, dc, d_w_hh, d_w_hr, d_b_hn
 
 
-def _step_backward(spec, act, h_prev, extra, w_hh, w_hr, d_y, rows, dh, dc, d_gx, d_gh,
+def _step_backward(spec, act, h_prev, extra, w_hh, w_hr, d_y, batch_sizes, dh, dc, d_gx, d_gh,
                    d_h_all):
     """The per-step backward loop; updates dh, dc, d_gx, d_gh, d_h_all in place."""
     steps, batch, _ = act.shape
+    rows = _active_rows(batch_sizes, steps, batch)  # host ints: the loop slices by them
     hidden, out_size = spec.hidden_size, h_prev.shape[2]
     proj, gru = w_hr is not None, spec.cell == "gru"
     dh_in, dh_next = dh, torch.empty_like(dh)
