@@ -125,17 +125,18 @@ void check_saved(const Tensor& t, const char* name, const at::Device& device,
 // CNNLSTM_FAST_CUDA_KERNEL: "auto" (default: the tensor-core persistent kernel where it
 // fits, else the CUDA-core persistent kernel where it fits, else the per-step kernels),
 // "step", "persistent" (CUDA cores), "mma" (tensor cores), "mma-pipelined" (the same with
-// each pass's G_x, c and h loaded during the previous pass's barrier) or "streamed" (one
-// cooperative launch reading W_hh from L2 each step); auto picks neither of the last two:
-// they have not run on a GPU. A pinned kernel is an error where it cannot run. Lets
-// tests and benchmarks pin a path.
+// each pass's G_x, c and h loaded during the previous pass's barrier), "mma-cluster" (the
+// same as one thread-block cluster on sm_90: h through distributed shared memory, the
+// cluster's barrier) or "streamed" (one cooperative launch reading W_hh from L2 each
+// step); auto picks none of the last three: they have not run on a GPU. A pinned kernel
+// is an error where it cannot run. Lets tests and benchmarks pin a path.
 std::string kernel_choice() {
   const char* v = std::getenv("CNNLSTM_FAST_CUDA_KERNEL");
   const std::string choice = v && *v ? v : "auto";
   TORCH_CHECK(choice == "auto" || choice == "step" || choice == "persistent" || choice == "mma" ||
-                  choice == "mma-pipelined" || choice == "streamed",
-              "CNNLSTM_FAST_CUDA_KERNEL must be auto, step, persistent, mma, mma-pipelined or "
-              "streamed, got '", choice, "'");
+                  choice == "mma-pipelined" || choice == "mma-cluster" || choice == "streamed",
+              "CNNLSTM_FAST_CUDA_KERNEL must be auto, step, persistent, mma, mma-pipelined, "
+              "mma-cluster or streamed, got '", choice, "'");
   return choice;
 }
 
@@ -221,9 +222,11 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
 
   const std::string choice = kernel_choice();
   PersistentPlan plan;
-  if (!proj && (choice == "auto" || choice == "mma" || choice == "mma-pipelined")) {
-    check_launch(persistent_mma_forward_plan(cell, dtype, batch, hidden,
-                                             choice == "mma-pipelined", &plan),
+  if (!proj && (choice == "auto" || choice.rfind("mma", 0) == 0)) {
+    const MmaVariant variant = choice == "mma-pipelined" ? MmaVariant::kPipelined
+                               : choice == "mma-cluster" ? MmaVariant::kCluster
+                                                         : MmaVariant::kPlain;
+    check_launch(persistent_mma_forward_plan(cell, dtype, batch, hidden, variant, &plan),
                  "persistent tensor-core plan");
   }
   if (!proj && !plan.usable && (choice == "auto" || choice == "persistent")) {
@@ -240,8 +243,12 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
               " with hidden_size ", hidden, ", batch ", batch, ", dtype ", gx.scalar_type(),
               proj ? " and proj_size" : "", " on this device (the tensor-core kernel needs "
               "float16/bfloat16, an even hidden_size and W_hh spread over at most one block "
-              "per SM; the streamed kernel a cooperative launch; none of the persistent or "
-              "streamed kernels supports proj_size)");
+              "per SM; mma-cluster also an sm_90 device, W_hh in at most 16 blocks (LSTM "
+              "hidden_size <= 256, GRU <= 336, RNN <= 512) and 2 x batch x (hidden_size "
+              "rounded up to 16, + 8) x 2 bytes of h in shared memory beside the partial sums; "
+              "the streamed kernel "
+              "a cooperative launch; none of the persistent or streamed kernels supports "
+              "proj_size)");
   // The tensor-core kernel reads W_hh as stored; the others read it transposed.
   const Tensor w_hh_c = plan.mma ? w_hh.to(gx.scalar_type()).contiguous()
                                  : w_hh.to(gx.scalar_type()).t().contiguous();
@@ -253,7 +260,8 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
     // fp16/bf16 LSTM does; the CUDA-core kernel keeps it in float32.
     Tensor h_buf = at::empty({2, batch, hidden}, plan.mma ? gx.options() : f32);
     h_buf[0].copy_(h[0]);
-    const Tensor barrier = plan.mma ? at::zeros({1}, gx.options().dtype(at::kInt)) : Tensor();
+    const bool counter = plan.mma && plan.variant != MmaVariant::kCluster;  // the grid barrier
+    const Tensor barrier = counter ? at::zeros({1}, gx.options().dtype(at::kInt)) : Tensor();
     PersistentForwardArgs a{};
     a.cell = cell, a.dtype = dtype;
     a.steps = steps, a.batch = batch, a.hidden = hidden, a.reverse = reverse;
@@ -271,7 +279,7 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
       check_launch(streamed_forward(a, streamed, stream), "streamed_forward");
     } else if (plan.mma) {
       a.w_hh = w_hh_c.data_ptr(), a.h_exchange = h_buf.data_ptr();
-      a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
+      a.barrier = counter ? reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>()) : nullptr;
       check_launch(persistent_mma_forward(a, plan, stream), "persistent_mma_forward");
     } else {
       a.w_hh_t = w_hh_c.data_ptr(), a.h_buf = ptr<float>(h_buf);

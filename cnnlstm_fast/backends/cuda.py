@@ -6,10 +6,11 @@ Forward runs a persistent kernel (one cooperative launch for the sequence, one g
 barrier per step; for fp16/bf16 on tensor cores with W_hh in registers, else W_hh in
 shared memory) where the shape fits co-resident on the device, else the fused per-step
 kernels; backward runs per-step kernels in reverse time and one GEMM for dW_hh.
-``CNNLSTM_FAST_CUDA_KERNEL=auto|step|persistent|mma|mma-pipelined|streamed`` and
-``CNNLSTM_FAST_CUDA_BACKWARD=auto|step|persistent`` pin a path (csrc/recurrence_cuda.cpp;
-``mma-pipelined``, ``streamed`` and the persistent backward have not run on a GPU yet,
-so ``auto`` does not pick them).
+``CNNLSTM_FAST_CUDA_KERNEL=auto|step|persistent|mma|mma-pipelined|mma-cluster|streamed``
+and ``CNNLSTM_FAST_CUDA_BACKWARD=auto|step|persistent`` pin a path
+(csrc/recurrence_cuda.cpp; ``mma-pipelined``, ``mma-cluster`` (the tensor-core forward
+as one sm_90 thread-block cluster, h through distributed shared memory), ``streamed``
+and the persistent backward have not run on a GPU yet, so ``auto`` does not pick them).
 """
 
 from __future__ import annotations

@@ -33,6 +33,13 @@ struct PersistentForwardArgs {
   float* partial;          // StreamedPlan::partial_floats
 };
 
+// The tensor-core forward's variants. kPipelined: each pass's G_x, c and h are loaded
+// during the previous pass. kCluster (sm_90): the grid is one thread-block cluster, each
+// block keeps the whole h of the step in its shared memory, a block pushes the h it
+// computes into every block's copy (distributed shared memory) and the blocks meet at
+// the cluster's hardware barrier instead of a counter in global memory.
+enum class MmaVariant : int { kPlain = 0, kPipelined = 1, kCluster = 2 };
+
 struct PersistentPlan {
   bool usable = false;  // false: the shape does not fit co-resident on this device
   int units = 0;        // hidden units per block
@@ -42,7 +49,7 @@ struct PersistentPlan {
   bool mma = false;     // the tensor-core kernel (h exchanged in T through h_exchange)
   int m_tiles = 0;      // 16-row tiles of a block's gate rows (gates * units, padded)
   int k_steps = 0;      // 16-wide slices of the reduction per warp
-  bool pipelined = false;  // tensor-core kernel: next pass's G_x, c, h loaded a pass early
+  MmaVariant variant = MmaVariant::kPlain;  // tensor-core kernel: which of its variants
 };
 
 // The persistent backward (csrc/cuda/recurrence.cu): the whole reverse-time loop of one
@@ -89,8 +96,8 @@ int streamed_forward(const PersistentForwardArgs& args, const StreamedPlan& plan
 // plan->usable is false where the shape does not fit.
 int persistent_forward_plan(Cell cell, DType dtype, int batch, int hidden, PersistentPlan* plan);
 int persistent_forward(const PersistentForwardArgs& args, const PersistentPlan& plan, void* stream);
-int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, bool pipelined,
-                                PersistentPlan* plan);
+int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden,
+                                MmaVariant variant, PersistentPlan* plan);
 int persistent_mma_forward(const PersistentForwardArgs& args, const PersistentPlan& plan,
                            void* stream);
 

@@ -13,6 +13,19 @@
 // Co-residency: the grid is at most one block per SM, sized with the occupancy API, and
 // cudaLaunchCooperativeKernel refuses a grid that could not be co-resident, so the
 // spin-wait cannot deadlock.
+//
+// The cluster variant (sm_90, MmaVariant::kCluster) runs the same tiling as ONE
+// thread-block cluster (at most 16 blocks, so W_hh must fit in their registers: LSTM up
+// to hidden 256, GRU 336, RNN 512). Each block keeps the whole h of the step, double
+// buffered, in its own shared memory (rows padded against bank conflicts) and
+// reads its B fragments there; the thread that computes h[b, j] also stores it into
+// every block's next buffer through distributed shared memory (mapa), and the blocks
+// meet at the cluster's hardware barrier (barrier.cluster arrive.release /
+// wait.acquire), not at a counter in L2. h is still written to h_exchange for the host
+// (the final state) and for the thread's own next step. A cluster is scheduled as a
+// whole, so co-residency holds by construction; the plan asks the occupancy API whether
+// the cluster fits on one GPC at all.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -34,6 +47,11 @@ constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kFragRegs = 16;  // W_hh fragments (4 registers each) a warp keeps: m_tiles * k_steps
 constexpr int kPassRows = 16;  // batch rows per pass: two n = 8 tiles
+// Cluster variant: a row of the shared h is hidden rounded up to 16 plus 8 elements, so
+// the 8 rows of a B fragment start 4 banks apart and its 32 words hit 32 banks.
+constexpr int kHPad = 8;
+__host__ __device__ constexpr int shared_h_stride(int hidden) { return (hidden + 15) / 16 * 16 + kHPad; }
+constexpr int kMaxClusterBlocks = 16;  // sm_90's largest (non-portable) cluster
 // k-steps a warp can hold: W_hh fragments (4 registers each) and the h fragments of a
 // pass (4 each) must fit in the 128 registers of a 512-thread block.
 template <int kMTiles>
@@ -79,6 +97,29 @@ __device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int
   __syncthreads();
 }
 
+// The cluster variant's barrier: every thread of every block arrives with release
+// semantics and waits with acquire semantics, so what a block stored into a peer's
+// shared memory before it is visible to the peer after it.
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __trap();  // the plan picks the cluster variant only for an sm_90 binary
+#endif
+}
+
+// v into the same shared-memory location as `local` in every block of the cluster.
+template <typename T>
+__device__ __forceinline__ void store_in_every_block(T* local, T v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const unsigned int blocks = cluster.num_blocks();
+  for (unsigned int r = 0; r < blocks; ++r) *cluster.map_shared_rank(local, r) = v;
+#else
+  __trap();
+#endif
+}
+
 // What the pointwise of one (unit j, row b) pair reads at step s besides the matmul: G_x,
 // the cell state (LSTM) and the state before the step. A thread owns the same pairs at
 // every step, so each value was written by this thread (or before the launch) and may be
@@ -113,18 +154,24 @@ __device__ __forceinline__ PairInputs<kGates<kCell>, T> load_pair_inputs(
   return in;
 }
 
-// kPipelined: a thread loads the next pass's PairInputs at the end of the current pass,
-// so that their latency (G_x comes from HBM) overlaps the grid barrier instead of
-// lengthening the next step; otherwise it loads them at the start of each pass, in
-// parallel with the h fragments.
-template <int kCell, typename T, int kMTiles, bool kPipelined>
+// kVariant (MmaVariant): kPipelined, a thread loads the next pass's PairInputs at the end
+// of the current pass, so that their latency (G_x comes from HBM) overlaps the grid
+// barrier instead of lengthening the next step; otherwise it loads them at the start of
+// each pass, in parallel with the h fragments. kCluster: see the top of the file.
+template <int kCell, typename T, int kMTiles, int kVariant>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_mma_forward_kernel(PersistentForwardArgs a, int units, int k_steps) {
   constexpr int kG = kGates<kCell>;
   constexpr int kMaxSteps = kMaxKSteps<kMTiles>;
   constexpr int kRows = kMTiles * 16;  // padded gate rows of the block
-  extern __shared__ __align__(16) float partial[];  // [kWarps][kRows][kPassRows]
+  constexpr bool kPipelined = kVariant == static_cast<int>(MmaVariant::kPipelined);
+  constexpr bool kCluster = kVariant == static_cast<int>(MmaVariant::kCluster);
+  // [kWarps][kRows][kPassRows] partial sums; the cluster variant's h copy follows:
+  // T [2][batch][shared_h_stride(hidden)]
+  extern __shared__ __align__(16) float partial[];
   const int H = a.hidden, gH = kG * H, B = a.batch;
+  const int hs = shared_h_stride(H);  // row stride of the shared h
+  T* const h_sm = reinterpret_cast<T*>(partial + kWarps * kRows * kPassRows);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int grp = lane / 4, quad = lane % 4;  // the MMA fragment layout's row / column pair
   const int j0 = blockIdx.x * units;
@@ -158,6 +205,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int u = threadIdx.x % units, j = j0 + u;
   auto row_of = [&](int b0) { return b0 + (int)threadIdx.x / units; };
   auto owns = [&](int b0) { return threadIdx.x < pairs && row_of(b0) < B && j < H; };
+  if constexpr (kCluster) {
+    // This block's copy of h0; then the cluster meets, because a block may store into a
+    // peer's shared memory only once the peer runs (step 0 stores into buffer 1, so it
+    // cannot overwrite a peer's h0).
+    for (int e = threadIdx.x; e < B * H; e += kThreads) h_sm[(e / H) * hs + e % H] = h_ex[e];
+    cluster_barrier();
+  }
   PairInputs<kG, T> next;
   if constexpr (kPipelined) {
     if (a.steps > 0) next = load_pair_inputs<kCell, T>(a, 0, row_of(0), j, owns(0));
@@ -187,9 +241,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int n = b0 + nt * 8 + grp;
           const int k = k_base + ks * 16 + quad * 2;
           const bool real = ks < k_steps && n < B;
-          const T* row = hp + (size_t)n * H;
-          hf[ks][nt][0] = real ? load_pair<T, true>(row, k, H) : 0u;
-          hf[ks][nt][1] = real ? load_pair<T, true>(row, k + 8, H) : 0u;
+          const T* row = kCluster ? h_sm + ((size_t)(s & 1) * B + n) * hs : hp + (size_t)n * H;
+          hf[ks][nt][0] = real ? load_pair<T, !kCluster>(row, k, H) : 0u;
+          hf[ks][nt][1] = real ? load_pair<T, !kCluster>(row, k + 8, H) : 0u;
         }
       }
       float acc[kMTiles][2][4] = {};
@@ -225,6 +279,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();
 
+      // h[b, j] of step s + 1: into h_exchange and (cluster) every block's next buffer;
+      // not at the last step, so no block's shared memory is written after the last
+      // cluster barrier and a block may exit as soon as it is done.
+      auto store_h = [&](T v) {
+        hn[(size_t)b * H + j] = v;
+        if constexpr (kCluster) {
+          if (s + 1 < a.steps) store_in_every_block(h_sm + ((size_t)((s + 1) & 1) * B + b) * hs + j, v);
+        }
+      };
       if (mine) {
         const size_t o = (size_t)b * H + j;
         const T h_old_t = in.h;
@@ -233,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const size_t ot = (size_t)t * B * H + o;
         if (a.h_prev_all) a.h_prev_all[ot] = h_old;
         if (!live) {  // inactive row: keep the state, output 0
-          hn[o] = h_old_t;
+          store_h(h_old_t);
           y_all[ot] = from_float<T>(0.f);
           if constexpr (kCell == 0) {
             if (a.extra) a.extra[ot] = in.c;
@@ -267,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (act) act[j] = h_new;
           }
           const T h_t = from_float<T>(h_new);
-          hn[o] = h_t;
+          store_h(h_t);
           y_all[ot] = h_t;
         }
       }
@@ -278,13 +341,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();  // the partials are rewritten by the next pass
     }
-    if (s + 1 < a.steps) grid_barrier(a.barrier, (unsigned int)(s + 1) * gridDim.x);
+    if (s + 1 < a.steps) {
+      if constexpr (kCluster) {
+        cluster_barrier();
+      } else {
+        grid_barrier(a.barrier, (unsigned int)(s + 1) * gridDim.x);
+      }
+    }
   }
 }
 
-// f(kernel), the instantiation for cell, dtype (fp16/bf16 only), m_tiles and pipelining.
+// f(kernel), the instantiation for cell, dtype (fp16/bf16 only), m_tiles and variant.
 template <typename F>
-cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, bool pipelined, F&& f) {
+cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, MmaVariant variant, F&& f) {
   return with_cell(cell, [&](auto cell_c) {
     return with_dtype(dtype, [&](auto type) -> cudaError_t {
       using T = decltype(type);
@@ -292,55 +361,117 @@ cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, bool pipelined,
       if constexpr (std::is_same_v<T, float>) {
         return cudaErrorInvalidValue;
       } else {
-        auto pick = [&](auto pipe) -> cudaError_t {
-          constexpr bool kPipe = decltype(pipe)::value;
+        auto pick = [&](auto var) -> cudaError_t {
+          constexpr int kVar = decltype(var)::value;
           switch (m_tiles) {
-            case 1: return f(persistent_mma_forward_kernel<kCell, T, 1, kPipe>);
-            case 2: return f(persistent_mma_forward_kernel<kCell, T, 2, kPipe>);
-            case 4: return f(persistent_mma_forward_kernel<kCell, T, 4, kPipe>);
+            case 1: return f(persistent_mma_forward_kernel<kCell, T, 1, kVar>);
+            case 2: return f(persistent_mma_forward_kernel<kCell, T, 2, kVar>);
+            case 4: return f(persistent_mma_forward_kernel<kCell, T, 4, kVar>);
           }
           return cudaErrorInvalidValue;
         };
-        return pipelined ? pick(std::true_type{}) : pick(std::false_type{});
+        switch (variant) {
+          case MmaVariant::kPlain: return pick(std::integral_constant<int, 0>{});
+          case MmaVariant::kPipelined: return pick(std::integral_constant<int, 1>{});
+          case MmaVariant::kCluster: return pick(std::integral_constant<int, 2>{});
+        }
+        return cudaErrorInvalidValue;
       }
     });
   });
 }
 
+// The launch configuration of the cluster variant: the grid is one cluster. `attr` is
+// the storage the configuration points to.
+cudaLaunchConfig_t cluster_config(int blocks, size_t smem, void* stream, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = blocks;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Whether `blocks` blocks of `kernel` can run as one cluster on this device: an sm_90
+// binary (the kernel traps elsewhere), the cluster size allowed, and one such cluster
+// fitting on a GPC with this shared memory.
+template <typename K>
+cudaError_t cluster_fits(K kernel, int blocks, size_t smem, bool* fits) {
+  *fits = false;
+  cudaFuncAttributes attrs{};
+  cudaError_t e = cudaFuncGetAttributes(&attrs, reinterpret_cast<const void*>(kernel));
+  if (e) return reported(e);
+  // ptxVersion is the __CUDA_ARCH__ the code was built for (binaryVersion would be the
+  // device's own where the driver compiled sm_80 PTX, whose cluster code traps).
+  if (attrs.ptxVersion < 90) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (e) return reported(e);
+  cudaLaunchAttribute attr{};
+  const cudaLaunchConfig_t cfg = cluster_config(blocks, smem, nullptr, &attr);
+  int largest = 0, clusters = 0;
+  e = cudaOccupancyMaxPotentialClusterSize(&largest, reinterpret_cast<const void*>(kernel), &cfg);
+  if (e) return reported(e);
+  if (blocks > largest) return cudaSuccess;
+  e = cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<const void*>(kernel), &cfg);
+  if (e) return reported(e);
+  *fits = clusters >= 1;
+  return cudaSuccess;
+}
+
 }  // namespace
 
-int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, bool pipelined,
+int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, MmaVariant variant,
                                 PersistentPlan* plan) {
   *plan = PersistentPlan{};
   if (dtype == DType::kFloat32 || batch <= 0 || hidden <= 0 || hidden % 2) return cudaSuccess;
-  int device = 0, sms = 0, coop = 0, major = 0;
+  int device = 0, sms = 0, coop = 0, major = 0, smem_optin = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (!err) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
   if (!err) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (!err) {
+    err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
   if (err) return reported(err);
-  if (!coop || major < 8) return cudaSuccess;
+  const bool cluster = variant == MmaVariant::kCluster;
+  if (cluster ? major < 9 : !coop || major < 8) return cudaSuccess;
   const int gates = gates_of(cell);
   const int k_steps = ((hidden + 15) / 16 + kWarps - 1) / kWarps;
-  // The fewest gate rows per block (least work per step) whose grid fits on the SMs.
+  // The fewest gate rows per block (least work per step) whose grid fits on the SMs (in
+  // one cluster for the cluster variant).
   for (int m_tiles : {1, 2, 4}) {
     const int units = m_tiles * 16 / gates;
     const int blocks = (hidden + units - 1) / units;
     if (m_tiles * k_steps > kFragRegs || k_steps > 8) return cudaSuccess;  // more tiles need more
-    if (blocks > sms || units * kPassRows > kThreads) continue;
-    const size_t smem = (size_t)kWarps * m_tiles * 16 * kPassRows * sizeof(float);
-    return with_mma_kernel(cell, dtype, m_tiles, pipelined, [&](auto kernel) {
+    if (blocks > (cluster ? kMaxClusterBlocks : sms) || units * kPassRows > kThreads) continue;
+    size_t smem = (size_t)kWarps * m_tiles * 16 * kPassRows * sizeof(float);
+    if (cluster) smem += (size_t)2 * batch * shared_h_stride(hidden) * 2;  // T is 2 bytes
+    if (smem > (size_t)smem_optin) return cudaSuccess;  // a larger m_tiles needs more
+    const cudaError_t err2 = with_mma_kernel(cell, dtype, m_tiles, variant, [&](auto kernel) {
       cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            (int)smem);
       if (e) return reported(e);
-      int per_sm = 0;
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-      if (e) return reported(e);
-      if (per_sm > 0 && blocks <= per_sm * sms) {
-        *plan = PersistentPlan{true, units, blocks, 0, smem, true, m_tiles, k_steps, pipelined};
+      bool fits = false;
+      if (cluster) {
+        e = cluster_fits(kernel, blocks, smem, &fits);
+      } else {
+        int per_sm = 0;
+        e = reported(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+        fits = per_sm > 0 && blocks <= per_sm * sms;
       }
+      if (e) return e;
+      if (fits) *plan = PersistentPlan{true, units, blocks, 0, smem, true, m_tiles, k_steps, variant};
       return cudaSuccess;
     });
+    // A cluster too large for the device's GPCs (a MIG slice, fewer SMs per GPC) may fit
+    // with fewer, larger blocks; the grid variant's fit does not improve with m_tiles.
+    if (err2 || plan->usable || !cluster) return err2;
   }
   return cudaSuccess;
 }
@@ -348,10 +479,15 @@ int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, b
 int persistent_mma_forward(const PersistentForwardArgs& args, const PersistentPlan& plan,
                            void* stream) {
   if (!plan.usable || !plan.mma) return cudaErrorInvalidConfiguration;
-  return with_mma_kernel(args.cell, args.dtype, plan.m_tiles, plan.pipelined, [&](auto kernel) {
+  return with_mma_kernel(args.cell, args.dtype, plan.m_tiles, plan.variant, [&](auto kernel) {
     PersistentForwardArgs a = args;
     int units = plan.units, k_steps = plan.k_steps;
     void* params[] = {&a, &units, &k_steps};
+    if (plan.variant == MmaVariant::kCluster) {
+      cudaLaunchAttribute attr{};
+      const cudaLaunchConfig_t cfg = cluster_config(plan.blocks, plan.smem_bytes, stream, &attr);
+      return reported(cudaLaunchKernelExC(&cfg, reinterpret_cast<const void*>(kernel), params));
+    }
     return reported(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel),
                                                 dim3(plan.blocks), dim3(kThreads), params,
                                                 plan.smem_bytes,
