@@ -146,6 +146,66 @@ def test_cuda_packed_rows_written_by_several_launches(kernel, monkeypatch):
     _assert_matches_reference_fp32(("gru", 32, 0, False, list(range(125, 0, -1)), 125), 125)
 
 
+
+# Shapes where a streamed kernel's blocks take more than one work item and its threads
+# more than one (row, unit) element: more tiles than an H100's grid of 264 blocks
+# (column tiles x row tiles: 32 x 9 and 16 x 19).
+STREAMED_LARGE_CASES = [("lstm", 1024, 0, False, None, 136), ("rnn_tanh", 2048, 0, True, None, 300)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", STREAMED_LARGE_CASES, ids=str)
+def test_cuda_streamed_kernels_several_items_per_block(case, monkeypatch):
+    """The streamed forward and the persistent backward where each block loops over
+    several work items and each thread over several elements (the smaller cases give
+    every block one item), float32 against the float64 reference."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "streamed")
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    _assert_matches_reference_fp32(case, steps=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["streamed", "auto"])
+@pytest.mark.parametrize("case", [("gru", 301, 0, False, None, 100),
+                                  ("lstm", 301, 0, True, [40, 40, 31, 17, 17, 2], 40)], ids=str)
+def test_cuda_streamed_kernels_are_deterministic(case, kernel, monkeypatch):
+    """The kernels that meet at grid barriers add their split sums in a fixed order, so
+    five runs give the same bits; a race between blocks in global memory (which
+    compute-sanitizer's racecheck does not see) would show as runs that differ.
+    Forward (streamed, or auto's persistent kernel) and the persistent backward."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    spec, bs, tensors = _make(case)
+    first = _run("cuda", spec, bs, tensors, "cuda", torch.float32)
+    for run in range(4):
+        again = _run("cuda", spec, bs, tensors, "cuda", torch.float32)
+        for i, (a, e) in enumerate(zip([*again[0], *again[1]], [*first[0], *first[1]])):
+            if e is not None:
+                assert torch.equal(a, e), f"run {run + 2}, output/grad {i}: max diff {(a - e).abs().max()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["streamed", "persistent", "mma"])
+def test_cuda_inference_matches_reference(kernel, monkeypatch):
+    """Forward without saving for backward (act, h_prev and extra are null in the
+    kernels), packed and reverse, against the reference: y, h_T, c_T."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
+    dtype = torch.bfloat16 if kernel == "mma" else torch.float32
+    spec, bs, tensors = _make(("lstm", 130, 0, True, [7, 7, 5, 5, 2, 1], 7))
+    # the inputs as the kernel sees them; in bf16 h is rounded once a step: 6 eps
+    rounded = [None if v is None else v.detach().to(dtype).double() for v in tensors]
+    ref = _backend("reference").forward(spec, *rounded, bs, False)
+    moved = [None if v is None else v.detach().to("cuda", dtype) for v in tensors]
+    cuda_spec = RecurrenceSpec(**{**spec.__dict__, "device": torch.device("cuda"), "dtype": dtype})
+    with torch.no_grad():
+        ours = _backend("cuda").forward(cuda_spec, *moved, bs, False)
+    eps = torch.finfo(dtype).eps
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=6 * eps)
+    for name, a, e in zip(("y", "h_T", "c_T"), ours[:3], ref[:3]):
+        torch.testing.assert_close(a.double().cpu(), e.detach(), **tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def _graph_check(make_model, run, new_input, dtype):
     """``run(model, x)`` returns a flat list of tensors. Captured in a CUDA graph (after a
     warm-up on a side stream) and replayed on fresh inputs, it gives what eager gives."""
@@ -325,22 +385,85 @@ def test_cuda_streamed_kernels_low_precision(case, dtype, monkeypatch):
     _assert_low_precision_within_12_eps(case, dtype)
 
 
+# Cases the cluster variant holds (W_hh in at most 16 blocks), 12 steps; the comments
+# give the plan: blocks of units (m_tiles).
+CLUSTER_CASES = [
+    ("lstm", 64, 0, False, None, 5),  # 16 blocks of 4 units (1)
+    # 16 blocks of 16 units (4), the largest LSTM; two passes, packed, reverse
+    ("lstm", 256, 0, True, [17] * 4 + [12] * 4 + [5, 5, 1, 1], 17),
+    ("lstm", 130, 0, False, None, 3),  # 9 blocks of 16 units (4), the last one partial
+    ("gru", 336, 0, False, [5, 4, 4, 2, 2, 2, 2, 2, 1, 1, 1, 1], 5),  # 16 x 21 (4), 2 k-steps
+    ("gru", 66, 0, True, None, 33),  # 14 blocks of 5 units (1); three passes
+    ("gru", 4, 0, False, None, 1),  # a cluster of one block
+    ("rnn_tanh", 512, 0, True, None, 5),  # 16 blocks of 32 units (2)
+    ("rnn_relu", 18, 0, False, [5, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1], 5),  # 2 blocks
+]
+
+
 @pytest.mark.gpu
-def test_cuda_tensor_core_kernel_pinned_where_it_cannot_run_is_an_error():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=str)
+def test_cuda_tensor_core_cluster_low_precision(case, dtype, monkeypatch):
+    """CNNLSTM_FAST_CUDA_KERNEL=mma-cluster (sm_90; not picked by auto): the tensor-core
+    forward as one thread-block cluster, h through distributed shared memory, against the
+    fp64 reference within 12 eps (forward and the per-step backward)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma-cluster")
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "step")
+    _assert_low_precision_within_12_eps(case, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=str)
+def test_cuda_tensor_core_cluster_equals_grid_variant(case, monkeypatch):
+    """The cluster variant splits K over the warps as the grid variant does (the split
+    depends on hidden only) and sums the warps' partials in the same order; the tiling of
+    gate rows may differ (fewer, larger blocks), which does not change an MMA output
+    element, and so does the exchange of h. So every output is bit for bit the same: a
+    lost or stale push of h shows here even where it stays within the 12-eps bound. Run
+    3 times: a race may not show every time."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    spec, bs, tensors = _make(case, 12)
+    spec = RecurrenceSpec(**{**spec.__dict__, "device": torch.device("cuda"),
+                             "dtype": torch.bfloat16})
+    moved = [None if v is None else v.detach().to("cuda", torch.bfloat16) for v in tensors]
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma")
+    grid = _backend("cuda").forward(spec, *moved, bs, False)
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma-cluster")
+    for _ in range(3):
+        cluster = _backend("cuda").forward(spec, *moved, bs, False)
+        for name, a, e in zip(("y", "h_T", "c_T"), cluster[:3], grid[:3]):
+            if e is not None:
+                assert torch.equal(a, e), f"{name}: max diff {(a.float() - e.float()).abs().max()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel, layer, dtype, message", [
+    ("mma", "LSTM(8, 16)", "float32", "no tensor-core kernel in float32"),
+    ("mma-cluster", "LSTM(8, 768)", "bfloat16", "W_hh in more than 16 blocks"),
+    ("mma-cluster", "LSTM(8, 256)", "float16", "h of batch 256 over the shared memory"),
+], ids=lambda v: str(v))
+def test_cuda_tensor_core_kernel_pinned_where_it_cannot_run_is_an_error(kernel, layer, dtype,
+                                                                         message):
     """In a child process: this error path once crashed the interpreter on the GPU
-    machine, and a crash must fail this test, not end the test run."""
+    machine, and a crash must fail this test, not end the test run. (`message` says why
+    the kernel cannot run; the batch is 256.)"""
+    ctor = layer[:-1] + ", backend='cuda')"
     code = (
         "import os, torch, cnnlstm_fast as clf\n"
-        "os.environ['CNNLSTM_FAST_CUDA_KERNEL'] = 'mma'\n"
-        "layer = clf.LSTM(8, 16, backend='cuda').cuda()\n"  # float32: no tensor-core kernel
+        f"os.environ['CNNLSTM_FAST_CUDA_KERNEL'] = '{kernel}'\n"
+        f"layer = clf.{ctor}.cuda().to(torch.{dtype})\n"
         "try:\n"
-        "    layer(torch.randn(3, 2, 8, device='cuda'))\n"
+        f"    layer(torch.randn(3, 256, 8, device='cuda', dtype=torch.{dtype}))\n"
         "except RuntimeError as error:\n"
         "    print('raised:', error)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"exit code {run.returncode}: {run.stderr[-3000:]}"
-    assert "raised: CNNLSTM_FAST_CUDA_KERNEL=mma, but that kernel cannot run" in run.stdout, run.stdout
+    expected = f"raised: CNNLSTM_FAST_CUDA_KERNEL={kernel}, but that kernel cannot run"
+    assert expected in run.stdout, run.stdout
 
 
 @pytest.mark.gpu
