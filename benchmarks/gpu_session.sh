@@ -16,8 +16,10 @@
 # Usage (device tool, from the repo root):
 #   OUT=$OUT bash benchmarks/gpu_session.sh [budget_seconds]
 # Variables: SUITES, BENCH_ARGS (extra bench options, e.g. --providers torch.nn,cuda),
-# TESTS (pytest -k expression), SKIP (words: build tests sanitizer bench), SANITIZE_KERNEL
-# (CNNLSTM_FAST_CUDA_KERNEL under the sanitizer), SANITIZE_TOOLS (default "memcheck racecheck").
+# TESTS (pytest -k expression), SKIP (words: build tests sanitizer bench), SANITIZE_TOOLS
+# (default "memcheck racecheck"). The sanitizer runs the tests that pin each kernel
+# themselves (fp32: step, persistent, streamed, the persistent backward; tensor_core:
+# mma, mma-pipelined, mma-cluster), so no kernel needs choosing here.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET=${1:-540}
@@ -51,7 +53,7 @@ fi
 if ! skipped sanitizer; then
   if command -v compute-sanitizer > /dev/null; then
     for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-      CNNLSTM_FAST_CUDA_KERNEL=${SANITIZE_KERNEL:-auto} timeout $(( $(left) / 6 )) \
+      timeout $(( $(left) / 6 )) \
         compute-sanitizer --tool "$tool" --error-exitcode 9 \
         "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "(fp32 and not 301) or (tensor_core and not 768 and not 1024)" \
         >> "$OUT/sanitizer.log" 2>&1
@@ -66,14 +68,22 @@ if ! skipped bench; then
   for suite in $SUITES; do
     # The canonical size with a kernel pinned (recorded in the JSON's cuda_settings):
     # canonical-pb / canonical-tpb the cuda / triton persistent backward, canonical-mp the
-    # pipelined tensor-core forward.
+    # pipelined tensor-core forward. h<N> is B=16 T=1024 I=H=N, and h<N>-mc the same with
+    # the cluster variant of the tensor-core forward pinned (hidden <= 256 for LSTM).
     pinned=()
     case $suite in
       canonical-pb) pinned=(env CNNLSTM_FAST_CUDA_BACKWARD=persistent) ;;
       canonical-tpb) pinned=(env CNNLSTM_FAST_TRITON_BACKWARD=persistent) ;;
       canonical-mp) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-pipelined) ;;
+      h*-mc) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-cluster) ;;
     esac
-    if [[ $suite == canonical* ]]; then what=(--config B=16,T=1024,I=768,H=768); else what=(--suite "$suite"); fi
+    if [[ $suite == canonical* ]]; then
+      what=(--config B=16,T=1024,I=768,H=768)
+    elif [[ $suite =~ ^h([0-9]+)(-mc)?$ ]]; then
+      what=(--config "B=16,T=1024,I=${BASH_REMATCH[1]},H=${BASH_REMATCH[1]}")
+    else
+      what=(--suite "$suite")
+    fi
     timeout $(( $(left) - 10 )) ${pinned[@]+"${pinned[@]}"} python3 -m cnnlstm_fast.bench "${what[@]}" --device cuda \
       --no-progress ${BENCH_ARGS:-} --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1
     summary "bench $suite rc=$?"
