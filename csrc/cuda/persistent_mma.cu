@@ -21,7 +21,8 @@
 // reads its B fragments there; the thread that computes h[b, j] also stores it into
 // every block's next buffer through distributed shared memory (mapa), and the blocks
 // meet at the cluster's hardware barrier (barrier.cluster arrive.release /
-// wait.acquire), not at a counter in L2. h is still written to h_exchange for the host
+// wait.acquire), not at a counter in L2. Like the pipelined variant it loads each pass's
+// G_x, c and h during the previous pass. h is still written to h_exchange for the host
 // (the final state) and for the thread's own next step. A cluster is scheduled as a
 // whole, so co-residency holds by construction; the plan asks the occupancy API whether
 // the cluster fits on one GPC at all.
@@ -157,15 +158,18 @@ __device__ __forceinline__ PairInputs<kGates<kCell>, T> load_pair_inputs(
 // kVariant (MmaVariant): kPipelined, a thread loads the next pass's PairInputs at the end
 // of the current pass, so that their latency (G_x comes from HBM) overlaps the grid
 // barrier instead of lengthening the next step; otherwise it loads them at the start of
-// each pass, in parallel with the h fragments. kCluster: see the top of the file.
+// each pass, in parallel with the h fragments. kCluster: see the top of the file (it
+// loads the next pass's inputs early as kPipelined does).
 template <int kCell, typename T, int kMTiles, int kVariant>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_mma_forward_kernel(PersistentForwardArgs a, int units, int k_steps) {
   constexpr int kG = kGates<kCell>;
   constexpr int kMaxSteps = kMaxKSteps<kMTiles>;
   constexpr int kRows = kMTiles * 16;  // padded gate rows of the block
-  constexpr bool kPipelined = kVariant == static_cast<int>(MmaVariant::kPipelined);
   constexpr bool kCluster = kVariant == static_cast<int>(MmaVariant::kCluster);
+  // The cluster variant pipelines too: its B fragments come from shared memory and its
+  // barrier is short, which would leave G_x's load from HBM alone on each step's path.
+  constexpr bool kPipelined = kVariant == static_cast<int>(MmaVariant::kPipelined) || kCluster;
   // [kWarps][kRows][kPassRows] partial sums; the cluster variant's h copy follows:
   // T [2][batch][shared_h_stride(hidden)]
   extern __shared__ __align__(16) float partial[];
