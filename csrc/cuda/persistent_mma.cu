@@ -48,8 +48,9 @@ constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kFragRegs = 16;  // W_hh fragments (4 registers each) a warp keeps: m_tiles * k_steps
 constexpr int kPassRows = 16;  // batch rows per pass: two n = 8 tiles
-// Cluster variant: a row of the shared h is hidden rounded up to 16 plus 8 elements, so
-// the 8 rows of a B fragment start 4 banks apart and its 32 words hit 32 banks.
+// Cluster variant: a row of the shared h is hidden rounded up to 16 plus 8 elements, i.e.
+// 4 (mod 8) words, so the 8 rows of a B fragment start at 8 distinct multiples of 4 banks
+// and the fragment's 32 words hit 32 banks.
 constexpr int kHPad = 8;
 __host__ __device__ constexpr int shared_h_stride(int hidden) { return (hidden + 15) / 16 * 16 + kHPad; }
 constexpr int kMaxClusterBlocks = 16;  // sm_90's largest (non-portable) cluster
