@@ -1,39 +1,63 @@
 #!/usr/bin/env bash
 # Everything a GPU session verifies, in one command, for a machine with torch, triton,
 # nvcc, pybind11 and ninja preinstalled and nothing downloadable (the project's GPU
-# machines). Writes at most 8 files to $OUT (default /tmp/gpu-out):
-#   summary.txt       pass/fail of each step and wall times
+# machines). A session has 15 device-minutes, the machine's start included, and one
+# command at most 10 minutes, so the steps run in order of importance, each under a cap,
+# and every file in $OUT is complete up to the step that was cut off. At most 8 files
+# come back (the device tool's limit); this writes at most 7 to $OUT (default /tmp/gpu-out):
+#   summary.txt       GPU, driver, pass/fail and wall time of each step
 #   env.json          build/runtime report after the build
-#   tests.log         build log, then the GPU-marked tests (every failure, not just the first)
-#   sanitizer.log     compute-sanitizer memcheck + racecheck on the cuda backend tests
-#   bench-*.json      benchmark suites ($SUITES, default "canonical quick"; "canonical" is
-#                     B=16 T=1024 I=H=768 against cuDNN in the same run); rewritten after
-#                     every configuration, so a suite cut off by the budget keeps what it
-#                     measured ("complete": false)
-# Then commit the JSON files under benchmarks/results/<gpu>/ and run
+#   tests.log         build log, the build checks, the GPU-marked tests, the large shapes,
+#                     each with pytest's slowest durations (to plan the next session)
+#   sanitizer.log     compute-sanitizer on a few tests that pin each cuda kernel
+#   bench-*.json      benchmark suites ($SUITES), rewritten after every configuration, so
+#                     a suite cut off keeps what it measured ("complete": false)
+# Then commit the files under benchmarks/results/<gpu>/ and run
 # `python benchmarks/report.py` to regenerate the README performance section.
 #
-# Usage (device tool, from the repo root):
+# Usage (device tool, from the repo root; budget_seconds defaults to 560):
 #   OUT=$OUT bash benchmarks/gpu_session.sh [budget_seconds]
-# Variables: SUITES, BENCH_ARGS (extra bench options, e.g. --providers torch.nn,cuda),
-# TESTS (pytest -k expression), SKIP (words: build tests sanitizer bench), SANITIZE_TOOLS
-# (default "memcheck racecheck"). The sanitizer runs the tests that pin each kernel
-# themselves (fp32: step, persistent, streamed, the persistent backward; tensor_core:
-# mma, mma-pipelined, mma-cluster), so no kernel needs choosing here.
+# Steps, in this order (SKIP: words to leave out):
+#   build      pip install -e . (CNNLSTM_FAST_CUDA_ARCHS, default 90)
+#   tests      tests/test_env.py and every GPU-marked test but the large shapes ($TESTS:
+#              a pytest -k expression), on $PYTEST_WORKERS xdist workers (default 4;
+#              processes on one GPU are time-sliced, so a cooperative or persistent
+#              kernel still has the SMs to itself); capped at TESTS_S seconds (200)
+#   sanitizer  $SANITIZE_TOOLS (default "memcheck racecheck") on $SANITIZE_TESTS, each
+#              capped at SANITIZE_S seconds (60)
+#   bench      $SUITES (default "canonical canonical-pb canonical-mp"), each capped at
+#              BENCH_S seconds (90); BENCH_ARGS adds bench options
+#   large      tests/test_gpu_large.py on the workers, with what is left
+# Suites: a name of `python -m cnnlstm_fast.bench --suite`, or canonical (B=16 T=1024
+# I=H=768), h<N> (B=16 T=1024 I=H=N), each with a suffix that pins a kernel (recorded in
+# the JSON's cuda_settings): -pb the cuda persistent backward, -tpb the triton persistent
+# backward, -mp the pipelined tensor-core forward, -mc the thread-block-cluster one. The
+# pinned suites time torch.nn and the pinned backend only (cuDNN in the same run).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
-BUDGET=${1:-540}
-SUITES=${SUITES:-canonical quick}
+BUDGET=${1:-560}
+SUITES=${SUITES:-canonical canonical-pb canonical-mp}
 SKIP=${SKIP:-}
+TESTS_S=${TESTS_S:-200}
+SANITIZE_S=${SANITIZE_S:-60}
+BENCH_S=${BENCH_S:-90}
+# One small case per cuda kernel: the packed LSTM (hidden 33) through step, persistent,
+# streamed, auto and the persistent backward; the GRU of batch 33 through mma,
+# mma-pipelined, streamed and mma-cluster (bf16); packed rows over several launches.
+SANITIZE_TESTS=${SANITIZE_TESTS:-(33 and not torch.float16) or several_launches}
 mkdir -p "$OUT"
 START=$(date +%s)
 summary() { echo "$(($(date +%s) - START))s $*" | tee -a "$OUT/summary.txt"; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
+# cap SECONDS: the smaller of SECONDS and what is left of the budget (at least 1)
+cap() { local l; l=$(left); ((l < $1)) && echo $((l > 1 ? l : 1)) || echo "$1"; }
 skipped() { [[ " $SKIP " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 CNNLSTM_FAST_CUDA_ARCHS=${CNNLSTM_FAST_CUDA_ARCHS:-90}
 # pytest-timeout ends a hung test (a persistent kernel that never passes its barrier).
 PYTEST=(python3 -m pytest -q -rfE -p no:cacheprovider -o faulthandler_timeout=120)
 python3 -c "import pytest_timeout" 2> /dev/null && PYTEST+=(--timeout=120)
+WORKERS=()
+python3 -c "import xdist" 2> /dev/null && WORKERS=(-n "${PYTEST_WORKERS:-4}")
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/summary.txt"
 if ! skipped build; then
@@ -44,18 +68,20 @@ python3 -m cnnlstm_fast.env --json > "$OUT/env.json" 2>&1
 summary "env rc=$?"
 
 if ! skipped tests; then
-  # the GPU tests, and the build checks (test_env.py: one libstdc++ in the process, ...)
-  timeout $(( $(left) / 2 )) "${PYTEST[@]}" tests/test_env.py >> "$OUT/tests.log" 2>&1
-  timeout $(( $(left) / 2 )) "${PYTEST[@]}" -m gpu tests ${TESTS:+-k "$TESTS"} >> "$OUT/tests.log" 2>&1
+  # the build checks (test_env.py: one libstdc++ in the process, ...), then the GPU tests
+  timeout 60 "${PYTEST[@]}" tests/test_env.py >> "$OUT/tests.log" 2>&1
+  summary "build checks rc=$? ($(tail -n 1 "$OUT/tests.log"))"
+  timeout "$(cap "$TESTS_S")" "${PYTEST[@]}" ${WORKERS[@]+"${WORKERS[@]}"} --durations=25 -m gpu tests \
+    --ignore=tests/test_gpu_large.py ${TESTS:+-k "$TESTS"} >> "$OUT/tests.log" 2>&1
   summary "gpu tests rc=$? ($(tail -n 1 "$OUT/tests.log"))"
 fi
 
 if ! skipped sanitizer; then
   if command -v compute-sanitizer > /dev/null; then
     for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-      timeout $(( $(left) / 6 )) \
+      timeout "$(cap "$SANITIZE_S")" \
         compute-sanitizer --tool "$tool" --error-exitcode 9 \
-        "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "(fp32 and not 301) or (tensor_core and not 768 and not 1024)" \
+        "${PYTEST[@]}" -m gpu tests/test_cuda_backend.py -k "$SANITIZE_TESTS" \
         >> "$OUT/sanitizer.log" 2>&1
       summary "compute-sanitizer $tool rc=$? ($(tail -n 1 "$OUT/sanitizer.log"))"
     done
@@ -66,26 +92,30 @@ fi
 
 if ! skipped bench; then
   for suite in $SUITES; do
-    # The canonical size with a kernel pinned (recorded in the JSON's cuda_settings):
-    # canonical-pb / canonical-tpb the cuda / triton persistent backward, canonical-mp the
-    # pipelined tensor-core forward. h<N> is B=16 T=1024 I=H=N, and h<N>-mc the same with
-    # the cluster variant of the tensor-core forward pinned (hidden <= 256 for LSTM).
-    pinned=()
+    pinned=() providers=()
     case $suite in
-      canonical-pb) pinned=(env CNNLSTM_FAST_CUDA_BACKWARD=persistent) ;;
-      canonical-tpb) pinned=(env CNNLSTM_FAST_TRITON_BACKWARD=persistent) ;;
-      canonical-mp) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-pipelined) ;;
-      h*-mc) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-cluster) ;;
+      *-tpb) pinned=(env CNNLSTM_FAST_TRITON_BACKWARD=persistent) providers=(--providers torch.nn,triton) ;;
+      *-pb) pinned=(env CNNLSTM_FAST_CUDA_BACKWARD=persistent) providers=(--providers torch.nn,cuda) ;;
+      *-mp) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-pipelined) providers=(--providers torch.nn,cuda) ;;
+      *-mc) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-cluster) providers=(--providers torch.nn,cuda) ;;
     esac
-    if [[ $suite == canonical* ]]; then
+    if [[ $suite =~ ^canonical(-[a-z]+)?$ ]]; then
       what=(--config B=16,T=1024,I=768,H=768)
-    elif [[ $suite =~ ^h([0-9]+)(-mc)?$ ]]; then
+    elif [[ $suite =~ ^h([0-9]+)(-[a-z]+)?$ ]]; then
       what=(--config "B=16,T=1024,I=${BASH_REMATCH[1]},H=${BASH_REMATCH[1]}")
     else
       what=(--suite "$suite")
     fi
-    timeout $(( $(left) - 10 )) ${pinned[@]+"${pinned[@]}"} python3 -m cnnlstm_fast.bench "${what[@]}" --device cuda \
-      --no-progress ${BENCH_ARGS:-} --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1
+    timeout "$(cap "$BENCH_S")" ${pinned[@]+"${pinned[@]}"} python3 -m cnnlstm_fast.bench "${what[@]}" \
+      --device cuda --no-progress ${providers[@]+"${providers[@]}"} ${BENCH_ARGS:-} \
+      --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1
     summary "bench $suite rc=$?"
   done
 fi
+
+if ! skipped large && (($(left) > 20)); then
+  timeout "$(cap "$(left)")" "${PYTEST[@]}" ${WORKERS[@]+"${WORKERS[@]}"} --durations=15 tests/test_gpu_large.py \
+    ${TESTS:+-k "$TESTS"} >> "$OUT/tests.log" 2>&1
+  summary "large shapes rc=$? ($(tail -n 1 "$OUT/tests.log"))"
+fi
+summary "done"
