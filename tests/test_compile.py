@@ -52,3 +52,43 @@ def test_compiled_reference_backend_matches_eager():
         got = _fwd_bwd(torch.compile(model, backend="aot_eager"), x)
     torch.testing.assert_close(got[0], eager[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], eager[1], rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu
+def test_default_inductor_compile_matches_eager():
+    """torch.compile's default backend (inductor), which users get: it compiles the
+    graph around our ops (their fakes give the shapes) and calls the ops themselves."""
+    torch._dynamo.reset()
+    model = clf.LSTM(5, 7, num_layers=2, bidirectional=True, backend="cpu")
+    x = torch.randn(6, 3, 5)
+    eager = _fwd_bwd(model, x)
+    model.zero_grad(set_to_none=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        got = _fwd_bwd(torch.compile(model, fullgraph=True), x)
+    for a, b in zip([got[0], got[1], *got[2]], [eager[0], eager[1], *eager[2]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _call_targets(graph_module) -> set[str]:
+    return {str(n.target) for m in graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+            for n in m.graph.nodes if n.op == "call_function"}
+
+
+@needs_cpu
+@pytest.mark.parametrize("cls_name", ["LSTM", "GRU"])
+def test_export_with_dynamic_batch_and_steps(cls_name):
+    """torch.export of a model with our layers: the exported program holds our ops (not a
+    decomposition into torch.nn's) and runs other batch sizes and lengths than it was
+    traced with, as eager does."""
+    from torch.export import Dim
+
+    model = getattr(clf, cls_name)(5, 7, num_layers=2, bidirectional=True, batch_first=True,
+                                   backend="cpu").eval()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        program = torch.export.export(model, (torch.randn(3, 6, 5),),
+                                      dynamic_shapes=({0: Dim("batch"), 1: Dim("steps")},))
+    assert "cnnlstm_fast.recurrence_forward.default" in _call_targets(program.graph_module)
+    x = torch.randn(4, 11, 5)
+    got, want = program.module()(x), model(x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
