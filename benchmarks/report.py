@@ -33,7 +33,11 @@ def _table(report: dict) -> list[str]:
         cells = []
         for provider in providers:
             row = by_key.get((config, provider))
-            cells.append("skipped" if row is None or row["speedup"] is None else f"{row['speedup']:.2f}x")
+            if row is None or row["speedup"] is None:
+                cells.append("skipped")
+            else:  # auto's cell names the backend it picked
+                picked = f" ({row['picked']})" if row.get("picked") else ""
+                cells.append(f"{row['speedup']:.2f}x{picked}")
         base_ms = "-" if base is None else f"{base['median_ms']:.3f}"
         lines.append(f"| {config} | {base_ms} | " + " | ".join(cells) + " |")
     return lines

@@ -24,9 +24,16 @@ def test_bench_tiny_json_csv_compare(tmp_path, capsys):
     rows = result["results"]
     ours = [b for b in cnnlstm_fast.available_backends() if b != "torch"]
     assert {"reference", "cpu"} <= set(ours)
-    expected = {(c, m, p) for c in suites.CELLS for m in suites.MODES for p in ["torch.nn", *ours]}
+    expected = {(c, m, p) for c in suites.CELLS for m in suites.MODES
+                for p in ["torch.nn", "auto", *ours]}
     assert {(r["cell"], r["mode"], r["provider"]) for r in rows} == expected
     for row in rows:
+        # what auto picked, as the module resolved it in that run (its own rules decide
+        # which; every layer of the config is named)
+        if row["provider"] == "auto":
+            assert row["picked"] and set(row["picked"].split("+")) <= {"torch", *ours}, row
+        else:
+            assert row["picked"] is None
         assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
         assert row["us_per_step"] == pytest.approx(row["median_ms"] * 1e3 / 3)
         assert row["tflops"] > 0 and row["speedup"] > 0 and row["pct_peak"] > 0
@@ -41,6 +48,40 @@ def test_bench_tiny_json_csv_compare(tmp_path, capsys):
     bench.main([*TINY, "--cells", "gru", "--modes", "forward", "--compare", str(path)])
     out = capsys.readouterr().out
     assert "torch.nn" in out and "change against" in out
+
+
+def test_auto_picks_are_recorded_per_config():
+    """The auto row names the backend the module chose for that very input: with the
+    process default pinned, auto resolves to it."""
+    with cnnlstm_fast.use_backend("reference"):
+        result = bench.main([*TINY, "--cells", "lstm", "--providers", "auto"])
+    assert {r["picked"] for r in result["results"] if r["provider"] == "auto"} == {"reference"}
+
+
+def test_auto_choices_collects_and_restores_the_logger():
+    import logging
+
+    import torch
+
+    from cnnlstm_fast.bench import providers
+
+    logger = logging.getLogger("cnnlstm_fast.backends")
+    before = (logger.level, logger.propagate, list(logger.handlers))
+    with providers.auto_choices() as names:
+        cnnlstm_fast.GRU(3, 4, backend="auto")(torch.randn(2, 1, 3))
+        cnnlstm_fast.GRU(3, 4, backend="reference")(torch.randn(2, 1, 3))  # not auto: not collected
+    assert len(names) == 1 and names[0] in cnnlstm_fast.available_backends()
+    assert (logger.level, logger.propagate, list(logger.handlers)) == before
+
+
+def test_auto_slower_than_torch_nn_is_a_note():
+    row = dict(config="c", p20_ms=1.0, p80_ms=1.2)
+    rows = [{**row, "provider": "torch.nn"},
+            {**row, "provider": "auto", "picked": "cpu", "speedup": 0.8, "p20_ms": 1.25}]
+    assert report.auto_notes(rows) == [
+        "auto slower than torch.nn beyond the p20-p80 spread in 1 config(s): c (cpu, 0.80x)"]
+    rows[1]["p20_ms"] = 1.15  # the ranges overlap: noise, no note
+    assert report.auto_notes(rows) == []
 
 
 def test_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch):

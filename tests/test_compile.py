@@ -7,6 +7,8 @@ run eagerly); ours are such subclasses, so the tests set it, as the README says 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -63,8 +65,14 @@ def test_default_inductor_compile_matches_eager():
     x = torch.randn(6, 3, 5)
     eager = _fwd_bwd(model, x)
     model.zero_grad(set_to_none=True)
-    with torch._dynamo.config.patch(allow_rnn=True):
-        got = _fwd_bwd(torch.compile(model, fullgraph=True), x)
+    # DEBUG logging of the backend choice on: the log call must not break the graph
+    logger = logging.getLogger("cnnlstm_fast.backends")
+    level, logger.level = logger.level, logging.DEBUG
+    try:
+        with torch._dynamo.config.patch(allow_rnn=True):
+            got = _fwd_bwd(torch.compile(model, fullgraph=True), x)
+    finally:
+        logger.setLevel(level)
     for a, b in zip([got[0], got[1], *got[2]], [eager[0], eager[1], *eager[2]]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 import os
 import pickle
 import subprocess
@@ -219,6 +220,20 @@ def test_modules_tell_auto_whether_backward_is_needed(monkeypatch):
     layer(torch.randn(2, 1, 3))
     layer(torch.randn(2, 1, 3, requires_grad=True))
     assert [s.needs_grad for s in seen] == [True, False, False, True]
+
+
+def test_each_choice_is_logged_at_debug(caplog):
+    with caplog.at_level(logging.DEBUG, logger="cnnlstm_fast.backends"):
+        clf.GRU(3, 4, backend="reference")(torch.randn(2, 1, 3))
+        with torch.no_grad():
+            clf.LSTM(3, 4)(torch.randn(5, 2, 3))
+    first, second = caplog.records
+    assert (first.requested, first.backend) == ("reference", "reference")
+    assert first.getMessage() == (
+        "backend 'reference' -> 'reference': gru hidden 4, batch 1, 2 steps, torch.float32 "
+        "on cpu, training")
+    assert second.requested == "auto" and second.backend in clf.available_backends()
+    assert second.getMessage().endswith("lstm hidden 4, batch 2, 5 steps, torch.float32 on cpu, inference")
 
 
 def test_set_backend_and_use_backend():

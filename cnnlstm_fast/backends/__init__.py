@@ -8,12 +8,15 @@ Resolution of a module's backend, first match wins:
    that is available and supports the input. ``torch`` ends every list.
 
 A backend reached through 1 or 2 is used as named: if it cannot run the input, an
-error says what it supports. Only ``auto`` falls back, silently.
+error says what it supports. Only ``auto`` falls back, silently; each choice is logged
+at DEBUG on the ``cnnlstm_fast.backends`` logger (the record's ``requested`` and
+``backend`` attributes hold the two names), outside torch.compile's tracing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -46,6 +49,8 @@ __all__ = [
 ]
 
 ENV_VAR = "CNNLSTM_FAST_BACKEND"
+
+_log = logging.getLogger(__name__)
 
 def _cpu_gemm_is_avx512() -> bool:
     """Whether the cpu backend's float32 GEMMs run our AVX-512 kernel (the CPU has it and
@@ -295,6 +300,20 @@ def use_backend(name: str) -> Iterator[None]:
 
 def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
     """The backend that runs ``spec`` for a module that asked for ``requested``."""
+    backend = _resolve(requested, spec)
+    # Dynamo cannot trace a logging call (fullgraph=True would fail): not while compiling
+    if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
+        _log.debug(
+            "backend %r -> %r: %s hidden %d, batch %d, %d steps, %s on %s, %s%s",
+            requested, backend.name, spec.cell, spec.hidden_size, spec.batch, spec.steps,
+            spec.dtype, spec.device, "training" if spec.needs_grad else "inference",
+            ", packed" if spec.variable_lengths else "",
+            extra={"requested": requested, "backend": backend.name},
+        )
+    return backend
+
+
+def _resolve(requested: str, spec: RecurrenceSpec) -> Backend:
     name = requested if requested != "auto" else _process_default()
     if name != "auto":
         backend = get_backend(name)

@@ -4,8 +4,9 @@
                                  [--config B=16,T=32,I=128,H=128] [--json PATH] [--csv PATH]
                                  [--plot DIR] [--compare OLD.json] ...
 
-Providers (see ``providers.py``): torch.nn (the baseline, cuDNN/oneDNN), each of our
-available backends, torch.compile of the ``reference`` recurrence and FlashRNN, all on
+Providers (see ``providers.py``): torch.nn (the baseline, cuDNN/oneDNN), ``auto`` (our
+layers as a user gets them without naming a backend; each row says what it picked),
+each of our available backends, torch.compile of the ``reference`` recurrence and FlashRNN, all on
 the same weights and random inputs. Timing (``timing.py``): warm-up, then CUDA events
 via do_bench or interleaved CPU timers; median and p20/p80. FLOPs count the matmuls:
 per LSTM layer and direction forward 8*T*B*H*(I+H) (GRU 6), forward+backward 3x;
@@ -25,10 +26,10 @@ import cnnlstm_fast
 from .. import env
 from . import providers as prov
 from . import report, suites, timing
-from .providers import BASELINE, COMPILED, FLASHRNN
+from .providers import AUTO, BASELINE, COMPILED, FLASHRNN
 from .suites import CELLS, MODES, SUITES, Config
 
-__all__ = ["BASELINE", "CELLS", "COMPILED", "Config", "FLASHRNN", "MODES", "SUITES", "main", "run"]
+__all__ = ["AUTO", "BASELINE", "CELLS", "COMPILED", "Config", "FLASHRNN", "MODES", "SUITES", "main", "run"]
 
 #: Time budget per configuration for the timed CPU repetitions (all providers together).
 CPU_BUDGET_S = 3.0
@@ -106,13 +107,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _rows(cfg: Config, suite: str, timings: dict, flops: int, peaks: dict) -> list[dict]:
+def _rows(cfg: Config, suite: str, timings: dict, flops: int, peaks: dict,
+          picked: str | None) -> list[dict]:
     base = timings.get(BASELINE, {}).get("median_ms")
     rows = []
     for provider, t in timings.items():
         tflops = flops / (t["median_ms"] * 1e-3) / 1e12
         rows.append({
             "suite": suite, "config": cfg.name, **vars(cfg), "provider": provider,
+            "picked": picked if provider == AUTO else None,
             "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
             "reps": t.get("reps"),
             "speedup": None if base is None else base / t["median_ms"],
@@ -128,9 +131,13 @@ def run_config(cfg: Config, suite: str, providers: list[str], limits: dict, reps
     """Times every provider on ``cfg``: (result rows, skipped providers with reasons)."""
     make = prov.model_steps if cfg.model else prov.layer_steps
     steps, skipped = make(cfg, providers, limits)
+    picked = None
     for name in list(steps):  # first call: compiles, and finds providers that cannot run it
         try:
-            steps[name]()
+            with prov.auto_choices() as chosen:
+                steps[name]()
+            if name == AUTO:  # every layer's choice, e.g. "cpu" or "cpu+torch"
+                picked = "+".join(sorted(set(chosen))) or None
         except Exception as error:  # a backend's "cannot run this input", an OOM, ...
             del steps[name]
             skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -142,7 +149,7 @@ def run_config(cfg: Config, suite: str, providers: list[str], limits: dict, reps
     else:
         timings = timing.time_cpu(steps, reps, CPU_BUDGET_S)
     flops = prov.model_flops(cfg) if cfg.model else cfg.flops
-    return _rows(cfg, suite, timings, flops, peaks), skips
+    return _rows(cfg, suite, timings, flops, peaks, picked), skips
 
 
 def device_name(device: str) -> str:
@@ -177,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _report(args: argparse.Namespace, peaks: dict, environment: dict, rows: list[dict],
             skipped: list[dict], done: int, total: int) -> dict:
-    notes = report.skip_notes(skipped)
+    notes = report.auto_notes(rows) + report.skip_notes(skipped)
     if done < total:
         notes.insert(0, f"incomplete: {done} of {total} configurations (the run was stopped)")
     if not args.device.startswith("cuda"):

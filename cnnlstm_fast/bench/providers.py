@@ -1,4 +1,5 @@
-"""The things timed side by side: torch.nn (the baseline), each of our backends,
+"""The things timed side by side: torch.nn (the baseline), our layers with
+``backend="auto"`` (what a user who names no backend gets), each of our backends,
 torch.compile of the ``reference`` recurrence and FlashRNN. Each provider turns a
 :class:`Config` into a step closure on fixed random data, or raises :class:`Skip`
 with the reason it cannot run that configuration here.
@@ -6,8 +7,10 @@ with the reason it cannot run that configuration here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +21,7 @@ from .suites import DTYPES_TORCH as DTYPES
 from .suites import FRAME, GATES, Config
 
 BASELINE = "torch.nn"
+AUTO = "auto"
 COMPILED = "torch.compile"
 FLASHRNN = "flashrnn"
 LAYERS = {"lstm": (nn.LSTM, cnnlstm_fast.LSTM), "gru": (nn.GRU, cnnlstm_fast.GRU)}
@@ -33,14 +37,40 @@ class Skip(Exception):
 
 
 def default_providers(device_type: str) -> list[str]:
-    """torch.nn, our available backends (``torch`` is torch.nn itself, so left out),
-    torch.compile on CUDA (on CPU its compile time is too long for a default), FlashRNN."""
+    """torch.nn, ``auto``, our available backends (``torch`` is torch.nn itself, so left
+    out), torch.compile on CUDA (on CPU its compile time is too long for a default),
+    FlashRNN."""
     ours = [b for b in cnnlstm_fast.available_backends() if b != "torch"]
-    return [BASELINE, *ours, *([COMPILED] if device_type == "cuda" else []), FLASHRNN]
+    return [BASELINE, AUTO, *ours, *([COMPILED] if device_type == "cuda" else []), FLASHRNN]
 
 
 def known_providers() -> list[str]:
-    return [BASELINE, *cnnlstm_fast.available_backends(), COMPILED, FLASHRNN]
+    return [BASELINE, AUTO, *cnnlstm_fast.available_backends(), COMPILED, FLASHRNN]
+
+
+@contextlib.contextmanager
+def auto_choices() -> Iterator[list[str]]:
+    """Collects the names of the backends that modules asking for ``auto`` resolve to
+    while the block runs, from the DEBUG records of ``cnnlstm_fast.backends`` (which
+    do not propagate to the root logger meanwhile)."""
+    names: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            if getattr(record, "requested", None) == AUTO:
+                names.append(record.backend)
+
+    logger = logging.getLogger("cnnlstm_fast.backends")
+    handler, level, propagate = _Collect(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield names
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _check_limit(cfg: Config, provider: str, limits: dict[str, int]) -> None:

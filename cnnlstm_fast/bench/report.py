@@ -22,6 +22,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if key == "cell" and row.get("model"):
         return f"{row['model']}-{value}"
+    if key == "provider" and row.get("picked"):
+        return f"{value} ({row['picked']})"
     return "-" if value is None else fmt.format(value)
 
 
@@ -44,6 +46,19 @@ def print_table(rows: list[dict], title: str, notes: list[str]) -> None:
     console.print(table)
     for note in notes:
         console.print(f"note: {note}", highlight=False)
+
+
+def auto_notes(rows: list[dict]) -> list[str]:
+    """The configurations where ``auto`` measured slower than torch.nn with the two
+    runs' p20-p80 ranges apart (the project's bar: never slower once auto picks)."""
+    base = {r["config"]: r for r in rows if r["provider"] == "torch.nn"}
+    slower = [f"{r['config']} ({r['picked']}, {r['speedup']:.2f}x)" for r in rows
+              if r["provider"] == "auto" and r["config"] in base
+              and r["p20_ms"] > base[r["config"]]["p80_ms"]]
+    if not slower:
+        return []
+    return [f"auto slower than torch.nn beyond the p20-p80 spread in {len(slower)} config(s): "
+            + "; ".join(slower)]
 
 
 def skip_notes(skipped: list[dict]) -> list[str]:
