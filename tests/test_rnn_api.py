@@ -18,7 +18,7 @@ from torch import nn
 import cnnlstm_fast as clf
 from cnnlstm_fast import _ext, backends
 from cnnlstm_fast.backends import BackendUnavailableError, RecurrenceSpec
-from helpers import make_pair
+from helpers import assert_close, leaves, make_pair, module_backends, run_and_grad
 
 CLASSES = [
     ("LSTM", dict(input_size=5, hidden_size=6, num_layers=2, bidirectional=True, proj_size=4)),
@@ -74,6 +74,48 @@ def test_repr_signature_copy_pickle(cls_name, kwargs):
         assert type(clone) is type(ours) and clone.backend == "reference"
         for a, b in zip(clone.parameters(), ours.parameters()):
             assert torch.equal(a, b)
+
+
+def test_subclass_signatures():
+    """A subclass without a constructor of its own shows ours; one with its own shows
+    that one (not ours pasted over it)."""
+
+    class Plain(clf.LSTM):
+        pass
+
+    class Own(clf.LSTM):
+        def __init__(self, width: int, *, depth: int = 2):
+            super().__init__(3, width, num_layers=depth)
+
+    assert inspect.signature(Plain) == inspect.signature(clf.LSTM)
+    assert list(inspect.signature(Own).parameters) == ["width", "depth"]
+    assert Own(4).hidden_size == 4
+
+
+@pytest.mark.parametrize("backend", module_backends())
+def test_parametrized_like_torch_nn(backend):
+    """torch.nn.utils.parametrize puts a class of its own on top of a parametrized
+    module's: our layers take weight_norm/spectral_norm/orthogonal as torch.nn's do and
+    compute the same. (Eval mode: in training spectral_norm runs a power iteration at
+    every read of the weight, and torch.nn reads each weight more often than we do.)"""
+    from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
+
+    ours, theirs = make_pair("LSTM", backend, input_size=3, hidden_size=4, num_layers=2, proj_size=2)
+    for module in (ours, theirs):
+        weight_norm(module, "weight_hh_l0")
+        spectral_norm(module, "weight_ih_l1")
+        orthogonal(module, "weight_hr_l1")
+    ours.load_state_dict(theirs.state_dict())
+    assert type(ours).__name__ == "ParametrizedLSTM" and isinstance(ours, clf.LSTM)
+    assert inspect.signature(type(ours)) == inspect.signature(clf.LSTM)
+    ours.eval(), theirs.eval()
+    x = torch.randn(5, 2, 3)
+    got, want = run_and_grad(ours, (x.clone().requires_grad_(),)), run_and_grad(theirs, (x.clone().requires_grad_(),))
+    for a, b in zip(leaves(got[0]), leaves(want[0])):
+        assert_close(a, b, 1e-5, 1e-6, what="output")
+    assert_close(got[1][0], want[1][0], 1e-5, 1e-6, what="d input")
+    for name, grad in want[2].items():
+        assert_close(got[2][name], grad, 1e-5, 1e-6, what=f"d {name}")
 
 
 def test_flatten_parameters_exists_and_keeps_working():

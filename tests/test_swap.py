@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import cnnlstm_fast as clf
-from helpers import assert_close, module_backends
+from helpers import assert_close, clone_inputs, module_backends, run_and_grad
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 OURS = (clf.LSTM, clf.GRU, clf.RNN, clf.LSTMCell, clf.GRUCell, clf.RNNCell)
@@ -383,3 +385,72 @@ def test_our_classes_add_no_state_but_backend(torch_cls, our_cls):
     # swap re-classes modules without running our __init__: any other state our
     # constructors add would be missing from swapped modules.
     assert set(vars(our_cls(3, 4))) == set(vars(torch_cls(3, 4))) | {"backend"}
+
+
+class Parametrized(nn.Module):
+    """Recurrent layers under torch.nn.utils.parametrizations, as AWD-LSTM-style and
+    spectrally normalised models use them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5, num_layers=2, bidirectional=True)
+        self.cell = nn.GRUCell(10, 4)
+        weight_norm(self.lstm, "weight_hh_l0")
+        weight_norm(self.lstm, "weight_ih_l1_reverse")
+        spectral_norm(self.cell, "weight_hh")
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return self.cell(y[-1])
+
+
+@pytest.mark.parametrize("backend", module_backends())
+def test_parametrized_layers_are_swapped_and_keep_their_parametrizations(backend):
+    model = Parametrized().eval()  # eval: spectral_norm's power iteration stays put
+    x = torch.randn(6, 2, 3, requires_grad=True)
+    params = dict(model.named_parameters())
+    expected = run_and_grad(model, (x,))
+    assert parametrize.is_parametrized(model.lstm) and not isinstance(model.lstm, clf.LSTM)
+
+    clf.swap(model, backend=backend)
+    for module, ours, theirs in ((model.lstm, clf.LSTM, nn.LSTM), (model.cell, clf.GRUCell, nn.GRUCell)):
+        assert isinstance(module, ours) and module.backend == backend
+        assert type(module).__name__ == f"Parametrized{theirs.__name__}"  # as torch names it
+        assert parametrize.is_parametrized(module)
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    got = run_and_grad(model, (clone_inputs((x,))[0],))
+    assert_close(got[0], expected[0], RTOL, ATOL, what="output")
+    assert_close(got[1][0], expected[1][0], RTOL, ATOL, what="d input")
+    for name in params:
+        assert_close(got[2][name], expected[2][name], RTOL, ATOL, what=f"d {name}")
+
+    clf.unswap(model)
+    assert isinstance(model.lstm, nn.LSTM) and not isinstance(model.lstm, clf.LSTM)
+    assert parametrize.is_parametrized(model.lstm, "weight_hh_l0")
+    assert_close(model(x), expected[0], RTOL, ATOL, what="output after unswap")
+
+    # removing the last parametrization leaves the module with the swapped layer class
+    clf.swap(model, backend=backend)
+    parametrize.remove_parametrizations(model.cell, "weight_hh")
+    assert type(model.cell) is clf.GRUCell
+
+
+def test_parametrized_layer_trains_with_an_optimizer_built_before_swap():
+    torch.manual_seed(0)
+    theirs, ours = Parametrized(), Parametrized()
+    ours.load_state_dict(theirs.state_dict())
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1)
+    clf.swap(ours, backend="reference")
+    assert isinstance(ours.lstm, clf.LSTM) and isinstance(ours.cell, clf.GRUCell)
+    theirs.eval(), ours.eval()
+    start = ours.lstm.parametrizations.weight_hh_l0.original1.detach().clone()
+    for _ in range(3):
+        x = torch.randn(6, 2, 3)
+        for model, opt in ((theirs, opt_theirs), (ours, opt_ours)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
+        assert_close(b, a, RTOL, ATOL, what=name)
+    assert (ours.lstm.parametrizations.weight_hh_l0.original1 != start).any()  # it trained

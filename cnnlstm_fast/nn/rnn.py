@@ -79,9 +79,14 @@ def _check_same_device_dtype(input: torch.Tensor, states) -> None:
             )
 
 
+_TORCH_LAYERS = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+
+
 def _torch_class_of_type(cls: type) -> type:
-    """The torch.nn class ``cls`` derives from (its messages name that class)."""
-    return next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
+    """The torch.nn layer class ``cls`` derives from (its messages name that class).
+    Other classes of torch.nn may come first: torch.nn.utils.parametrize puts one on top
+    of each parametrized module's class."""
+    return next(c for c in cls.__mro__ if c in _TORCH_LAYERS)
 
 
 def _torch_class(module: nn.Module) -> type:
@@ -163,6 +168,14 @@ class _BackendMixin:
         super().__init_subclass__(**kwargs)
         # inspect.signature(cls) shows torch's constructor plus ``backend``.
         if not issubclass(cls, nn.Module):
+            return
+        if cls.__module__ != __name__:
+            # A subclass of ours (a user's, or torch.nn.utils.parametrize's per-module
+            # class) inherits our signature, unless it has a constructor of its own:
+            # then inspect reads that one (None makes it skip the inherited attribute).
+            own_init = next(c for c in cls.__mro__ if "__init__" in vars(c))
+            if own_init.__module__ != __name__:
+                cls.__signature__ = None
             return
         init = _torch_class_of_type(cls).__init__
         overloads = typing.get_overloads(init)

@@ -14,6 +14,12 @@ A user's subclass of a torch.nn layer is swapped only with ``include_subclasses=
 into a class derived from both theirs and ours (``(UserLSTM, cnnlstm_fast.nn.LSTM)``):
 their methods, ``forward`` overrides included, come first and reach our ``forward``
 through ``super()``. ``unswap`` restores the original class.
+
+A parametrized layer (``torch.nn.utils.parametrizations.weight_norm`` and the like) has
+a class of its own that torch.nn.utils.parametrize made for that module, on top of the
+layer's class, holding the parametrized tensors' properties. Both ways, that class is
+rebuilt on top of the new layer class, so the parametrizations keep working and
+``remove_parametrizations`` leaves the module with the swapped layer class.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import logging
 from collections.abc import Callable
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import backends
 from . import rnn
@@ -74,15 +81,52 @@ def _reduce_combined(self, protocol):
     return _new_combined, (self._cnnlstm_fast_user_class,), self.__getstate__()
 
 
-def _target_class(module: nn.Module, include_subclasses: bool) -> type | None:
-    """The class ``module`` becomes on a swap, or None if it is not swapped."""
-    cls = type(module)
-    if isinstance(module, rnn._BackendMixin):
+def _parametrized_base(cls: type) -> type | None:
+    """The layer class under ``cls`` if ``cls`` is the class torch.nn.utils.parametrize
+    made for one parametrized module (it subclasses the module's class), else None."""
+    return cls.__bases__[0] if cls.__module__ == parametrize.__name__ else None
+
+
+def _reparametrized(cls: type, base: type) -> type:
+    """``cls`` (a parametrized module's own class) rebuilt on ``base``: the same
+    properties and methods, in a class of the same name deriving from ``base``."""
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    return type(cls.__name__, (base,), namespace)
+
+
+def _on_parametrized(cls: type, convert: Callable[[type], type | None]) -> type | None:
+    """``convert`` of ``cls``, looking through a parametrized module's own class."""
+    base = _parametrized_base(cls)
+    if base is None:
+        return convert(cls)
+    target = convert(base)
+    if target is None or target is base:
+        return None if target is None else cls
+    return _reparametrized(cls, target)
+
+
+def _swapped_class(cls: type, include_subclasses: bool) -> type | None:
+    if issubclass(cls, rnn._BackendMixin):
         return cls  # already ours: only the backend changes
     if cls in OURS:
         return OURS[cls]
-    if include_subclasses and isinstance(module, tuple(OURS)):
+    if include_subclasses and issubclass(cls, tuple(OURS)):
         return _combined_class(cls)
+    return None
+
+
+def _target_class(module: nn.Module, include_subclasses: bool) -> type | None:
+    """The class ``module`` becomes on a swap, or None if it is not swapped."""
+    return _on_parametrized(type(module), lambda cls: _swapped_class(cls, include_subclasses))
+
+
+def _original_class(cls: type) -> type | None:
+    """The class one of our modules gets back on unswap, or None (a user's subclass of
+    ours stays as it is)."""
+    if "_cnnlstm_fast_user_class" in cls.__dict__:
+        return cls._cnnlstm_fast_user_class
+    if cls in OURS.values():
+        return rnn._torch_class_of_type(cls)
     return None
 
 
@@ -152,12 +196,8 @@ def unswap(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if not isinstance(module, rnn._BackendMixin):
             continue
-        cls = type(module)
-        if "_cnnlstm_fast_user_class" in cls.__dict__:
-            original = cls._cnnlstm_fast_user_class
-        elif cls in OURS.values():
-            original = rnn._torch_class_of_type(cls)
-        else:
+        original = _on_parametrized(type(module), _original_class)
+        if original is None:
             continue  # a user's subclass of ours: theirs to keep
         module.__class__ = original
         del module.backend
