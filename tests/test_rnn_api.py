@@ -373,3 +373,27 @@ def test_packed_index_built_on_the_device_matches_the_host_one(lengths):
     host = _packed_index(batch_sizes, cpu, on_device=False)
     assert torch.equal(_packed_index(batch_sizes, cpu, on_device=True), host)
     assert len(host) == sum(lengths) and host.unique().numel() == len(host)
+
+
+@pytest.mark.parametrize("backend", module_backends())
+@pytest.mark.parametrize("cls_name", ["LSTM", "GRU", "LSTMCell"])
+def test_second_derivative_is_an_error_not_a_silent_drop(cls_name, backend):
+    """A gradient penalty differentiates the backward. Ours is computed without a graph,
+    so that derivative would silently lack the recurrence's terms (the input
+    projection's would still flow): a backward asked to build a graph must raise, and
+    backend="torch" must work."""
+    kwargs = dict(input_size=3, hidden_size=4)
+    ours, theirs = make_pair(cls_name, backend, **kwargs)
+    x = torch.randn(5, 2, 3) if "Cell" not in cls_name else torch.randn(2, 3)
+    out = leaves(ours(x.clone().requires_grad_()))[0]
+    with pytest.raises(NotImplementedError, match="second derivative through the recurrence"):
+        torch.autograd.grad(out.sum(), list(ours.parameters()), create_graph=True)
+    # a first-order backward with grad mode on around it is not a second derivative
+    with torch.enable_grad():
+        leaves(ours(x))[0].sum().backward()
+    # the way out the message names
+    ours.backend = "torch"
+    xs = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(leaves(ours(xs))[0].sum(), xs, create_graph=True)
+    g.square().sum().backward()
+    assert ours.weight_hh.grad is not None if "Cell" in cls_name else ours.weight_hh_l0.grad is not None

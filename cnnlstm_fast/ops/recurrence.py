@@ -3,12 +3,16 @@
 An autograd.Function that calls a backend's forward and its explicit backward (the
 contract in ``cnnlstm_fast/backends/base.py``). Gradients come back in the dtype of
 the tensor they belong to.
+
+The backward is computed once, from the saved activations, without a graph: a second
+derivative (``create_graph=True``, as a gradient penalty takes) raises an error instead
+of leaving out the recurrence's terms. ``once_differentiable`` alone would not catch it:
+it raises only when the incoming gradients require grad, and ``y.sum()``'s do not.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..backends.base import Backend, RecurrenceSpec
 
@@ -30,8 +34,16 @@ class _Recurrence(torch.autograd.Function):
         return y, h_t, c_t
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_y, d_hT, d_cT=None):
+        if torch.is_grad_enabled():  # autograd runs a backward with grad on iff create_graph
+            raise NotImplementedError(  # a RuntimeError, as torch's for cuDNN's RNNs
+                f"cnnlstm_fast {ctx.spec.cell} layer (backend {ctx.backend.name!r}): a second "
+                "derivative through the recurrence (backward or autograd.grad with "
+                "create_graph=True, e.g. a gradient penalty) is not supported: its backward "
+                "is computed once, without a graph. Use backend='torch' for this layer: "
+                "torch.nn's native implementation supports it (on CUDA with cuDNN disabled "
+                "for the forward: torch.backends.cudnn.flags(enabled=False))."
+            )
         grads = ctx.backend.backward(
             ctx.spec, ctx.saved_tensors, ctx.batch_sizes, d_y, d_hT, d_cT
         )
