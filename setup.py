@@ -174,7 +174,8 @@ setup(
         'triton; platform_system=="Linux" and platform_machine=="x86_64"',
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "numpy"],
+        # onnx, onnxscript, onnxruntime: the ONNX export tests (tests/test_compile.py)
+        "test": ["pytest", "pytest-benchmark", "numpy", "onnx", "onnxscript", "onnxruntime"],
         "bench": ["rich", "matplotlib", "pytest-benchmark"],
         "examples": ["scikit-learn", "matplotlib", "rich"],
     },

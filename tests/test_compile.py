@@ -8,12 +8,14 @@ run eagerly); ours are such subclasses, so the tests set it, as the README says 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
 
 import cnnlstm_fast as clf
 from cnnlstm_fast import backends
+from helpers import leaves
 
 needs_cpu = pytest.mark.skipif(
     backends.backend_report().get("cpu") is not None, reason="cpu backend (the _C extension) not built"
@@ -100,3 +102,59 @@ def test_export_with_dynamic_batch_and_steps(cls_name):
     got, want = program.module()(x), model(x)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+MODELS_FOR_TRACING = [
+    ("LSTM", dict(num_layers=2, bidirectional=True, proj_size=3), (6, 2, 5)),
+    ("GRU", dict(num_layers=2), (6, 2, 5)),
+    ("LSTMCell", {}, (2, 5)),
+]
+
+
+def _op_kinds(traced) -> list[str]:
+    return sorted({node.kind() for node in traced.inlined_graph.nodes()})
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("cls_name,kwargs,shape", MODELS_FOR_TRACING, ids=[m[0] for m in MODELS_FOR_TRACING])
+def test_jit_trace_records_what_torch_nn_records(cls_name, kwargs, shape, backend):
+    """torch.jit.trace (TorchScript deployment, the classic ONNX exporter) records the
+    graph a torch.nn layer gives (aten::lstm, ...), which runs without our extension."""
+    if backend == "cpu" and backends.backend_report().get("cpu") is not None:
+        pytest.skip("cpu backend (the _C extension) not built")
+    model = getattr(clf, cls_name)(5, 7, **kwargs, backend=backend).eval()
+    theirs = getattr(torch.nn, cls_name)(5, 7, **kwargs).eval()
+    traced = torch.jit.trace(model, (torch.randn(*shape),))
+    assert _op_kinds(traced) == _op_kinds(torch.jit.trace(theirs, (torch.randn(*shape),)))
+    x = torch.randn(3, 5) if len(shape) == 2 else torch.randn(9, 3, 5)
+    for got, want in zip(leaves(traced(x)), leaves(model(x))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
+@pytest.mark.parametrize("cls_name,onnx_op", [("LSTM", "LSTM"), ("GRU", "GRU")])
+def test_onnx_export_gives_the_onnx_recurrent_operator(cls_name, onnx_op, dynamo, tmp_path):
+    """torch.onnx.export of our layers (both exporters) gives the model torch.nn's layers
+    give: ONNX's LSTM/GRU operator, computing the same in onnxruntime. (Like torch.nn's,
+    an LSTM with proj_size has no ONNX export.)"""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    model = getattr(clf, cls_name)(5, 7, num_layers=2, bidirectional=True, backend="cpu").eval()
+    x = torch.randn(6, 2, 5)
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo)
+    proto = onnx.load(str(path))
+    op_types = {node.op_type for node in proto.graph.node}
+    op_types |= {node.op_type for function in proto.functions for node in function.node}
+    assert onnx_op in op_types, sorted(op_types)
+    session = ort.InferenceSession(str(path))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = leaves(model(x))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-4, atol=1e-5)

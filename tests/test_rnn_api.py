@@ -397,3 +397,25 @@ def test_second_derivative_is_an_error_not_a_silent_drop(cls_name, backend):
     (g,) = torch.autograd.grad(leaves(ours(xs))[0].sum(), xs, create_graph=True)
     g.square().sum().backward()
     assert ours.weight_hh.grad is not None if "Cell" in cls_name else ours.weight_hh_l0.grad is not None
+
+
+@pytest.mark.parametrize("backend", module_backends())
+@pytest.mark.parametrize("cls_name,shape", [("LSTM", (5, 0, 3)), ("GRU", (5, 0, 3)), ("RNN", (5, 0, 3)),
+                                            ("LSTMCell", (0, 3)), ("GRUCell", (0, 3))])
+def test_empty_batch_like_torch_nn(cls_name, shape, backend):
+    """torch.nn takes a batch of 0 (empty outputs, zero weight gradients); so must we,
+    in training and inference (the cpu kernels failed on it in training)."""
+    ours, theirs = make_pair(cls_name, backend, input_size=3, hidden_size=4)
+    for grad in (True, False):
+        results = []
+        for module in (ours, theirs):
+            module.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(grad):
+                outs = leaves(module(torch.randn(*shape, requires_grad=grad)))
+                if grad:
+                    sum(o.sum() for o in outs).backward()
+            results.append(([o.shape for o in outs],
+                            [None if p.grad is None else p.grad.clone() for p in module.parameters()]))
+        assert results[0][0] == results[1][0]
+        for a, b in zip(results[0][1], results[1][1]):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))

@@ -162,7 +162,17 @@ class _BackendMixin:
             needs_grad=torch.is_grad_enabled()
             and (data.requires_grad or any(p.requires_grad for p in self.parameters())),
         )
-        return backends.resolve(self.backend, spec), spec
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # torch.jit.trace and ONNX export record torch.nn's own operator (aten::lstm,
+            # ONNX's LSTM), which runs without our extension and which exporters know.
+            return backends.get_backend("torch"), spec
+        backend = backends.resolve(self.backend, spec)
+        if batch == 0 and not backend.whole_module:
+            # An empty batch has nothing to compute: the reference gives the empty
+            # outputs and the zero weight gradients torch.nn gives, and no kernel is
+            # asked for a zero-size launch.
+            backend = backends.get_backend("reference")
+        return backend, spec
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
