@@ -26,7 +26,7 @@
 #   sanitizer  $SANITIZE_TOOLS (default "memcheck racecheck") on $SANITIZE_TESTS, each
 #              capped at SANITIZE_S seconds (60)
 #   bench      $SUITES (default "canonical canonical-pb canonical-mp"), each capped at
-#              BENCH_S seconds (90); BENCH_ARGS adds bench options
+#              BENCH_S seconds (120); BENCH_ARGS adds bench options
 #   large      tests/test_gpu_large.py on the workers, with what is left
 # Suites: a name of `python -m cnnlstm_fast.bench --suite`, or canonical (B=16 T=1024
 # I=H=768), h<N> (B=16 T=1024 I=H=N), each with a suffix that pins a kernel (recorded in
@@ -40,7 +40,7 @@ SUITES=${SUITES:-canonical canonical-pb canonical-mp}
 SKIP=${SKIP:-}
 TESTS_S=${TESTS_S:-200}
 SANITIZE_S=${SANITIZE_S:-60}
-BENCH_S=${BENCH_S:-90}
+BENCH_S=${BENCH_S:-120}
 # One small case per cuda kernel: the packed LSTM (hidden 33) through step, persistent,
 # streamed, auto and the persistent backward; the GRU of batch 33 through mma,
 # mma-pipelined, streamed and mma-cluster (bf16); packed rows over several launches.
