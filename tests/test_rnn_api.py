@@ -419,3 +419,18 @@ def test_empty_batch_like_torch_nn(cls_name, shape, backend):
         assert results[0][0] == results[1][0]
         for a, b in zip(results[0][1], results[1][1]):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+@pytest.mark.parametrize("backend", module_backends())
+@pytest.mark.parametrize("cls_name,shape", [("LSTM", (5, 2, 3)), ("GRU", (5, 2, 3)), ("LSTMCell", (2, 3))])
+def test_meta_device_infers_shapes_like_torch_nn(cls_name, shape, backend):
+    """A forward on the meta device (shape and memory estimates before any weight exists)
+    gives torch.nn's output shapes; it failed in our autocast check before."""
+    kwargs = dict(input_size=3, hidden_size=4, device="meta")
+    if "Cell" not in cls_name:
+        kwargs.update(num_layers=2, bidirectional=True)
+    ours = getattr(clf, cls_name)(**kwargs, backend=backend)
+    theirs = getattr(nn, cls_name)(**kwargs)
+    x = torch.randn(*shape, device="meta")
+    got, want = leaves(ours(x)), leaves(theirs(x))
+    assert [(t.shape, t.device.type) for t in got] == [(t.shape, t.device.type) for t in want]

@@ -148,6 +148,13 @@ class _BackendMixin:
         return super().extra_repr() + f", backend={self.backend!r}"
 
     def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool):
+        if (data.device.type == "meta" or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export()):
+            # Shapes only (the meta device), torch.jit.trace and ONNX export: torch.nn's
+            # own forward, which infers shapes on meta tensors and which tracers and
+            # exporters record as torch.nn's operator (aten::lstm, ONNX's LSTM), runnable
+            # without our extension.
+            return backends.get_backend("torch"), None
         cell = _cell_of(self)
         spec = RecurrenceSpec(
             cell=cell,
@@ -162,10 +169,6 @@ class _BackendMixin:
             needs_grad=torch.is_grad_enabled()
             and (data.requires_grad or any(p.requires_grad for p in self.parameters())),
         )
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            # torch.jit.trace and ONNX export record torch.nn's own operator (aten::lstm,
-            # ONNX's LSTM), which runs without our extension and which exporters know.
-            return backends.get_backend("torch"), spec
         backend = backends.resolve(self.backend, spec)
         if batch == 0 and not backend.whole_module:
             # An empty batch has nothing to compute: the reference gives the empty
