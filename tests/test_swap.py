@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import warnings
 
 import pytest
 import torch
@@ -454,3 +455,18 @@ def test_parametrized_layer_trains_with_an_optimizer_built_before_swap():
     for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
         assert_close(b, a, RTOL, ATOL, what=name)
     assert (ours.lstm.parametrizations.weight_hh_l0.original1 != start).any()  # it trained
+
+
+def test_dynamic_quantization_after_unswap():
+    """quantize_dynamic matches exact classes, so ours stay float (the README says so):
+    unswap first, and the quantized LSTM replaces the torch.nn one."""
+    quantize_dynamic = pytest.importorskip("torch.ao.quantization").quantize_dynamic
+    model = clf.swap(nn.Sequential(nn.LSTM(4, 6, num_layers=2)), backend="reference")
+    x = torch.randn(5, 2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        kept = quantize_dynamic(model, {nn.LSTM}, dtype=torch.qint8)
+        assert type(kept[0]) is clf.LSTM  # what the README warns about
+        quantized = quantize_dynamic(clf.unswap(model), {nn.LSTM}, dtype=torch.qint8)
+    assert type(quantized[0]).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    torch.testing.assert_close(quantized(x)[0], model(x)[0], rtol=0.05, atol=0.05)
