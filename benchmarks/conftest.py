@@ -27,7 +27,7 @@ def _configs(models: bool) -> list:
         shapes = list(TINY_MODELS) if models else [TINY_LAYER]
     else:
         shapes = suites.shapes("cnnlstm" if models else SUITE, DEVICE.split(":")[0])
-        shapes = [s for s in shapes if bool(s.get("model")) == models]
+        shapes = [s for s in shapes if suites.is_model(s) == models]
     dtypes = suites.DEFAULT_DTYPES[DEVICE.split(":")[0]]
     return suites.make_configs(shapes, suites.CELLS, dtypes, suites.MODES, DEVICE)
 

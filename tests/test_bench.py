@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import cnnlstm_fast
 from cnnlstm_fast import bench
@@ -128,6 +129,52 @@ def test_plot(tmp_path):
     rows = [dict(cell="lstm", mode="forward", dtype="float32", sweep="batch", batch=b,
                  provider=p, speedup=s) for b in (1, 2) for p, s in (("torch.nn", 1.0), ("cpu", 1.5))]
     assert [Path(p).name for p in report.plot(rows, str(tmp_path))] == ["speedup-batch-float32.png"]
+
+
+def test_plot_panels_keep_sweep_bases_apart(tmp_path, monkeypatch):
+    """short-seq sweeps T from two batches, for layers and cell loops: four panels, each
+    with its own lines, not one line zigzagging between bases."""
+    import matplotlib.axes
+
+    rows = [dict(model=m, cell="lstm", mode="forward", dtype="float32", sweep="steps", steps=t,
+                 batch=b, input_size=8, hidden_size=8, layers=1, directions=1, provider="cpu",
+                 speedup=1.0 + t / 10) for m in ("", "cell") for b in (1, 16) for t in (1, 2, 4)]
+    plotted = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, xs, ys, **kw: plotted.append(list(xs)) or real(ax, xs, ys, **kw))
+    assert len(report.plot(rows, str(tmp_path))) == 1
+    assert plotted == [[1, 2, 4]] * 4
+
+
+def test_short_seq_suite_times_layers_and_cell_loops():
+    shapes = suites.shapes("short-seq", "cpu")
+    assert {(s["model"], s["batch"]) for s in shapes} == {("", 1), ("", 16), ("cell", 1), ("cell", 16)}
+    assert {s["steps"] for s in shapes} == set(suites.SHORT_STEPS)
+    assert not any(suites.is_model(s) for s in shapes)
+    result = bench.main(["--device", "cpu", "--suite", "short-seq", "--reps", "2", "--no-progress",
+                         "--cells", "gru", "--modes", "forward_backward",
+                         "--providers", "auto,reference"])
+    cell_rows = [r for r in result["results"] if r["model"] == "cell"]
+    assert {r["provider"] for r in cell_rows} == {"torch.nn", "auto", "reference"}
+    assert all(r["config"].startswith("cell-gru B") and r["flops"] == suites.Config(
+        "gru", r["batch"], r["steps"], 256, 256, mode="forward_backward").flops for r in cell_rows)
+
+
+def test_cell_loop_runs_the_cell_once_per_step_with_the_baseline_weights():
+    from cnnlstm_fast.bench import providers
+
+    cfg = suites.Config("lstm", 3, 5, 4, 6, model="cell", mode="forward_backward")
+    steps, skipped = providers.config_steps(cfg, ["torch.nn", "reference"], {})
+    assert not skipped
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: calls.append((type(module).__name__, args[0].shape)))
+    try:
+        steps["reference"]()
+    finally:
+        handle.remove()
+    assert calls == [("LSTMCell", torch.Size([3, 4]))] * 5
 
 
 def test_suites_shapes():

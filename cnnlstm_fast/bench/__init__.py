@@ -129,8 +129,7 @@ def _rows(cfg: Config, suite: str, timings: dict, flops: int, peaks: dict,
 def run_config(cfg: Config, suite: str, providers: list[str], limits: dict, reps: int,
                peaks: dict) -> tuple[list[dict], list[dict]]:
     """Times every provider on ``cfg``: (result rows, skipped providers with reasons)."""
-    make = prov.model_steps if cfg.model else prov.layer_steps
-    steps, skipped = make(cfg, providers, limits)
+    steps, skipped = prov.config_steps(cfg, providers, limits)
     picked = None
     for name in list(steps):  # first call: compiles, and finds providers that cannot run it
         try:
@@ -148,7 +147,7 @@ def run_config(cfg: Config, suite: str, providers: list[str], limits: dict, reps
         timings = timing.time_cuda(steps, reps)
     else:
         timings = timing.time_cpu(steps, reps, CPU_BUDGET_S)
-    flops = prov.model_flops(cfg) if cfg.model else cfg.flops
+    flops = prov.model_flops(cfg) if suites.is_model(vars(cfg)) else cfg.flops
     return _rows(cfg, suite, timings, flops, peaks, picked), skips
 
 

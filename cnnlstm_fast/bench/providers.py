@@ -18,13 +18,14 @@ from torch import nn
 import cnnlstm_fast
 
 from .suites import DTYPES_TORCH as DTYPES
-from .suites import FRAME, GATES, Config
+from .suites import CELL_LOOP, FRAME, GATES, Config
 
 BASELINE = "torch.nn"
 AUTO = "auto"
 COMPILED = "torch.compile"
 FLASHRNN = "flashrnn"
 LAYERS = {"lstm": (nn.LSTM, cnnlstm_fast.LSTM), "gru": (nn.GRU, cnnlstm_fast.GRU)}
+CELL_MODULES = {"lstm": (nn.LSTMCell, cnnlstm_fast.LSTMCell), "gru": (nn.GRUCell, cnnlstm_fast.GRUCell)}
 
 #: Cost limits, in sequential steps (T x layers x directions). ``reference`` makes a
 #: few PyTorch calls per step; torch.compile unrolls the loop, so its compile time
@@ -223,6 +224,66 @@ def model_flops(cfg: Config) -> int:
     return counter.get_total_flops() * (3 if cfg.mode == "forward_backward" else 1)
 
 
+def _cell_loop_step(cfg: Config, cell: nn.Module, dtype: torch.dtype, params) -> Callable[[], None]:
+    """The cell called once per step from Python, its state carried (a decoder's loop)."""
+    x = torch.randn(cfg.steps, cfg.batch, cfg.input_size, device=cfg.device, dtype=dtype)
+
+    def run(inputs):
+        state, outs = None, []
+        for t in range(cfg.steps):
+            state = cell(inputs[t], state)
+            outs.append(state[0] if isinstance(state, tuple) else state)
+        return torch.stack(outs)
+
+    if cfg.mode == "forward":
+
+        def forward():
+            with torch.no_grad():
+                run(x)
+
+        return forward
+    x.requires_grad_(True)
+    dy = torch.randn(cfg.steps, cfg.batch, cfg.hidden_size, device=cfg.device, dtype=dtype)
+    inputs = [x, *params]
+
+    def forward_backward():
+        torch.autograd.grad(run(x), inputs, dy)
+
+    return forward_backward
+
+
+def cell_steps(cfg: Config, providers: list[str], limits: dict[str, int]) -> tuple[dict, dict]:
+    """As :func:`layer_steps` for a cell loop (``cfg.model == "cell"``): nn.LSTMCell /
+    nn.GRUCell against ours, called once per step."""
+    if cfg.layers != 1 or cfg.directions != 1:
+        return {}, {p: "a cell loop has one layer and one direction" for p in providers}
+    torch_cls, our_cls = CELL_MODULES[cfg.cell]
+    dtype = DTYPES[cfg.dtype]
+    baseline = torch_cls(cfg.input_size, cfg.hidden_size, device=cfg.device, dtype=dtype)
+    steps, skipped = {}, {}
+    for provider in providers:
+        try:
+            _check_limit(cfg, provider, limits)
+            if provider in (COMPILED, FLASHRNN):
+                raise Skip(f"{provider}: not a cell")
+            cell = baseline
+            if provider != BASELINE:
+                cell = our_cls(cfg.input_size, cfg.hidden_size, backend=provider,
+                               device=cfg.device, dtype=dtype)
+                cell.load_state_dict(baseline.state_dict())
+            steps[provider] = _cell_loop_step(cfg, cell, dtype, list(cell.parameters()))
+        except Skip as why:
+            skipped[provider] = str(why)
+    return steps, skipped
+
+
+def config_steps(cfg: Config, providers: list[str], limits: dict[str, int]) -> tuple[dict, dict]:
+    """(provider -> step closure, provider -> skip reason) for any configuration."""
+    if cfg.model == CELL_LOOP:
+        return cell_steps(cfg, providers, limits)
+    return (model_steps if cfg.model else layer_steps)(cfg, providers, limits)
+
+
 def model_steps(cfg: Config, providers: list[str], limits: dict[str, int]) -> tuple[dict, dict]:
     """As :func:`layer_steps` for a whole CNN-LSTM; the baseline is backend="torch"
     (torch.nn layers). A training step is forward, loss, backward and an SGD step."""
@@ -250,8 +311,7 @@ def model_steps(cfg: Config, providers: list[str], limits: dict[str, int]) -> tu
 def step_for(cfg: Config, provider: str, limits: dict[str, int] = LIMITS) -> Callable[[], None]:
     """One provider's warmed-up step on ``cfg`` (the pytest-benchmark suite's unit);
     raises :class:`Skip` when it cannot run it."""
-    make = model_steps if cfg.model else layer_steps
-    steps, skipped = make(cfg, [provider], limits)
+    steps, skipped = config_steps(cfg, [provider], limits)
     if provider in skipped:
         raise Skip(skipped[provider])
     step = steps[provider]

@@ -80,9 +80,13 @@ def write_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+_PANEL_KEYS = ("model", "cell", "mode", "batch", "steps", "input_size", "hidden_size", "layers",
+               "directions")
+
+
 def plot(rows: list[dict], directory: str) -> list[str]:
     """One PNG per swept variable and dtype: speedup vs torch.nn against the swept value,
-    one line per provider, one panel per cell and mode."""
+    one line per provider, one panel per combination of the values not swept."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,12 +100,16 @@ def plot(rows: list[dict], directory: str) -> list[str]:
             groups[(row["sweep"], row["dtype"])].append(row)
     written = []
     for (sweep, dtype), group in sorted(groups.items()):
-        panels = sorted({(r["cell"], r["mode"]) for r in group})
+        # one panel per combination of what is not swept (a suite may sweep from several
+        # bases, e.g. short-seq: batch 1 and 16, layers and cell loops)
+        fixed = [k for k in _PANEL_KEYS if k != sweep and not (sweep == "hidden_size" and k == "input_size")]
+        panel_of = lambda r: tuple(r.get(k) for k in fixed)  # noqa: E731
+        panels = sorted({panel_of(r) for r in group}, key=str)
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-        for ax, (cell, mode) in zip(axes[0], panels):
+        for ax, panel in zip(axes[0], panels):
             lines = defaultdict(list)
             for r in group:
-                if (r["cell"], r["mode"]) == (cell, mode):
+                if panel_of(r) == panel:
                     lines[r["provider"]].append((r[sweep], r["speedup"]))
             for provider, points in sorted(lines.items()):
                 xs, ys = zip(*sorted(points))
@@ -109,7 +117,9 @@ def plot(rows: list[dict], directory: str) -> list[str]:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.axhline(1.0, color="grey", lw=0.8)
-            ax.set(title=f"{cell} {mode} {dtype}", xlabel=sweep, ylabel="speedup vs torch.nn")
+            title = " ".join(f"{k}={v}" for k, v in zip(fixed, panel) if v not in (None, ""))
+            ax.set_title(f"{title} {dtype}", fontsize="small")
+            ax.set(xlabel=sweep, ylabel="speedup vs torch.nn")
             ax.legend(fontsize="small")
         fig.tight_layout()
         path = out / f"speedup-{sweep}-{dtype}.png"

@@ -19,6 +19,9 @@ DTYPES = tuple(DTYPES_TORCH)
 BATCHES = (1, 2, 8, 16, 32, 64, 128, 256)
 HIDDENS = (128, 256, 512, 1024, 2048)
 STEPS = (256, 512, 1024, 2048, 4096)
+#: Short sequences, where the per-call cost of a layer, not its steps, decides; and the
+#: cells stepped from Python (a decoder's or an RL policy's loop), one call per step.
+SHORT_STEPS = (1, 2, 4, 8, 16, 32)
 #: FlashRNN's head sweep: heads of size D. Our layers are dense (one head), so the
 #: comparable configuration is one head of size D, i.e. H = D.
 HEAD_SIZES = (64, 128, 256, 512, 768)
@@ -38,6 +41,16 @@ MODELS = {
              dict(model="cnnlstm-2d", batch=16, steps=32, input_size=3, hidden_size=256)),
 }
 FRAME = 32  # height and width of the cnnlstm-2d frames
+#: The short-seq suite's bases: batch 1 and 16 at I=H=256 (CPU) or 768 (CUDA).
+SHORT_BASE = {"cpu": dict(steps=1, input_size=256, hidden_size=256),
+              "cuda": dict(steps=1, input_size=768, hidden_size=768)}
+#: Config.model of a cell (nn.LSTMCell / nn.GRUCell) called once per step from Python.
+CELL_LOOP = "cell"
+
+
+def is_model(shape: dict) -> bool:
+    """Whether a shape is a whole CNN-LSTM model (not a layer or a cell loop)."""
+    return shape.get("model", "") not in ("", CELL_LOOP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +65,7 @@ class Config:
     dtype: str = "float32"
     mode: str = "forward"
     device: str = "cpu"
-    model: str = ""  # "" for a bare layer, else "cnnlstm-1d" / "cnnlstm-2d"
+    model: str = ""  # "" for a bare layer, "cell" for a cell loop, else "cnnlstm-1d" / "cnnlstm-2d"
     sweep: str = ""  # the swept variable ("batch", "hidden_size", "steps") for plots
 
     @property
@@ -79,7 +92,7 @@ class Config:
         return total * (3 if self.mode == "forward_backward" else 1)
 
 
-SUITES = ("quick", "flashrnn", "batch-sweep", "hidden-sweep", "seq-sweep", "cnnlstm")
+SUITES = ("quick", "flashrnn", "batch-sweep", "hidden-sweep", "seq-sweep", "short-seq", "cnnlstm")
 
 
 def _sweep(base: dict, key: str, values, **extra) -> list[dict]:
@@ -106,6 +119,10 @@ def shapes(suite: str, device_type: str) -> list[dict]:
         return _sweep(base, "hidden_size", HIDDENS)
     if suite == "seq-sweep":
         return _sweep(base, "steps", STEPS)
+    if suite == "short-seq":
+        return [shape for batch in (1, 16) for model in ("", CELL_LOOP)
+                for shape in _sweep(dict(SHORT_BASE[device_type], batch=batch, model=model),
+                                    "steps", SHORT_STEPS)]
     if suite == "cnnlstm":
         return [dict(m, layers=2, directions=2) for m in MODELS[device_type]]
     raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
