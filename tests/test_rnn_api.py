@@ -165,11 +165,12 @@ def test_auto_follows_the_measured_rules(monkeypatch):
 
     # With BLAS GEMMs: the rule measured on the Xeon.
     monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "blas")
-    assert picks(_cpu("gru", 4, 2, 3)) == expect_cpu
+    assert picks(_cpu("gru", 4, 2, 8)) == expect_cpu
+    assert not picks(_cpu("gru", 4, 2, 7))  # fewer steps than AUTO_MIN_STEPS: torch.nn
     assert not picks(_spec())  # small LSTM: oneDNN is faster
-    assert picks(_cpu("lstm", 1024, 16, 3)) == expect_cpu
-    assert not picks(_cpu("gru", 4, 512, 3))
-    assert not picks(_cpu("gru", 4, 2, 3, dtype=torch.bfloat16))  # cpu has no bf16
+    assert picks(_cpu("lstm", 1024, 16, 8)) == expect_cpu
+    assert not picks(_cpu("gru", 4, 512, 8))
+    assert not picks(_cpu("gru", 4, 2, 8, dtype=torch.bfloat16))  # cpu has no bf16
 
     if not expect_cpu or not _ext.load().cpu_gemm_info()["avx512_supported"]:
         return
@@ -179,6 +180,8 @@ def test_auto_follows_the_measured_rules(monkeypatch):
     for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
     assert picks(_cpu("gru", 256, 256, 32, needs_grad=True))
+    assert picks(_cpu("gru", 256, 1, 8)) and not picks(_cpu("gru", 256, 1, 4))  # short-seq
+    assert not picks(_cpu("lstm", 256, 1, 1, needs_grad=True))  # one step: the cells' calls
     assert not picks(_cpu("gru", 256, 512, 32))  # beyond the measured batches
     assert picks(_cpu("lstm", 128, 1, 1000))  # small batch, long sequence
     assert picks(_cpu("lstm", 256, 1, 32))  # inference up to batch 16
@@ -222,7 +225,25 @@ def test_auto_follows_the_measured_rules(monkeypatch):
     assert not picks(_cpu("lstm", 128, 1, 1000, proj=64))  # projections: unmeasured
     assert not picks(_cpu("rnn_tanh", 128, 1, 1000))
     # float64 keeps the BLAS rule
-    assert picks(_cpu("lstm", 1024, 16, 3, dtype=torch.float64))
+    assert picks(_cpu("lstm", 1024, 16, 8, dtype=torch.float64))
+
+
+def test_short_calls_resolve_to_torch_without_a_spec(caplog, monkeypatch):
+    """The cells (one step a call) and calls shorter than AUTO_MIN_STEPS run torch.nn's
+    forward under auto, decided before any spec is built (a cell's call is ~45 us at batch
+    1, hidden 256: the rules' cost would show); named backends still run."""
+    seen = []
+    real = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda name, spec: seen.append(spec) or real(name, spec))
+    with caplog.at_level(logging.DEBUG, logger="cnnlstm_fast.backends"):
+        clf.LSTMCell(3, 4)(torch.randn(2, 3))
+        clf.GRU(3, 4)(torch.randn(backends.AUTO_MIN_STEPS["cpu"] - 1, 2, 3))
+        clf.GRUCell(3, 4, backend="torch")(torch.randn(2, 3))
+        clf.GRUCell(3, 4, backend="reference")(torch.randn(2, 3))
+    assert len(seen) == 1 and seen[0].steps == 1  # only the named reference asked the rules
+    assert [(r.requested, r.backend) for r in caplog.records] == [
+        ("auto", "torch"), ("auto", "torch"), ("torch", "torch"), ("reference", "reference")]
+    assert "1 step(s) on cpu, fewer than any other backend's rule takes" in caplog.records[0].getMessage()
 
 
 @pytest.mark.parametrize("changes,faster", [
@@ -255,12 +276,13 @@ def test_modules_tell_auto_whether_backward_is_needed(monkeypatch):
     real = backends.resolve
     monkeypatch.setattr(backends, "resolve", lambda name, spec: seen.append(spec) or real(name, spec))
     layer = clf.GRU(3, 4)
-    layer(torch.randn(2, 1, 3))
+    steps = backends.AUTO_MIN_STEPS["cpu"]  # shorter calls never ask the rules
+    layer(torch.randn(steps, 1, 3))
     with torch.no_grad():
-        layer(torch.randn(2, 1, 3))
+        layer(torch.randn(steps, 1, 3))
     layer.requires_grad_(False)
-    layer(torch.randn(2, 1, 3))
-    layer(torch.randn(2, 1, 3, requires_grad=True))
+    layer(torch.randn(steps, 1, 3))
+    layer(torch.randn(steps, 1, 3, requires_grad=True))
     assert [s.needs_grad for s in seen] == [True, False, False, True]
 
 
@@ -268,14 +290,14 @@ def test_each_choice_is_logged_at_debug(caplog):
     with caplog.at_level(logging.DEBUG, logger="cnnlstm_fast.backends"):
         clf.GRU(3, 4, backend="reference")(torch.randn(2, 1, 3))
         with torch.no_grad():
-            clf.LSTM(3, 4)(torch.randn(5, 2, 3))
+            clf.LSTM(3, 4)(torch.randn(9, 2, 3))
     first, second = caplog.records
     assert (first.requested, first.backend) == ("reference", "reference")
     assert first.getMessage() == (
         "backend 'reference' -> 'reference': gru hidden 4, batch 1, 2 steps, torch.float32 "
         "on cpu, training")
     assert second.requested == "auto" and second.backend in clf.available_backends()
-    assert second.getMessage().endswith("lstm hidden 4, batch 2, 5 steps, torch.float32 on cpu, inference")
+    assert second.getMessage().endswith("lstm hidden 4, batch 2, 9 steps, torch.float32 on cpu, inference")
 
 
 def test_set_backend_and_use_backend():

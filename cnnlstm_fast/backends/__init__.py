@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -41,7 +42,9 @@ __all__ = [
     "backend_report",
     "get_backend",
     "get_default",
+    "log_choice",
     "register",
+    "resolve_early",
     "registered_backends",
     "resolve",
     "set_backend",
@@ -151,15 +154,28 @@ def _cpu_avx512_beats_torch(spec: RecurrenceSpec) -> bool:
             or activations > _CPU_LSTM_LARGE_ACTIVATIONS)
 
 
+#: Per device type, the fewest steps a call must have for ``auto`` to try anything but
+#: torch.nn; below, a call's fixed cost decides, and the cells (one step a call) stay
+#: with torch.nn. CPU: measured on a 2-core Intel Xeon with AVX-512
+#: (benchmarks/results/cpu-xeon-amx/short-seq-*.json, I=H=256; ours packs its weights at
+#: every call): GRU at batch 1 0.54x-0.77x up to 4 steps, 1.05x-1.67x from 8; at batch
+#: 16 0.72x-0.97x up to 2 steps; LSTM inference 0.89x-1.03x up to 4 steps; the cells
+#: 0.18x-0.70x at every batch and length measured. CUDA: the range measured on the H100
+#: (:func:`_cuda_beats_torch`). Other device types have no rules: torch.nn.
+AUTO_MIN_STEPS: dict[str, int] = {"cpu": 8, "cuda": 256}
+
+
 def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
     """Where the ``cpu`` backend measured faster than torch.nn on CPU in both forward and
-    forward+backward. float32 with our AVX-512 GEMM: :func:`_cpu_avx512_beats_torch`.
+    forward+backward; never below :data:`AUTO_MIN_STEPS` steps. float32 with our AVX-512 GEMM: :func:`_cpu_avx512_beats_torch`.
     Otherwise (BLAS GEMMs; measured on a 2-core Xeon before the AVX-512 GEMM existed,
     benchmarks/results/cpu-xeon-2.50ghz/: batch-sweep, hidden-sweep, h1024-b*, issue3-*):
     GRU: torch.nn runs ATen's step loop, ours wins up to batch 32 (hidden <= 512) and from
     batch 2 to 64 at larger hidden sizes. LSTM: torch.nn runs oneDNN, which wins at
     hidden <= 256; ours wins from hidden 512, batch 2 to 64. The measured range ends
     there, so larger batches stay with torch.nn."""
+    if spec.steps < AUTO_MIN_STEPS["cpu"]:
+        return False
     if spec.dtype == torch.float32 and _cpu_gemm_is_avx512():
         return _cpu_avx512_beats_torch(spec)
     if spec.cell == "gru":
@@ -182,7 +198,8 @@ def _cuda_beats_torch(spec: RecurrenceSpec) -> bool:
     batch 32 (1.4x-4.8x; 0.49x at hidden 128). Outside the measured range (hidden above
     1024, where the per-step kernels run at 0.02x-0.04x; odd hidden sizes; packed
     sequences; fewer than 256 steps; projections) torch.nn keeps it."""
-    if (spec.needs_grad or spec.proj_size or spec.variable_lengths or spec.steps < 256
+    if (spec.needs_grad or spec.proj_size or spec.variable_lengths
+            or spec.steps < AUTO_MIN_STEPS["cuda"]
             or spec.hidden_size % 2 or spec.cell not in ("lstm", "gru")):
         return False
     if spec.dtype == torch.bfloat16:
@@ -301,16 +318,37 @@ def use_backend(name: str) -> Iterator[None]:
 def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
     """The backend that runs ``spec`` for a module that asked for ``requested``."""
     backend = _resolve(requested, spec)
-    # Dynamo cannot trace a logging call (fullgraph=True would fail): not while compiling
-    if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
-        _log.debug(
-            "backend %r -> %r: %s hidden %d, batch %d, %d steps, %s on %s, %s%s",
-            requested, backend.name, spec.cell, spec.hidden_size, spec.batch, spec.steps,
-            spec.dtype, spec.device, "training" if spec.needs_grad else "inference",
-            ", packed" if spec.variable_lengths else "",
-            extra={"requested": requested, "backend": backend.name},
-        )
+    log_choice(requested, backend, spec)
     return backend
+
+
+def resolve_early(requested: str, device_type: str, steps: int) -> Backend | None:
+    """The backend, where it is torch and known without a spec (the cheap path of the
+    cells' one-step calls): ``torch`` named, or ``auto`` with fewer steps than any other
+    backend's rule takes on this device (:data:`AUTO_MIN_STEPS`); else None."""
+    name = requested if requested != "auto" else _process_default()
+    if name == "torch":
+        why = "named"
+    elif name == "auto" and steps < AUTO_MIN_STEPS.get(device_type, sys.maxsize):
+        why = f"auto: {steps} step(s) on {device_type}, fewer than any other backend's rule takes"
+    else:
+        return None
+    backend = _REGISTRY["torch"]
+    log_choice(requested, backend, why)
+    return backend
+
+
+def log_choice(requested: str, backend: Backend, what: RecurrenceSpec | str) -> None:
+    """Logs a resolution at DEBUG (the module docstring), for ``what`` (a spec or why)."""
+    # Dynamo cannot trace a logging call (fullgraph=True would fail): not while compiling
+    if torch.compiler.is_compiling() or not _log.isEnabledFor(logging.DEBUG):
+        return
+    if isinstance(what, RecurrenceSpec):
+        what = (f"{what.cell} hidden {what.hidden_size}, batch {what.batch}, {what.steps} steps, "
+                f"{what.dtype} on {what.device}, {'training' if what.needs_grad else 'inference'}"
+                f"{', packed' if what.variable_lengths else ''}")
+    _log.debug("backend %r -> %r: %s", requested, backend.name, what,
+               extra={"requested": requested, "backend": backend.name})
 
 
 def _resolve(requested: str, spec: RecurrenceSpec) -> Backend:

@@ -26,10 +26,13 @@ from ..ops.recurrence import recurrence
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
 
 
+_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
 def _cell_of(module: nn.Module) -> str:
     mode = getattr(module, "mode", None)
     if mode is not None:  # RNNBase
-        return {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[mode]
+        return _MODES[mode]
     if isinstance(module, nn.LSTMCell):
         return "lstm"
     if isinstance(module, nn.GRUCell):
@@ -137,6 +140,9 @@ class _PackedLayout:
         return padded.reshape(self.steps * self.batch, -1).index_select(0, self.index)
 
 
+_TORCH = backends.get_backend("torch")
+
+
 class _BackendMixin:
     """The ``backend`` attribute shared by the sequence modules and the cells."""
 
@@ -148,26 +154,35 @@ class _BackendMixin:
         return super().extra_repr() + f", backend={self.backend!r}"
 
     def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool):
-        if (data.device.type == "meta" or torch.jit.is_tracing()
-                or torch.onnx.is_in_onnx_export()):
+        """(backend, spec) for this call; spec is None where torch.nn's forward runs
+        without asking the rules (the cells' calls are short: this stays cheap)."""
+        device = data.device
+        if (device.type == "meta" or torch.jit.is_tracing()
+                or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export())):
             # Shapes only (the meta device), torch.jit.trace and ONNX export: torch.nn's
             # own forward, which infers shapes on meta tensors and which tracers and
             # exporters record as torch.nn's operator (aten::lstm, ONNX's LSTM), runnable
-            # without our extension.
-            return backends.get_backend("torch"), None
+            # without our extension. (ONNX's exporters trace: the TorchScript one with
+            # torch.jit's tracer, the other with torch.export; is_in_onnx_export costs a
+            # few microseconds, so it is asked only then.)
+            return _TORCH, None
+        early = backends.resolve_early(self.backend, device.type, steps)
+        if early is not None:
+            return early, None
         cell = _cell_of(self)
+        needs_grad = torch.is_grad_enabled() and (
+            data.requires_grad or any(p.requires_grad for p in self._parameters.values() if p is not None))
         spec = RecurrenceSpec(
             cell=cell,
             hidden_size=self.hidden_size,
             proj_size=getattr(self, "proj_size", 0),
             reverse=False,
-            device=data.device,
+            device=device,
             dtype=_compute_dtype("seq" if isinstance(self, nn.RNNBase) else "cell", cell, data),
             batch=batch,
             steps=steps,
             variable_lengths=packed,
-            needs_grad=torch.is_grad_enabled()
-            and (data.requires_grad or any(p.requires_grad for p in self.parameters())),
+            needs_grad=needs_grad,
         )
         backend = backends.resolve(self.backend, spec)
         if batch == 0 and not backend.whole_module:
