@@ -225,31 +225,17 @@ def model_flops(cfg: Config) -> int:
 
 
 def _cell_loop_step(cfg: Config, cell: nn.Module, dtype: torch.dtype, params) -> Callable[[], None]:
-    """The cell called once per step from Python, its state carried (a decoder's loop)."""
-    x = torch.randn(cfg.steps, cfg.batch, cfg.input_size, device=cfg.device, dtype=dtype)
+    """The cell called once per step from Python, its state carried (a decoder's loop),
+    timed as a layer: the loop returns (outputs, last state)."""
 
-    def run(inputs):
+    def loop(inputs):
         state, outs = None, []
         for t in range(cfg.steps):
             state = cell(inputs[t], state)
             outs.append(state[0] if isinstance(state, tuple) else state)
-        return torch.stack(outs)
+        return torch.stack(outs), state
 
-    if cfg.mode == "forward":
-
-        def forward():
-            with torch.no_grad():
-                run(x)
-
-        return forward
-    x.requires_grad_(True)
-    dy = torch.randn(cfg.steps, cfg.batch, cfg.hidden_size, device=cfg.device, dtype=dtype)
-    inputs = [x, *params]
-
-    def forward_backward():
-        torch.autograd.grad(run(x), inputs, dy)
-
-    return forward_backward
+    return _layer_step(cfg, loop, dtype, params)
 
 
 def cell_steps(cfg: Config, providers: list[str], limits: dict[str, int]) -> tuple[dict, dict]:
