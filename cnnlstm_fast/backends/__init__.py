@@ -4,8 +4,10 @@ Resolution of a module's backend, first match wins:
 1. the module's own ``backend=`` if it is not ``"auto"``;
 2. the process default (``set_backend``/``use_backend``, initialised from the
    environment variable ``CNNLSTM_FAST_BACKEND``) if it is not ``"auto"``;
-3. ``auto``: the first backend of :data:`AUTO_PREFERENCE` for the input's device
-   that is available and supports the input. ``torch`` ends every list.
+3. ``auto``: torch.nn for calls of fewer steps than :data:`AUTO_MIN_STEPS` gives the
+   device (the cells among them), else the first backend of :data:`AUTO_PREFERENCE` for
+   the input's device that is available and supports the input. ``torch`` ends every
+   list.
 
 A backend reached through 1 or 2 is used as named: if it cannot run the input, an
 error says what it supports. Only ``auto`` falls back, silently; each choice is logged
@@ -44,9 +46,9 @@ __all__ = [
     "get_default",
     "log_choice",
     "register",
-    "resolve_early",
     "registered_backends",
     "resolve",
+    "resolve_early",
     "set_backend",
     "use_backend",
 ]
@@ -54,6 +56,7 @@ __all__ = [
 ENV_VAR = "CNNLSTM_FAST_BACKEND"
 
 _log = logging.getLogger(__name__)
+
 
 def _cpu_gemm_is_avx512() -> bool:
     """Whether the cpu backend's float32 GEMMs run our AVX-512 kernel (the CPU has it and
@@ -167,7 +170,8 @@ AUTO_MIN_STEPS: dict[str, int] = {"cpu": 8, "cuda": 256}
 
 def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
     """Where the ``cpu`` backend measured faster than torch.nn on CPU in both forward and
-    forward+backward; never below :data:`AUTO_MIN_STEPS` steps. float32 with our AVX-512 GEMM: :func:`_cpu_avx512_beats_torch`.
+    forward+backward; never below :data:`AUTO_MIN_STEPS` steps. float32 with our AVX-512
+    GEMM: :func:`_cpu_avx512_beats_torch`.
     Otherwise (BLAS GEMMs; measured on a 2-core Xeon before the AVX-512 GEMM existed,
     benchmarks/results/cpu-xeon-2.50ghz/: batch-sweep, hidden-sweep, h1024-b*, issue3-*):
     GRU: torch.nn runs ATen's step loop, ours wins up to batch 32 (hidden <= 512) and from

@@ -170,8 +170,9 @@ class _BackendMixin:
         if early is not None:
             return early, None
         cell = _cell_of(self)
+        # parameters(), not _parameters: a parametrized weight lives in a submodule
         needs_grad = torch.is_grad_enabled() and (
-            data.requires_grad or any(p.requires_grad for p in self._parameters.values() if p is not None))
+            data.requires_grad or any(p.requires_grad for p in self.parameters()))
         spec = RecurrenceSpec(
             cell=cell,
             hidden_size=self.hidden_size,
