@@ -6,6 +6,7 @@ replicas equal and end where torch.nn's run ends; the same engine carries NCCL o
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from helpers import module_backends
 
 WORLD = 2
 STEPS = 3
+TIMEOUT_S = 300
 
 
 class _Tagger(nn.Module):
@@ -80,7 +82,14 @@ def test_ddp_training_matches_torch_nn_and_keeps_replicas_equal(tmp_path):
     backends = module_backends()
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(str(tmp_path / "init"), backends, results), nprocs=WORLD)
+        context = mp.spawn(_worker, args=(str(tmp_path / "init"), backends, results),
+                           nprocs=WORLD, join=False)
+        deadline = time.monotonic() + TIMEOUT_S  # a hung rendezvous fails, not hangs CI
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"DDP workers did not finish in {TIMEOUT_S} s")
         results = dict(results)
     for bucket_view in (False, True):
         want = [torch.from_numpy(a) for a in results[(None, bucket_view)][0]]
