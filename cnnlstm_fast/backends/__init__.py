@@ -1,6 +1,8 @@
 """Backend registry, process default and ``auto`` resolution.
 
-Resolution of a module's backend, first match wins:
+Resolution of a module's backend, first match wins (before it, meta-device inputs,
+torch.jit.trace and ONNX export run torch.nn's forward, whatever was named:
+:func:`resolve_early`):
 1. the module's own ``backend=`` if it is not ``"auto"``;
 2. the process default (``set_backend``/``use_backend``, initialised from the
    environment variable ``CNNLSTM_FAST_BACKEND``) if it is not ``"auto"``;
@@ -322,16 +324,30 @@ def use_backend(name: str) -> Iterator[None]:
 def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
     """The backend that runs ``spec`` for a module that asked for ``requested``."""
     backend = _resolve(requested, spec)
+    if spec.batch == 0 and not backend.whole_module:
+        # An empty batch has nothing to compute: the reference gives the empty outputs
+        # and the zero weight gradients torch.nn gives, and no kernel is asked for a
+        # zero-size launch.
+        backend = _REGISTRY["reference"]
     log_choice(requested, backend, spec)
     return backend
 
 
 def resolve_early(requested: str, device_type: str, steps: int) -> Backend | None:
-    """The backend, where it is torch and known without a spec (the cheap path of the
-    cells' one-step calls): ``torch`` named, or ``auto`` with fewer steps than any other
-    backend's rule takes on this device (:data:`AUTO_MIN_STEPS`); else None."""
+    """The backend, where it is torch.nn's forward and known without a spec (the cheap
+    path of the cells' one-step calls), else None. Whatever was named: shapes only (the
+    meta device), torch.jit.trace and ONNX export, which then record torch.nn's operator
+    (aten::lstm, ONNX's LSTM), runnable without our extension. Then ``torch`` named, or
+    ``auto`` with fewer steps than any other backend's rule takes on this device
+    (:data:`AUTO_MIN_STEPS`)."""
+    # ONNX's exporters trace (the TorchScript one with torch.jit's tracer, the other with
+    # torch.export); is_in_onnx_export costs a few microseconds, so it is asked only then.
     name = requested if requested != "auto" else _process_default()
-    if name == "torch":
+    if device_type == "meta":
+        why = "the meta device (shapes only)"
+    elif torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()):
+        why = "tracing or ONNX export"
+    elif name == "torch":
         why = "named"
     elif name == "auto" and steps < AUTO_MIN_STEPS.get(device_type, sys.maxsize):
         why = f"auto: {steps} step(s) on {device_type}, fewer than any other backend's rule takes"

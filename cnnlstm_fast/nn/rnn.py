@@ -140,9 +140,6 @@ class _PackedLayout:
         return padded.reshape(self.steps * self.batch, -1).index_select(0, self.index)
 
 
-_TORCH = backends.get_backend("torch")
-
-
 class _BackendMixin:
     """The ``backend`` attribute shared by the sequence modules and the cells."""
 
@@ -157,15 +154,6 @@ class _BackendMixin:
         """(backend, spec) for this call; spec is None where torch.nn's forward runs
         without asking the rules (the cells' calls are short: this stays cheap)."""
         device = data.device
-        if (device.type == "meta" or torch.jit.is_tracing()
-                or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export())):
-            # Shapes only (the meta device), torch.jit.trace and ONNX export: torch.nn's
-            # own forward, which infers shapes on meta tensors and which tracers and
-            # exporters record as torch.nn's operator (aten::lstm, ONNX's LSTM), runnable
-            # without our extension. (ONNX's exporters trace: the TorchScript one with
-            # torch.jit's tracer, the other with torch.export; is_in_onnx_export costs a
-            # few microseconds, so it is asked only then.)
-            return _TORCH, None
         early = backends.resolve_early(self.backend, device.type, steps)
         if early is not None:
             return early, None
@@ -185,13 +173,7 @@ class _BackendMixin:
             variable_lengths=packed,
             needs_grad=needs_grad,
         )
-        backend = backends.resolve(self.backend, spec)
-        if batch == 0 and not backend.whole_module:
-            # An empty batch has nothing to compute: the reference gives the empty
-            # outputs and the zero weight gradients torch.nn gives, and no kernel is
-            # asked for a zero-size launch.
-            backend = backends.get_backend("reference")
-        return backend, spec
+        return backends.resolve(self.backend, spec), spec
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
