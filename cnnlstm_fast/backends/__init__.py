@@ -162,10 +162,13 @@ def _cpu_avx512_beats_torch(spec: RecurrenceSpec) -> bool:
 #: Per device type, the fewest steps a call must have for ``auto`` to try anything but
 #: torch.nn; below, a call's fixed cost decides, and the cells (one step a call) stay
 #: with torch.nn. CPU: measured on a 2-core Intel Xeon with AVX-512
-#: (benchmarks/results/cpu-xeon-amx/short-seq-*.json, I=H=256; ours packs its weights at
-#: every call): GRU at batch 1 0.54x-0.77x up to 4 steps, 1.05x-1.67x from 8; at batch
-#: 16 0.72x-0.97x up to 2 steps; LSTM inference 0.89x-1.03x up to 4 steps; the cells
-#: 0.18x-0.70x at every batch and length measured. CUDA: the range measured on the H100
+#: (benchmarks/results/cpu-xeon-amx/short-seq-7599c17.json, I=H=256, the cpu backend
+#: pinned; it packs its weights at every call): the cells 0.19x-0.71x at every batch and
+#: length measured; GRU layers at batch 1 0.58x-0.79x up to 4 steps (but 1.13x for 4
+#: steps with the backward), 1.08x-1.67x at 8; at batch 16 0.66x-1.0x up to 2 steps.
+#: LSTM layers of 1-4 steps measured 1.03x-1.47x there (1.22x-1.47x in training at batch
+#: 1), a win this rule gives up: the rules cannot tell a cell's call from a one-step
+#: layer's, and the LSTM cell measured 0.19x-0.71x. CUDA: the range measured on the H100
 #: (:func:`_cuda_beats_torch`). Other device types have no rules: torch.nn.
 AUTO_MIN_STEPS: dict[str, int] = {"cpu": 8, "cuda": 256}
 
