@@ -288,6 +288,38 @@ def test_step_kernels_low_precision(case, dtype):
     assert max(errs.values()) <= bound, f"errors {errs} exceed {bound:.2e}"
 
 
+def test_persistent_launches_are_cooperative_and_a_refused_one_falls_back(monkeypatch):
+    """The persistent kernels ask the driver for a cooperative launch (all programs
+    co-resident or an error) wherever this Triton can; a launch the GPU refuses
+    (cooperative grid too large, shared memory) falls back to the per-step kernels
+    under "auto" and raises under "persistent"; a barrier timeout always raises. The
+    launch itself needs a GPU (tests/test_gpu_large.py and the GPU tests here run it)."""
+    assert launch._cooperative_supported()  # the pinned Triton has the option
+    assert launch.PERSISTENT_LAUNCH == ({} if launch.INTERPRETING
+                                        else {"launch_cooperative_grid": True})
+    refused = set()
+    monkeypatch.setattr(launch, "_persistent_out_of_resources", refused)
+
+    def raising(message):
+        def run():
+            raise RuntimeError(message)
+        return run
+
+    too_large = "Triton Error [CUDA]: too many blocks in cooperative launch"
+    assert not launch._try_persistent("auto", True, False, ("k",), "forward", raising(too_large))
+    assert refused == {("k",)}
+    with pytest.raises(RuntimeError, match="too many blocks"):
+        launch._try_persistent("persistent", True, False, ("p",), "forward", raising(too_large))
+    timeout = "persistent forward kernel: grid barrier timed out with 9 programs"
+    with pytest.raises(RuntimeError, match="timed out"):
+        launch._try_persistent("auto", True, False, ("t",), "forward", raising(timeout))
+    assert refused == {("k",)}
+    ran = []
+    assert launch._try_persistent("auto", True, False, ("r",), "forward", lambda: ran.append(1))
+    assert ran == [1] and not launch._try_persistent("step", True, False, ("s",), "forward",
+                                                      raising(timeout))
+
+
 @interpreter_only
 def test_registered_and_reports_its_limits():
     backend = backends.get_backend("triton")

@@ -8,9 +8,11 @@ where its co-residency assumptions hold (grid <= SM count, W_hh slice on chip, n
 proj_size) and the per-step kernels otherwise. The backward runs per step unless
 ``CNNLSTM_FAST_TRITON_BACKWARD`` is ``auto`` (persistent where it fits) or
 ``persistent``: the persistent backward has not run on a GPU yet. Both persistent
-kernels assume no other kernel occupies the SMs while they run (with
-DistributedDataParallel, NCCL's all-reduce runs beside the backward); if that fails,
-their bounded barrier raises a RuntimeError instead of returning wrong values. With
+kernels are cooperative launches (where Triton has ``launch_cooperative_grid``): the
+driver starts all their programs together, also beside other kernels (with
+DistributedDataParallel, NCCL's all-reduce runs beside the backward), or refuses the
+launch, and "auto" then runs per step; a barrier that still waits too long raises a
+RuntimeError instead of returning wrong values. With
 ``TRITON_INTERPRET=1`` the same kernels run in Triton's interpreter on CPU tensors
 (per step only; that is how they are tested without a GPU).
 """

@@ -73,8 +73,15 @@ def compile_one(name: str, dtype: str, constexprs: dict, arch: int) -> tuple[int
     signature.update({k: "constexpr" for k in constexprs})
     target = GPUTarget("cuda", arch, 32)
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    num_warps = 8 if name.endswith("_persistent") else 4
-    compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+    options = {"num_warps": 4}
+    if name.endswith("_persistent"):  # with the launch options the launcher passes
+        from .launch import PERSISTENT_LAUNCH
+
+        options.update(num_warps=8, **PERSISTENT_LAUNCH)
+    compiled = triton.compile(src, target=target, options=options)
+    if compiled.metadata.launch_cooperative_grid != options.get("launch_cooperative_grid", False):
+        raise RuntimeError(f"{name}: the compiled kernel's launch_cooperative_grid differs "
+                           f"from the options {options}")
     return len(compiled.asm["ptx"]), len(compiled.asm["cubin"])
 
 

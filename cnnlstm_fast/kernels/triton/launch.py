@@ -40,9 +40,33 @@ PERSISTENT_ON_CHIP_BYTES = 160 * 1024
 #: Spins of one grid barrier before the persistent kernel gives up (see persistent.py).
 PERSISTENT_SPIN_LIMIT = 1 << 24
 
-#: (cell, batch, hidden, dtype, device index) whose persistent kernel needs more shared
-#: memory than the GPU has (the on-chip estimate above is rough: fp16 H=768..1024
-#: needs ~192 KiB, more than an A100's 163 KiB): "auto" runs them per step.
+
+def _cooperative_supported() -> bool:
+    """Whether this Triton launches CUDA kernels cooperatively on request (the
+    ``launch_cooperative_grid`` option, Triton >= 3.3)."""
+    try:
+        import dataclasses
+
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return any(f.name == "launch_cooperative_grid" for f in dataclasses.fields(CUDAOptions))
+
+
+#: Launch options of the persistent kernels on a GPU. A cooperative launch has the
+#: driver start every program of the grid together or fail (a "too many blocks in
+#: cooperative launch" error) instead of leaving some to wait for SMs that other kernels
+#: hold (NCCL's, beside DistributedDataParallel's backward), where the grid barrier
+#: could only time out. Without the option (an older Triton) the launch is plain and
+#: the bounded barrier is the only guard.
+PERSISTENT_LAUNCH = (
+    {} if INTERPRETING or not _cooperative_supported() else {"launch_cooperative_grid": True}
+)
+
+#: (cell, batch, hidden, dtype, device index, backward) whose persistent kernel the GPU
+#: refused: more shared memory than it has (the on-chip estimate above is rough: fp16
+#: H=768..1024 needs ~192 KiB, more than an A100's 163 KiB) or a cooperative grid it
+#: cannot hold: "auto" runs them per step.
 _persistent_out_of_resources: set[tuple] = set()
 
 
@@ -128,7 +152,8 @@ def _persistent_choice(spec, gx, proj: bool, backward: bool = False) -> StepConf
 def _try_persistent(mode: str, fits, proj: bool, key: tuple, kind: str, run) -> bool:
     """Calls ``run`` (a persistent launch) where ``mode`` asks for it ("persistent", or
     "auto" where ``fits``); returns whether it ran. "auto" falls back (False, and
-    remembers ``key``) when the kernel needs more shared memory than the GPU has."""
+    remembers ``key``) when the kernel needs more shared memory than the GPU has or the
+    driver refuses the cooperative launch as too large for the GPU."""
     if not (mode == "persistent" or (mode == "auto" and fits)):
         return False
     if proj:
@@ -136,13 +161,24 @@ def _try_persistent(mode: str, fits, proj: bool, key: tuple, kind: str, run) -> 
                          "use mode='step'")
     try:
         run()
-    except triton.runtime.OutOfResources:
-        # Raised when the kernel is loaded, before anything ran: no state changed.
-        if mode == "persistent":
+    except (triton.runtime.OutOfResources, RuntimeError) as e:
+        # Both are raised before anything ran (when the kernel is loaded, or by the
+        # launch call): no state changed. Other RuntimeErrors (a barrier timeout)
+        # propagate.
+        if mode == "persistent" or not _refused_launch(e):
             raise
         _persistent_out_of_resources.add(key)
         return False
     return True
+
+
+def _refused_launch(e: Exception) -> bool:
+    """Whether ``e`` says the GPU cannot hold the persistent launch: Triton's
+    OutOfResources (shared memory, registers) or CUDA's
+    CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, which Triton raises as a RuntimeError
+    carrying cuGetErrorString's text."""
+    return (isinstance(e, triton.runtime.OutOfResources)
+            or "too many blocks in cooperative launch" in str(e))
 
 
 def _on_device(device: torch.device):
@@ -240,7 +276,7 @@ def _persistent_setup(spec, like, batch_sizes, backward: bool):
     else:
         cfg = _persistent_choice(spec, like, False, backward)
         if cfg is None:
-            why = ("it needed more shared memory than the GPU has at an earlier launch"
+            why = ("the GPU refused it at an earlier launch: shared memory or co-residency"
                    if _persistent_key(spec, like, backward) in _persistent_out_of_resources
                    else "grid <= SM count, W_hh slice on chip")
             raise ValueError(
@@ -280,6 +316,7 @@ def _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, batch_sizes
         CELL=CELL_IDS[spec.cell], NGATES=spec.gates, HAS_B_HN=b_hn is not None,
         SAVE=need_saved, REVERSE=spec.reverse, INTERPRET=INTERPRETING,
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        **PERSISTENT_LAUNCH,
     )
     _check_barrier(flags, grid, "forward")
 
@@ -294,6 +331,7 @@ def _persistent_backward_run(spec, act, h_prev, extra, w_hh, d_y, dh, dc, d_gx, 
         PERSISTENT_SPIN_LIMIT, CELL=CELL_IDS[spec.cell], NGATES=spec.gates,
         REVERSE=spec.reverse, INTERPRET=INTERPRETING,
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        **PERSISTENT_LAUNCH,
     )
     _check_barrier(flags, grid, "backward")
 

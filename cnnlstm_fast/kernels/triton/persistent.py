@@ -9,15 +9,16 @@ barrier per step: every program adds 1 to a counter (release) and spins until it
 reaches (step + 1) x programs (acquire).
 
 Co-residency: the barrier needs every program resident at once. The launcher keeps the
-grid <= the SM count and the slice within the on-chip budget, and assumes no other
-kernel occupies the SMs; a spin bounded by ``spin_limit`` turns a violated assumption
-into a flag the launcher reports instead of a hang (about spin_limit atomic loads, a
-few seconds, whatever the number of steps). No projection (proj_size): the
-launcher uses the per-step kernels then. In Triton's interpreter, which runs programs
-one after another, only a grid of one program can pass the barrier.
-
-The backward is where the assumption is weakest: under DistributedDataParallel NCCL's
-all-reduce kernels run beside it on another stream.
+grid <= the SM count and the slice within the on-chip budget, and launches
+cooperatively where Triton can (``launch_cooperative_grid``): the driver then starts
+every program together or refuses the launch, also beside other kernels (under
+DistributedDataParallel NCCL's all-reduce runs beside the backward on another
+stream). A spin bounded by ``spin_limit`` stays as the guard of the plain launch (an
+older Triton) and of a kernel bug: it turns a barrier that never fills into a flag
+the launcher reports instead of a hang (about spin_limit atomic loads, a few seconds,
+whatever the number of steps). No projection (proj_size): the launcher uses the
+per-step kernels then. In Triton's interpreter, which runs programs one after
+another, only a grid of one program can pass the barrier.
 
 The backward (``recurrence_backward_persistent``) uses the same grid and barrier with
 the transposed slice, W_hh[:, cols] of every gate (see its docstring). Both kernels
