@@ -440,6 +440,53 @@ def test_cuda_tensor_core_cluster_equals_grid_variant(case, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel, dtype, shapes", [
+    # (batch, hidden) per thread: the shared-memory kernel's size grows with hidden,
+    # the cluster kernel's with batch (its h copies); mma's depends on its tiling only
+    ("persistent", torch.float32, [(4, 64), (4, 512)]),
+    ("mma", torch.bfloat16, [(4, 64), (4, 1024)]),
+    ("mma-cluster", torch.bfloat16, [(1, 128), (64, 128)]),
+])
+def test_cuda_concurrent_forwards_of_different_sizes(kernel, dtype, shapes, monkeypatch):
+    """Host threads planning and launching one persistent kernel at different sizes at
+    once (a server running two models): each plan must leave the kernel's dynamic
+    shared memory limit high enough for the other thread's launch (it only ever raises
+    it). A plan that set it to its own size could lower it between the other thread's
+    plan and launch, and that launch would fail (found in review; not yet run)."""
+    import threading
+
+    if kernel == "mma-cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
+    gen = torch.Generator().manual_seed(0)
+    work = []
+    for batch, hidden in shapes:
+        layer = clf.LSTM(hidden, hidden, backend="cuda").to("cuda", dtype).eval()
+        x = torch.randn(16, batch, hidden, generator=gen).to("cuda", dtype)
+        with torch.no_grad():
+            work.append((layer, x, layer(x)[0]))
+    errors = []
+
+    def run(layer, x, want):
+        try:
+            with torch.no_grad():
+                for _ in range(200):
+                    got = layer(x)[0]
+                    if not torch.equal(got, want):
+                        raise AssertionError(f"max diff {(got - want).abs().max()}")
+            torch.cuda.synchronize()
+        except Exception as e:  # reported below, with the thread's shape
+            errors.append(f"batch {x.shape[1]}, hidden {x.shape[2]}: {e}")
+
+    threads = [threading.Thread(target=run, args=w) for w in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel, layer, dtype, message", [
     ("mma", "LSTM(8, 16)", "float32", "no tensor-core kernel in float32"),
     ("mma-cluster", "LSTM(8, 768)", "bfloat16", "W_hh in more than 16 blocks"),

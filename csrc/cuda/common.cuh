@@ -1,13 +1,16 @@
 // What the .cu files share: dtype conversions, the gate count of a cell, dispatch from
-// the runtime cell and dtype to template arguments, and the error return that clears
-// the runtime's sticky last error.
+// the runtime cell and dtype to template arguments, the error return that clears
+// the runtime's sticky last error, and the dynamic shared memory limit of a kernel.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "recurrence.h"
 
@@ -63,6 +66,26 @@ cudaError_t with_dtype(DType dtype, F&& f) {
 inline cudaError_t reported(cudaError_t e) {
   if (e != cudaSuccess) cudaGetLastError();
   return e;
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device by
+// raising its limit (cudaFuncAttributeMaxDynamicSharedMemorySize) where it is lower,
+// never lowering it. A plan that set the limit to its own size could lower it, on
+// another host thread, between this thread's plan and its launch, which would then
+// fail. The limit is only a bound: occupancy queries and launches take their own size.
+inline cudaError_t allow_dynamic_smem(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> limits;  // (kernel, device)
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e) return reported(e);
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& limit = limits[{kernel, device}];
+  if (bytes <= limit) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  if (e) return reported(e);
+  limit = bytes;
+  return cudaSuccess;
 }
 
 }  // namespace cnnlstm_fast::cuda

@@ -143,9 +143,8 @@ int persistent_forward_plan(Cell cell, DType dtype, int batch, int hidden, Persi
     for (int units = (hidden + sms - 1) / sms; units <= hidden; ++units) {
       const size_t smem = (size_t)hidden * g * units * sizeof(T);
       if (smem > (size_t)smem_optin) return cudaSuccess;  // larger units only need more
-      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)smem);
-      if (e) return reported(e);
+      cudaError_t e = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+      if (e) return e;
       int per_sm = 0;
       e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
       if (e) return reported(e);

@@ -459,9 +459,8 @@ int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, M
     if (cluster) smem += (size_t)2 * batch * shared_h_stride(hidden) * 2;  // T is 2 bytes
     if (smem > (size_t)smem_optin) return cudaSuccess;  // a larger m_tiles needs more
     const cudaError_t err2 = with_mma_kernel(cell, dtype, m_tiles, variant, [&](auto kernel) {
-      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)smem);
-      if (e) return reported(e);
+      cudaError_t e = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+      if (e) return e;
       bool fits = false;
       if (cluster) {
         e = cluster_fits(kernel, blocks, smem, &fits);

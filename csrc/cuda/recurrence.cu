@@ -424,7 +424,8 @@ dim3 tiles(int cols, int rows) {
 }  // namespace
 
 int step_forward(const StepForwardArgs& args, void* stream_ptr) {
-  if (args.batch == 0) return cudaSuccess;
+  // nothing to compute (the op lets an empty layer through): a grid of 0 blocks fails
+  if (args.batch == 0 || args.hidden == 0) return cudaSuccess;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   return with_cell(args.cell, [&](auto cell) {
     return with_dtype(args.dtype, [&](auto type) {
@@ -440,7 +441,7 @@ static int sm_count(int* sms) {
   int device = 0;
   int err = cudaGetDevice(&device);
   if (!err) err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
-  return err;
+  return reported(static_cast<cudaError_t>(err));
 }
 
 int rowmat_workspace(int batch, int p, int q, long long* floats) {
