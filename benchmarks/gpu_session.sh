@@ -4,14 +4,18 @@
 # machines). A session has 15 device-minutes, the machine's start included, and one
 # command at most 10 minutes, so the steps run in order of importance, each under a cap,
 # and every file in $OUT is complete up to the step that was cut off. At most 8 files
-# come back (the device tool's limit); this writes at most 7 to $OUT (default /tmp/gpu-out):
+# come back (the device tool's limit); this writes at most 8 to $OUT (default /tmp/gpu-out)
+# with the 3 default suites:
 #   summary.txt       GPU, driver, pass/fail and wall time of each step
 #   env.json          build/runtime report after the build
 #   tests.log         build log, the build checks, the GPU-marked tests, the large shapes,
 #                     each with pytest's slowest durations (to plan the next session)
 #   sanitizer.log     compute-sanitizer on a few tests that pin each cuda kernel
 #   bench-*.json      benchmark suites ($SUITES), rewritten after every configuration, so
-#                     a suite cut off keeps what it measured ("complete": false)
+#                     a suite cut off keeps what it measured ("complete": false); on CUDA
+#                     each layer row carries the measured per-step floor and the ratio to it
+#   floor.json        the per-step floor over batch, hidden and dtype
+#                     (python -m cnnlstm_fast.bench.floor)
 # Then commit the files under benchmarks/results/<gpu>/ and run
 # `python benchmarks/report.py` to regenerate the README performance section.
 #
@@ -27,6 +31,7 @@
 #              capped at SANITIZE_S seconds (60)
 #   bench      $SUITES (default "canonical canonical-pb canonical-mp"), each capped at
 #              BENCH_S seconds (120); BENCH_ARGS adds bench options
+#   floor      python -m cnnlstm_fast.bench.floor, capped at FLOOR_S seconds (45)
 #   large      tests/test_gpu_large.py on the workers, with what is left
 # Suites: a name of `python -m cnnlstm_fast.bench --suite`, or canonical (B=16 T=1024
 # I=H=768), h<N> (B=16 T=1024 I=H=N), each with a suffix that pins a kernel (recorded in
@@ -41,6 +46,7 @@ SKIP=${SKIP:-}
 TESTS_S=${TESTS_S:-200}
 SANITIZE_S=${SANITIZE_S:-60}
 BENCH_S=${BENCH_S:-120}
+FLOOR_S=${FLOOR_S:-45}
 # One small case per cuda kernel: the packed LSTM (hidden 33) through step, persistent,
 # streamed, auto and the persistent backward; the GRU of batch 33 through mma,
 # mma-pipelined, streamed and mma-cluster (bf16); packed rows over several launches.
@@ -111,6 +117,12 @@ if ! skipped bench; then
       --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1
     summary "bench $suite rc=$?"
   done
+fi
+
+if ! skipped floor; then
+  timeout "$(cap "$FLOOR_S")" python3 -m cnnlstm_fast.bench.floor --json "$OUT/floor.json" \
+    >> "$OUT/summary.txt" 2>&1
+  summary "floor rc=$?"
 fi
 
 if ! skipped large && (($(left) > 20)); then

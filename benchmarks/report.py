@@ -26,8 +26,11 @@ def _table(report: dict) -> list[str]:
     providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != BASELINE]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     by_key = {(r["config"], r["provider"]): r for r in rows}
-    lines = ["| configuration | torch.nn ms | " + " | ".join(providers) + " |",
-             "|---|---:|" + "---:|" * len(providers)]
+    # GPU runs since the floor exists: the per-step floor, and each row's ratio to it
+    floors = any(r.get("floor_us_per_step") is not None for r in rows)
+    head = "| configuration | torch.nn ms | " + ("floor us/step | " if floors else "")
+    lines = [head + " | ".join(providers) + " |",
+             "|---|---:|" + ("---:|" if floors else "") + "---:|" * len(providers)]
     for config in configs:
         base = by_key.get((config, BASELINE))
         cells = []
@@ -37,8 +40,16 @@ def _table(report: dict) -> list[str]:
                 cells.append("skipped")
             else:  # auto's cell names the backend it picked
                 picked = f" ({row['picked']})" if row.get("picked") else ""
-                cells.append(f"{row['speedup']:.2f}x{picked}")
+                over = (f"; {row['us_per_step']:.1f} us/step, {row['x_floor']:.1f}x floor"
+                        if row.get("x_floor") is not None else "")
+                cells.append(f"{row['speedup']:.2f}x{picked}{over}")
         base_ms = "-" if base is None else f"{base['median_ms']:.3f}"
+        if base is not None and base.get("x_floor") is not None:
+            base_ms += f" ({base['x_floor']:.1f}x floor)"
+        if floors:
+            floor = next((by_key[(config, p)].get("floor_us_per_step") for p in [BASELINE, *providers]
+                          if (config, p) in by_key), None)
+            base_ms += " | " + ("-" if floor is None else f"{floor:.2f}")
         lines.append(f"| {config} | {base_ms} | " + " | ".join(cells) + " |")
     return lines
 
@@ -57,7 +68,7 @@ def render(results: Path = RESULTS) -> str:
         env = report["environment"]
         peaks = ", ".join(f"{d} {p:.3f}" for d, p in report["peak_tflops"].items())
         lines += [
-            f"### `{path.relative_to(ROOT).as_posix()}`: suite {report['suite']}",
+            f"### `{path.relative_to(results.parent.parent).as_posix()}`: suite {report['suite']}",
             "",
             f"{report['device']}, {report['threads']} thread(s); commit `{env['git_commit']}`; "
             f"torch {env['torch']}, triton {env['triton']['version']}, cnnlstm_fast "

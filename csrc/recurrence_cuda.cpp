@@ -24,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda/floor.h"
 #include "cuda/persistent.h"
 #include "cuda/recurrence.h"
 
@@ -453,12 +454,54 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   return {d_gx.to(d_y.scalar_type()), dh[cur].to(d_hT.scalar_type()), dc0, d_w_hh, d_w_hr, d_b_hn};
 }
 
+// The per-step floor (csrc/cuda/floor.h): `steps` steps of the exchange and barrier
+// alone, on the current stream, into h (2, slot_stride) and a zeroed int32 counter.
+void step_floor_op(const Tensor& h, const Tensor& barrier, int64_t steps, int64_t batch,
+                int64_t hidden, int64_t blocks, bool exchange) {
+  TORCH_CHECK(h.is_cuda() && h.dim() == 2 && h.size(0) == 2 && h.is_contiguous(),
+              "step_floor: h must be a contiguous (2, slot_stride) CUDA tensor, got ", h.sizes());
+  TORCH_CHECK(h.size(1) % 8 == 0 && h.size(1) >= batch * hidden, "step_floor: slot_stride ",
+              h.size(1), " must be a multiple of 8 and at least batch x hidden = ",
+              batch * hidden);
+  TORCH_CHECK(barrier.is_cuda() && barrier.scalar_type() == at::kInt && barrier.numel() == 1 &&
+                  barrier.device() == h.device(),
+              "step_floor: barrier must be one int32 on h's device");
+  TORCH_CHECK(steps >= 0 && batch > 0 && hidden > 0 && blocks > 0,
+              "step_floor: steps >= 0, batch, hidden and blocks > 0 required, got steps ",
+              steps, ", batch ", batch, ", hidden ", hidden, ", blocks ", blocks);
+  const c10::DeviceGuard guard(h.device());
+  StepFloorArgs a{};
+  a.dtype = dtype_of(h, "h");
+  a.steps = static_cast<int>(steps), a.batch = static_cast<int>(batch);
+  a.hidden = static_cast<int>(hidden), a.blocks = static_cast<int>(blocks);
+  a.exchange = exchange, a.slot_stride = h.size(1);
+  a.h = h.data_ptr(), a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
+  check_launch(cnnlstm_fast::cuda::step_floor(a, current_stream(h.device())), "step_floor");
+}
+
+int64_t step_floor_max_blocks_op(const Tensor& like) {
+  const c10::DeviceGuard guard(like.device());
+  int blocks = 0;
+  check_launch(cnnlstm_fast::cuda::step_floor_max_blocks(dtype_of(like, "like"), &blocks),
+               "step_floor_max_blocks");
+  return blocks;
+}
+
 }  // namespace
 }  // namespace cnnlstm_fast::cuda
+
+// Measurement ops, CUDA builds only (cnnlstm_fast/bench/floor.py).
+TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
+  m.def("step_floor(Tensor(a!) h, Tensor(b!) barrier, int steps, int batch, int hidden, "
+        "int blocks, bool exchange) -> ()");
+  m.def("step_floor_max_blocks(Tensor like) -> int");
+}
 
 TORCH_LIBRARY_IMPL(cnnlstm_fast, CUDA, m) {
   m.impl("recurrence_forward", &cnnlstm_fast::cuda::recurrence_forward);
   m.impl("recurrence_backward", &cnnlstm_fast::cuda::recurrence_backward);
+  m.impl("step_floor", &cnnlstm_fast::cuda::step_floor_op);
+  m.impl("step_floor_max_blocks", &cnnlstm_fast::cuda::step_floor_max_blocks_op);
 }
 
 #endif  // CNNLSTM_FAST_WITH_CUDA

@@ -11,7 +11,10 @@ the same weights and random inputs. Timing (``timing.py``): warm-up, then CUDA e
 via do_bench or interleaved CPU timers; median and p20/p80. FLOPs count the matmuls:
 per LSTM layer and direction forward 8*T*B*H*(I+H) (GRU 6), forward+backward 3x;
 models are counted by torch's FlopCounterMode. "% peak" is against a large torch.mm
-measured in the same run.
+measured in the same run. On CUDA, the rows of bare layers also carry the per-step
+floor of a persistent recurrence measured on the device in the same run
+(``floor.py``: ``floor_us_per_step``) and the ratio of the measured step to it
+(``x_floor``).
 """
 
 from __future__ import annotations
@@ -108,18 +111,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _rows(cfg: Config, suite: str, timings: dict, flops: int, peaks: dict,
-          picked: str | None) -> list[dict]:
+          picked: str | None, floor_us: float | None = None) -> list[dict]:
     base = timings.get(BASELINE, {}).get("median_ms")
     rows = []
     for provider, t in timings.items():
         tflops = flops / (t["median_ms"] * 1e-3) / 1e12
+        us_per_step = t["median_ms"] * 1e3 / cfg.steps
         rows.append({
             "suite": suite, "config": cfg.name, **vars(cfg), "provider": provider,
             "picked": picked if provider == AUTO else None,
             "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
             "reps": t.get("reps"),
             "speedup": None if base is None else base / t["median_ms"],
-            "us_per_step": t["median_ms"] * 1e3 / cfg.steps,
+            "us_per_step": us_per_step,
+            "floor_us_per_step": floor_us,
+            "x_floor": None if floor_us is None else us_per_step / floor_us,
             "flops": flops, "tflops": tflops, "pct_peak": 100 * tflops / peaks[cfg.dtype],
             "peak_mib": t.get("peak_mib"),
         })
@@ -143,12 +149,18 @@ def run_config(cfg: Config, suite: str, providers: list[str], limits: dict, reps
     skips = [{"config": cfg.name, "provider": p, "reason": r} for p, r in skipped.items()]
     if not steps:
         return [], skips
+    floor_us = None
     if cfg.device.startswith("cuda"):
+        from .floor import row_floor  # not at import: `python -m cnnlstm_fast.bench.floor`
+
         timings = timing.time_cuda(steps, reps)
+        floor_us, why = row_floor(cfg, peaks[cfg.dtype])
+        if why is not None and not cfg.model:
+            skips.append({"config": cfg.name, "provider": "floor", "reason": why})
     else:
         timings = timing.time_cpu(steps, reps, CPU_BUDGET_S)
     flops = prov.model_flops(cfg) if suites.is_model(vars(cfg)) else cfg.flops
-    return _rows(cfg, suite, timings, flops, peaks, picked), skips
+    return _rows(cfg, suite, timings, flops, peaks, picked, floor_us), skips
 
 
 def device_name(device: str) -> str:

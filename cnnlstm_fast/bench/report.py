@@ -14,8 +14,11 @@ COLUMNS = (
     ("dtype", "dtype", "{}"), ("mode", "mode", "{}"), ("provider", "provider", "{}"),
     ("median ms", "median_ms", "{:.3f}"), ("p20", "p20_ms", "{:.3f}"), ("p80", "p80_ms", "{:.3f}"),
     ("speedup", "speedup", "{:.2f}x"), ("us/step", "us_per_step", "{:.1f}"),
+    ("floor us", "floor_us_per_step", "{:.2f}"), ("x floor", "x_floor", "{:.1f}x"),
     ("TFLOP/s", "tflops", "{:.3g}"), ("% peak", "pct_peak", "{:.1f}"), ("peak MiB", "peak_mib", "{:.1f}"),
 )
+
+OPTIONAL = ("floor_us_per_step", "x_floor")  # columns shown only where a row has them
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -38,10 +41,13 @@ def print_table(rows: list[dict], title: str, notes: list[str]) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for header, _, _ in COLUMNS:
+    # the floor is measured on CUDA only: no empty floor columns on CPU
+    columns = [c for c in COLUMNS
+               if c[1] not in OPTIONAL or any(r.get(c[1]) is not None for r in rows)]
+    for header, _, _ in columns:
         table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(*(_cell(row, key, fmt) for _, key, fmt in COLUMNS))
+        table.add_row(*(_cell(row, key, fmt) for _, key, fmt in columns))
     console = _console()
     console.print(table)
     for note in notes:

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "barrier.cuh"
 #include "cnnlstm_fast/gate_math.h"
 #include "common.cuh"
 #include "persistent.h"
@@ -83,20 +84,6 @@ __device__ __forceinline__ uint32_t load_pair(const T* row, int k, int limit) {
   if (k >= limit) return 0u;
   const auto* p = reinterpret_cast<const unsigned int*>(row + k);
   return kCoherent ? __ldcg(p) : *p;
-}
-
-// Every block arrives once per step; `target` is (step + 1) * gridDim.x.
-__device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int target) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
-    unsigned int seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
-    } while (seen < target);
-  }
-  __syncthreads();
 }
 
 // The cluster variant's barrier: every thread of every block arrives with release

@@ -1,0 +1,166 @@
+"""The per-step floor of a persistent recurrence on this CUDA device, measured.
+
+A persistent kernel that keeps W_hh on chip and exchanges h through L2 with one grid
+barrier per step (the cuda and triton backends' design, and cuDNN's persistent kernel)
+cannot take less per step than:
+
+- ``exchange_us``: every block reads the whole h of the step (batch x hidden in the
+  layer's dtype) from L2, writes its slice of the next h and meets the others at the
+  grid barrier: measured by ``cnnlstm_fast::step_floor`` (``csrc/cuda/floor.cu``), one
+  block per SM, the same barrier code as the tensor-core kernel, over ``steps`` steps;
+- ``matmul_us``: the step's recurrent product (2 x batch x hidden x gates*hidden FLOPs)
+  at the device's measured tensor-core (or fp32) matmul peak, as if the arithmetic of
+  all SMs overlapped perfectly.
+
+``us = exchange_us + matmul_us`` per layer, direction and step; a backward step needs at
+least the same (its d_h = dG_h W_hh is the same product, and dh is exchanged the same
+way), so forward+backward has twice the floor. ``barrier_us`` (the barrier alone) is
+recorded too. The bench adds ``floor_us_per_step`` and ``x_floor`` (measured / floor) to
+its CUDA rows of bare layers.
+
+    python -m cnnlstm_fast.bench.floor --json floor.json   # a table over batch, hidden, dtype
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@dataclass(frozen=True)
+class Floor:
+    batch: int
+    hidden: int
+    gates: int
+    dtype: str
+    blocks: int
+    steps: int
+    barrier_us: float
+    exchange_us: float
+    matmul_us: float
+
+    @property
+    def us(self) -> float:
+        """The floor of one step of one layer and direction (forward)."""
+        return self.exchange_us + self.matmul_us
+
+
+def unavailable_reason(device: str) -> str | None:
+    """Why the floor cannot be measured on ``device``, or None."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return "the floor is measured on a CUDA device only"
+    from ..backends.compiled import ops
+
+    if ops() is None or not hasattr(torch.ops.cnnlstm_fast, "step_floor"):
+        return "the extension was built without nvcc (no cnnlstm_fast::step_floor)"
+    return None
+
+
+def _time_us_per_step(run, steps: int) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(run, warmup=10, rep=50, quantiles=[0.5])[0] * 1e3 / steps
+
+
+@functools.lru_cache(maxsize=None)
+def measure(batch: int, hidden: int, gates: int, dtype: torch.dtype, device: str,
+            peak_tflops: float, steps: int = 1024, blocks: int | None = None) -> Floor:
+    """The floor of one step at this shape (cached per process). ``blocks``: the grid
+    (default one block per SM, at most what can be co-resident)."""
+    why = unavailable_reason(device)
+    if why is not None:
+        raise RuntimeError(why)
+    ops = torch.ops.cnnlstm_fast
+    dev = torch.device(device)
+    most = ops.step_floor_max_blocks(torch.empty(0, device=dev, dtype=dtype))
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    grid = min(blocks or sms, most)
+    stride = -(-batch * hidden // 8) * 8
+    h = torch.zeros(2, stride, device=dev, dtype=dtype)
+    counter = torch.zeros(1, device=dev, dtype=torch.int32)
+
+    def run(exchange: bool):
+        counter.zero_()
+        ops.step_floor(h, counter, steps, batch, hidden, grid, exchange)
+
+    barrier = _time_us_per_step(lambda: run(False), steps)
+    exchange = _time_us_per_step(lambda: run(True), steps)
+    matmul = 2 * batch * hidden * gates * hidden / (peak_tflops * 1e12) * 1e6
+    return Floor(batch, hidden, gates, str(dtype).removeprefix("torch."), grid, steps,
+                 barrier, exchange, matmul)
+
+
+def row_floor(cfg, peak_tflops: float) -> tuple[float | None, str | None]:
+    """(floor in us per step of the bench config ``cfg``, None) or (None, why not): the
+    step floor times layers x directions, twice for forward+backward. Bare layers on
+    CUDA only (a model's or a cell loop's time is not a recurrence's)."""
+    if cfg.model:
+        return None, "models and cell loops have no recurrence floor"
+    why = unavailable_reason(cfg.device)
+    if why is not None:
+        return None, why
+    dtype = getattr(torch, cfg.dtype)
+    floor = measure(cfg.batch, cfg.hidden_size, GATES[cfg.cell], dtype, cfg.device, peak_tflops)
+    passes = 2 if cfg.mode == "forward_backward" else 1
+    return floor.us * cfg.layers * cfg.directions * passes, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .timing import matmul_peak_tflops
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 256, 512, 768, 1024, 2048])
+    parser.add_argument("--dtype", nargs="+", default=["float16", "float32"])
+    parser.add_argument("--cell", default="lstm", choices=sorted(GATES))
+    parser.add_argument("--blocks", type=int, nargs="+", default=[0],
+                        help="grid sizes to measure (0: one block per SM)")
+    parser.add_argument("--steps", type=int, default=1024)
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    why = unavailable_reason(args.device)
+    if why is not None:
+        print(f"no floor: {why}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+    from rich.table import Table
+
+    from .. import env
+
+    rows = []
+    table = Table(title=f"per-step floor on {torch.cuda.get_device_name(args.device)} "
+                        f"({args.cell}, {args.steps} steps; us per step)")
+    for header in ("dtype", "B", "H", "blocks", "barrier", "exchange", "matmul", "floor"):
+        table.add_column(header, justify="right")
+    for dtype_name in args.dtype:
+        dtype = getattr(torch, dtype_name)
+        peak = matmul_peak_tflops(args.device, dtype)
+        for batch in args.batch:
+            for hidden in args.hidden:
+                for blocks in args.blocks:
+                    f = measure(batch, hidden, GATES[args.cell], dtype, args.device, peak,
+                                args.steps, blocks or None)
+                    rows.append({**asdict(f), "us": f.us, "peak_tflops": peak})
+                    table.add_row(dtype_name, str(batch), str(hidden), str(f.blocks),
+                                  f"{f.barrier_us:.2f}", f"{f.exchange_us:.2f}",
+                                  f"{f.matmul_us:.3f}", f"{f.us:.2f}")
+    Console(width=160).print(table)
+    if args.json:
+        report = {"device": torch.cuda.get_device_name(args.device), "argv": list(argv or sys.argv[1:]),
+                  "environment": env.collect(), "results": rows}
+        with open(args.json, "w") as out:
+            out.write(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

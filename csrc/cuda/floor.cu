@@ -1,0 +1,112 @@
+// The per-step floor of a persistent recurrence on this GPU: what each step of any
+// kernel that keeps W_hh on chip and exchanges h through L2 with one grid barrier must
+// do, and nothing else. Every block reads the whole h of the step (its recurrent matmul
+// needs all of it) with the widest loads, through L2 (ld.global.cg, as the persistent
+// kernels read it), reduces it over the block (the kernels' warps meet in shared memory
+// too), writes its slice of the next h and meets the other blocks at the same grid
+// barrier as persistent_mma.cu. The arithmetic of the step (2 x batch x hidden x
+// gates*hidden FLOPs) is not in it: cnnlstm_fast/bench/floor.py adds it at the measured
+// tensor-core peak. Timed from Python with CUDA events.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include "barrier.cuh"
+#include "common.cuh"
+#include "floor.h"
+
+namespace cnnlstm_fast::cuda {
+namespace {
+
+constexpr int kFloorThreads = 512;  // as the tensor-core kernel's blocks
+constexpr int kFloorWarps = kFloorThreads / 32;
+
+template <typename T, bool kExchange>
+__global__ void __launch_bounds__(kFloorThreads)
+    step_floor_kernel(T* h, unsigned int* barrier, int steps, int batch, int hidden,
+                      long long slot_stride) {
+  __shared__ float warp_sums[kFloorWarps];
+  const int state = batch * hidden;
+  const int units = (hidden + gridDim.x - 1) / gridDim.x;  // this block's slice of h
+  const int j0 = blockIdx.x * units;
+  const int mine = j0 < hidden ? min(units, hidden - j0) : 0;
+  constexpr int kVec = 16 / sizeof(T);
+  for (int s = 0; s < steps; ++s) {
+    if constexpr (kExchange) {
+      const T* in = h + (s & 1) * slot_stride;
+      T* out = h + ((s + 1) & 1) * slot_stride;
+      float acc = 0.f;
+      const int n_vec = state / kVec;
+      const auto* in4 = reinterpret_cast<const uint4*>(in);  // slots are 16-byte aligned
+      for (int i = threadIdx.x; i < n_vec; i += kFloorThreads) {
+        const uint4 v = __ldcg(in4 + i);
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) acc += to_float(e[q]);
+      }
+      for (int i = n_vec * kVec + threadIdx.x; i < state; i += kFloorThreads) {
+        acc += to_float(__ldcg(in + i));
+      }
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+      }
+      if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = acc;
+      __syncthreads();
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < kFloorWarps; ++w) total += warp_sums[w];
+      const T value = from_float<T>(total / (float)state + 1.f);
+      for (int idx = threadIdx.x; idx < batch * mine; idx += kFloorThreads) {
+        out[(size_t)(idx / mine) * hidden + j0 + idx % mine] = value;
+      }
+    }
+    // its leading __syncthreads also keeps warp_sums until every warp has read them
+    grid_barrier(barrier, (unsigned int)(s + 1) * gridDim.x);
+  }
+}
+
+template <typename F>
+cudaError_t with_floor_kernel(DType dtype, bool exchange, F&& f) {
+  return with_dtype(dtype, [&](auto type) {
+    using T = decltype(type);
+    return exchange ? f(step_floor_kernel<T, true>) : f(step_floor_kernel<T, false>);
+  });
+}
+
+}  // namespace
+
+int step_floor_max_blocks(DType dtype, int* blocks) {
+  *blocks = 0;
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (!err) {
+    err = with_floor_kernel(dtype, true, [&](auto kernel) {
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFloorThreads, 0);
+    });
+  }
+  if (err) return reported(err);
+  *blocks = per_sm * sms;
+  return cudaSuccess;
+}
+
+int step_floor(const StepFloorArgs& args, void* stream) {
+  if (args.steps <= 0) return cudaSuccess;
+  if (args.blocks <= 0 || args.batch <= 0 || args.hidden <= 0 || args.slot_stride % 8 ||
+      args.slot_stride < (long long)args.batch * args.hidden) {
+    return cudaErrorInvalidValue;
+  }
+  return with_floor_kernel(args.dtype, args.exchange, [&](auto kernel) {
+    void* h = args.h;
+    unsigned int* barrier = args.barrier;
+    int steps = args.steps, batch = args.batch, hidden = args.hidden;
+    long long stride = args.slot_stride;
+    void* params[] = {&h, &barrier, &steps, &batch, &hidden, &stride};
+    return reported(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel),
+                                                dim3(args.blocks), dim3(kFloorThreads), params,
+                                                0, static_cast<cudaStream_t>(stream)));
+  });
+}
+
+}  // namespace cnnlstm_fast::cuda
