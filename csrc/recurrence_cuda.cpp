@@ -16,6 +16,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
 #include <optional>
@@ -466,9 +467,16 @@ void step_floor_op(const Tensor& h, const Tensor& barrier, int64_t steps, int64_
   TORCH_CHECK(barrier.is_cuda() && barrier.scalar_type() == at::kInt && barrier.numel() == 1 &&
                   barrier.device() == h.device(),
               "step_floor: barrier must be one int32 on h's device");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(h.data_ptr()) % 16 == 0,
+              "step_floor: h must start 16-byte aligned (the kernel reads it 16 bytes at a time)");
   TORCH_CHECK(steps >= 0 && batch > 0 && hidden > 0 && blocks > 0,
               "step_floor: steps >= 0, batch, hidden and blocks > 0 required, got steps ",
               steps, ", batch ", batch, ", hidden ", hidden, ", blocks ", blocks);
+  // int arguments, and the barrier's 32-bit target (step + 1) x blocks
+  TORCH_CHECK(batch * hidden <= INT32_MAX && blocks <= INT32_MAX && steps <= INT32_MAX &&
+                  steps * blocks <= int64_t{UINT32_MAX},
+              "step_floor: batch x hidden and steps must fit in int32 and steps x blocks in "
+              "uint32, got ", batch * hidden, ", ", steps, " and ", steps * blocks);
   const c10::DeviceGuard guard(h.device());
   StepFloorArgs a{};
   a.dtype = dtype_of(h, "h");

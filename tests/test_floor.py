@@ -90,6 +90,17 @@ def test_readme_tables_show_the_floor_where_a_run_has_it(tmp_path):
     assert "| 2.000 (4.0x floor) | 0.50 | 0.50x (cuda); 4.0 us/step, 8.0x floor |" in text
 
 
+def test_a_failed_floor_measurement_is_a_note_not_a_crash(monkeypatch):
+    def broken(*args, **kwargs):
+        raise TypeError("'float' object is not subscriptable")
+
+    monkeypatch.setattr(floor, "measure", broken)
+    monkeypatch.setattr(floor, "unavailable_reason", lambda device: None)
+    us, why = floor.row_floor(Config("lstm", 16, 8, 4, 4, dtype="float16", device="cuda"), 1.0)
+    assert us is None and why == ("measuring the floor failed: TypeError: 'float' object is "
+                                  "not subscriptable")
+
+
 def test_floor_cli_without_a_gpu_says_why(capsys):
     if floor.unavailable_reason("cuda") is None:
         pytest.skip("a GPU is here: the GPU tests below run the CLI")
@@ -118,6 +129,18 @@ def test_gpu_floor_kernel_exchanges_every_step(batch, hidden, blocks, dtype):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     grid = min(blocks or sms, most)
     stride = -(-batch * hidden // 8) * 8
+    # one step from an uneven h0 (i % 7): every element is mean(h0) + 1, computed as the
+    # kernel does (an exact integer sum, one float32 division): a block that read only
+    # part of h would get another mean
+    state = batch * hidden
+    h = torch.zeros(2, stride, device="cuda", dtype=dtype)
+    h[0, :state] = (torch.arange(state, device="cuda") % 7).to(dtype)
+    counter = torch.zeros(1, device="cuda", dtype=torch.int32)
+    ops.step_floor(h, counter, 1, batch, hidden, grid, True)
+    total = torch.tensor(float(sum(i % 7 for i in range(state))), dtype=torch.float32)
+    want = (total / state + 1).to(dtype).item()
+    got = h[1, :state].float()
+    assert torch.equal(got, torch.full_like(got, want)), (want, got.unique())
     for steps in (1, 2, 37):
         h = torch.zeros(2, stride, device="cuda", dtype=dtype)
         counter = torch.zeros(1, device="cuda", dtype=torch.int32)
@@ -141,6 +164,10 @@ def test_gpu_floor_op_checks_its_arguments():
         ops.step_floor(torch.zeros(2, 16, device="cuda"), counter, 4, 4, 5, 1, True)
     with pytest.raises(RuntimeError, match="barrier must be one int32"):
         ops.step_floor(torch.zeros(2, 16, device="cuda"), counter.long(), 4, 4, 4, 1, True)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        ops.step_floor(torch.zeros(33, device="cuda")[1:].view(2, 16), counter, 4, 4, 4, 1, True)
+    with pytest.raises(RuntimeError, match="steps x blocks in uint32"):
+        ops.step_floor(torch.zeros(2, 16, device="cuda"), counter, 2**30, 4, 4, 4, True)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         ops.step_floor(torch.zeros(2, 16, device="cuda", dtype=torch.float64), counter, 4, 4, 4,
                        1, True)
