@@ -487,21 +487,30 @@ def test_cuda_concurrent_forwards_of_different_sizes(kernel, dtype, shapes, monk
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel, layer, dtype, message", [
-    ("mma", "LSTM(8, 16)", "float32", "no tensor-core kernel in float32"),
-    ("mma-cluster", "LSTM(8, 768)", "bfloat16", "W_hh in more than 16 blocks"),
-    ("mma-cluster", "LSTM(8, 256)", "float16", "h of batch 256 over the shared memory"),
+@pytest.mark.parametrize("kernel, layer, dtype, why, runs_at", [
+    ("mma", "LSTM(8, 16)", "float32", "no tensor-core kernel in float32", None),
+    ("mma-cluster", "LSTM(8, 768)", "bfloat16", "W_hh in more than 16 blocks", None),
+    # the control: at batch 16 the same layer runs, so batch 256 is what it refuses
+    ("mma-cluster", "LSTM(8, 256)", "float16", "h of batch 256 over the shared memory", 16),
 ], ids=lambda v: str(v))
 def test_cuda_tensor_core_kernel_pinned_where_it_cannot_run_is_an_error(kernel, layer, dtype,
-                                                                         message):
+                                                                         why, runs_at):
     """In a child process: this error path once crashed the interpreter on the GPU
-    machine, and a crash must fail this test, not end the test run. (`message` says why
-    the kernel cannot run; the batch is 256.)"""
+    machine, and a crash must fail this test, not end the test run. The batch is 256;
+    the error lists every kernel's limits, so where the reason (`why`) depends on the
+    batch, the same layer must run at batch ``runs_at`` first."""
+    if kernel == "mma-cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
     ctor = layer[:-1] + ", backend='cuda')"
+    control = (
+        f"layer(torch.randn(3, {runs_at}, 8, device='cuda', dtype=torch.{dtype}))\n"
+        "print('ran at the smaller batch')\n" if runs_at else ""
+    )
     code = (
         "import os, torch, cnnlstm_fast as clf\n"
         f"os.environ['CNNLSTM_FAST_CUDA_KERNEL'] = '{kernel}'\n"
         f"layer = clf.{ctor}.cuda().to(torch.{dtype})\n"
+        + control +
         "try:\n"
         f"    layer(torch.randn(3, 256, 8, device='cuda', dtype=torch.{dtype}))\n"
         "except RuntimeError as error:\n"
@@ -509,6 +518,8 @@ def test_cuda_tensor_core_kernel_pinned_where_it_cannot_run_is_an_error(kernel, 
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"exit code {run.returncode}: {run.stderr[-3000:]}"
+    if runs_at:
+        assert "ran at the smaller batch" in run.stdout, run.stdout
     expected = f"raised: CNNLSTM_FAST_CUDA_KERNEL={kernel}, but that kernel cannot run"
     assert expected in run.stdout, run.stdout
 

@@ -423,10 +423,13 @@ def test_gpu_auto_mode_runs_persistent_where_it_fits():
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_gpu_persistent_backward_repeatable_and_as_per_step(cell):
-    """Many programs (hidden 512: 32 column blocks; batch 96: two row blocks) and 300
+    """Many programs (hidden 256: 16 column blocks; batch 96: two row blocks) and 300
     steps, five runs: a race in the exchange of dG_h through L2 would show as runs that
-    differ from each other or from the per-step path."""
-    spec, args, cot = make_case(cell, 96, 512, 300, device="cuda")
+    differ from each other or from the per-step path. (Hidden 512 in float32 is over the
+    on-chip budget: the persistent backward refuses it.)"""
+    spec, args, cot = make_case(cell, 96, 256, 300, device="cuda")
+    cfg = launch._persistent_choice(spec, args["gx"], False, backward=True)
+    assert cfg is not None and -(-256 // cfg.block_h) * -(-96 // cfg.block_b) >= 32
     _, _, _, saved = launch.forward(spec, **args, need_saved=True, mode="step")
     want = launch.backward(spec, saved, None, **cot, mode="step")
     runs = [launch.backward(spec, saved, None, **cot, mode="persistent") for _ in range(5)]
