@@ -23,7 +23,7 @@ def _fake_floor(monkeypatch, exchange_us=2.0, matmul_us=0.5):
     def measure(batch, hidden, gates, dtype, device, peak, steps=1024, blocks=None):
         calls.append((batch, hidden, gates, dtype, device, peak))
         return floor.Floor(batch, hidden, gates, str(dtype), 132, steps, 1.0, exchange_us,
-                           matmul_us)
+                           matmul_us, exchange_us)
 
     monkeypatch.setattr(floor, "measure", measure)
     monkeypatch.setattr(floor, "unavailable_reason", lambda device: None)
@@ -136,17 +136,18 @@ def test_gpu_floor_kernel_exchanges_every_step(batch, hidden, blocks, dtype):
     h = torch.zeros(2, stride, device="cuda", dtype=dtype)
     h[0, :state] = (torch.arange(state, device="cuda") % 7).to(dtype)
     counter = torch.zeros(1, device="cuda", dtype=torch.int32)
-    ops.step_floor(h, counter, 1, batch, hidden, grid, True)
+    ops.step_floor(h, counter, 1, batch, hidden, grid, True, True)
     total = torch.tensor(float(sum(i % 7 for i in range(state))), dtype=torch.float32)
     want = (total / state + 1).to(dtype).item()
     got = h[1, :state].float()
     assert torch.equal(got, torch.full_like(got, want)), (want, got.unique())
-    for steps in (1, 2, 37):
+    # and the barrier without its fence (floor.py times it), which must give the same
+    for steps, fence in ((1, True), (2, True), (37, True), (37, False)):
         h = torch.zeros(2, stride, device="cuda", dtype=dtype)
         counter = torch.zeros(1, device="cuda", dtype=torch.int32)
-        ops.step_floor(h, counter, steps, batch, hidden, grid, True)
+        ops.step_floor(h, counter, steps, batch, hidden, grid, True, fence)
         last = h[steps % 2, : batch * hidden].float()
-        assert torch.equal(last, torch.full_like(last, float(steps))), (steps, last.unique())
+        assert torch.equal(last, torch.full_like(last, float(steps))), (steps, fence, last.unique())
         assert int(counter) == steps * grid
         h.zero_()
         counter.zero_()
@@ -178,7 +179,7 @@ def test_gpu_floor_measures_and_the_cli_writes_json(tmp_path):
     _gpu_floor_op()
     f = floor.measure(16, 768, 4, torch.float16, "cuda", 700.0, steps=256)
     assert f.blocks == torch.cuda.get_device_properties(0).multi_processor_count
-    assert f.barrier_us > 0 and f.exchange_us > 0 and f.matmul_us > 0
+    assert f.barrier_us > 0 and f.exchange_us > 0 and f.matmul_us > 0 and f.exchange_nofence_us > 0
     assert f.us == f.exchange_us + f.matmul_us
     assert f.matmul_us == pytest.approx(2 * 16 * 768 * 3072 / 700e12 * 1e6)
     path = tmp_path / "floor.json"

@@ -14,8 +14,10 @@ cannot take less per step than:
 
 ``us = exchange_us + matmul_us`` per layer, direction and step; a backward step needs at
 least the same (its d_h = dG_h W_hh is the same product, and dh is exchanged the same
-way), so forward+backward has twice the floor. ``barrier_us`` (the barrier alone) is
-recorded too. The bench adds ``floor_us_per_step`` and ``x_floor`` (measured / floor) to
+way), so forward+backward has twice the floor. Recorded too: ``barrier_us``, the
+barrier alone, and ``exchange_nofence_us``, the exchange with the barrier without its
+``__threadfence`` (``csrc/cuda/barrier.cuh``: by PTX's memory model the release at the
+arrival makes it redundant; this measures what dropping it would gain). The bench adds ``floor_us_per_step`` and ``x_floor`` (measured / floor) to
 its CUDA rows of bare layers.
 
     python -m cnnlstm_fast.bench.floor --json floor.json   # a table over batch, hidden, dtype
@@ -45,6 +47,7 @@ class Floor:
     barrier_us: float
     exchange_us: float
     matmul_us: float
+    exchange_nofence_us: float
 
     @property
     def us(self) -> float:
@@ -86,15 +89,16 @@ def measure(batch: int, hidden: int, gates: int, dtype: torch.dtype, device: str
     h = torch.zeros(2, stride, device=dev, dtype=dtype)
     counter = torch.zeros(1, device=dev, dtype=torch.int32)
 
-    def run(exchange: bool):
+    def run(exchange: bool, fence: bool = True):
         counter.zero_()
-        ops.step_floor(h, counter, steps, batch, hidden, grid, exchange)
+        ops.step_floor(h, counter, steps, batch, hidden, grid, exchange, fence)
 
     barrier = _time_us_per_step(lambda: run(False), steps)
     exchange = _time_us_per_step(lambda: run(True), steps)
+    nofence = _time_us_per_step(lambda: run(True, False), steps)
     matmul = 2 * batch * hidden * gates * hidden / (peak_tflops * 1e12) * 1e6
     return Floor(batch, hidden, gates, str(dtype).removeprefix("torch."), grid, steps,
-                 barrier, exchange, matmul)
+                 barrier, exchange, matmul, nofence)
 
 
 def row_floor(cfg, peak_tflops: float) -> tuple[float | None, str | None]:
@@ -142,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     table = Table(title=f"per-step floor on {torch.cuda.get_device_name(args.device)} "
                         f"({args.cell}, {args.steps} steps; us per step)")
-    for header in ("dtype", "B", "H", "blocks", "barrier", "exchange", "matmul", "floor"):
+    for header in ("dtype", "B", "H", "blocks", "barrier", "exchange", "no fence", "matmul",
+                   "floor"):
         table.add_column(header, justify="right")
     for dtype_name in args.dtype:
         dtype = getattr(torch, dtype_name)
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({**asdict(f), "us": f.us, "peak_tflops": peak})
                     table.add_row(dtype_name, str(batch), str(hidden), str(f.blocks),
                                   f"{f.barrier_us:.2f}", f"{f.exchange_us:.2f}",
-                                  f"{f.matmul_us:.3f}", f"{f.us:.2f}")
+                                  f"{f.exchange_nofence_us:.2f}", f"{f.matmul_us:.3f}",
+                                  f"{f.us:.2f}")
     Console(width=160).print(table)
     if args.json:
         report = {"device": torch.cuda.get_device_name(args.device), "argv": list(argv or sys.argv[1:]),

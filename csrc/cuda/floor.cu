@@ -21,7 +21,7 @@ namespace {
 constexpr int kFloorThreads = 512;  // as the tensor-core kernel's blocks
 constexpr int kFloorWarps = kFloorThreads / 32;
 
-template <typename T, bool kExchange>
+template <typename T, bool kExchange, bool kFence>
 __global__ void __launch_bounds__(kFloorThreads)
     step_floor_kernel(T* h, unsigned int* barrier, int steps, int batch, int hidden,
                       long long slot_stride) {
@@ -62,15 +62,18 @@ __global__ void __launch_bounds__(kFloorThreads)
       }
     }
     // its leading __syncthreads also keeps warp_sums until every warp has read them
-    grid_barrier(barrier, (unsigned int)(s + 1) * gridDim.x);
+    grid_barrier<kFence>(barrier, (unsigned int)(s + 1) * gridDim.x);
   }
 }
 
 template <typename F>
-cudaError_t with_floor_kernel(DType dtype, bool exchange, F&& f) {
+cudaError_t with_floor_kernel(DType dtype, bool exchange, bool fence, F&& f) {
   return with_dtype(dtype, [&](auto type) {
     using T = decltype(type);
-    return exchange ? f(step_floor_kernel<T, true>) : f(step_floor_kernel<T, false>);
+    if (exchange) {
+      return fence ? f(step_floor_kernel<T, true, true>) : f(step_floor_kernel<T, true, false>);
+    }
+    return fence ? f(step_floor_kernel<T, false, true>) : f(step_floor_kernel<T, false, false>);
   });
 }
 
@@ -82,7 +85,7 @@ int step_floor_max_blocks(DType dtype, int* blocks) {
   cudaError_t err = cudaGetDevice(&device);
   if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (!err) {
-    err = with_floor_kernel(dtype, true, [&](auto kernel) {
+    err = with_floor_kernel(dtype, true, true, [&](auto kernel) {
       return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFloorThreads, 0);
     });
   }
@@ -97,7 +100,7 @@ int step_floor(const StepFloorArgs& args, void* stream) {
       args.slot_stride < (long long)args.batch * args.hidden) {
     return cudaErrorInvalidValue;
   }
-  return with_floor_kernel(args.dtype, args.exchange, [&](auto kernel) {
+  return with_floor_kernel(args.dtype, args.exchange, args.fence, [&](auto kernel) {
     void* h = args.h;
     unsigned int* barrier = args.barrier;
     int steps = args.steps, batch = args.batch, hidden = args.hidden;
