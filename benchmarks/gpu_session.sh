@@ -36,7 +36,8 @@
 # Suites: a name of `python -m cnnlstm_fast.bench --suite`, or canonical (B=16 T=1024
 # I=H=768), h<N> (B=16 T=1024 I=H=N), each with a suffix that pins a kernel (recorded in
 # the JSON's cuda_settings): -pb the cuda persistent backward, -tpb the triton persistent
-# backward, -mp the pipelined tensor-core forward, -mc the thread-block-cluster one. The
+# backward, -mp the pipelined tensor-core forward, -mc the thread-block-cluster one, -st
+# the per-step kernels (e.g. h2048-st: their forward at hidden 2048). The
 # pinned suites time torch.nn and the pinned backend only (cuDNN in the same run).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -104,6 +105,7 @@ if ! skipped bench; then
       *-pb) pinned=(env CNNLSTM_FAST_CUDA_BACKWARD=persistent) providers=(--providers torch.nn,cuda) ;;
       *-mp) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-pipelined) providers=(--providers torch.nn,cuda) ;;
       *-mc) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-cluster) providers=(--providers torch.nn,cuda) ;;
+      *-st) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=step) providers=(--providers torch.nn,cuda) ;;
     esac
     if [[ $suite =~ ^canonical(-[a-z]+)?$ ]]; then
       what=(--config B=16,T=1024,I=768,H=768)
