@@ -555,3 +555,30 @@ def test_cuda_module_parity_bidirectional_packed():
     a, b = ours(x), theirs(x)
     torch.testing.assert_close(a[0].data, b[0].data, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a[1][0], b[1][0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell, proj, with_b_hn", [("lstm", 0, False), ("lstm", 3, False),
+                                                   ("gru", 0, True), ("rnn_tanh", 0, False)],
+                         ids=["lstm", "lstm_proj", "gru", "rnn_tanh"])
+def test_cuda_opcheck(cell, proj, with_b_hn, dtype):
+    """torch.library.opcheck of the ops with CUDA tensors: schema (no undeclared
+    mutation), the fake implementations against what the CUDA kernels return (shapes,
+    dtypes, devices of all six outputs), autograd registration and AOT dispatch: what
+    torch.compile relies on (the CPU twin is test_cpu_backend.py::test_opcheck)."""
+    from test_cpu_backend import make_inputs
+
+    _, a = make_inputs(cell, proj, with_b_hn, torch.float32, 3, 3, 5, [3, 1, 2])
+    a = {k: v if v is None or k == "batch_sizes" else v.to("cuda", dtype) for k, v in a.items()}
+    args = (cell, a["gx"], a["h0"], a["c0"], a["w_hh"], a["w_hr"], a["b_hn"], a["batch_sizes"],
+            False, True)
+    torch.library.opcheck(torch.ops.cnnlstm_fast.recurrence_forward.default, args)
+    _, _, _, act, h_prev, extra = torch.ops.cnnlstm_fast.recurrence_forward(*args)
+    extra = extra if cell in ("lstm", "gru") else None
+    out = proj or 5
+    cuda = dict(device="cuda", dtype=dtype)
+    back = (cell, act, h_prev, extra, a["w_hh"], a["w_hr"], a["batch_sizes"], False,
+            torch.randn(3, 3, out, **cuda), torch.randn(3, out, **cuda),
+            torch.randn(3, 5, **cuda) if cell == "lstm" else None)
+    torch.library.opcheck(torch.ops.cnnlstm_fast.recurrence_backward.default, back)
