@@ -122,7 +122,9 @@ if ! skipped bench; then
 fi
 
 if ! skipped floor; then
-  timeout "$(cap "$FLOOR_S")" python3 -m cnnlstm_fast.bench.floor --json "$OUT/floor.json" \
+  # one block per SM (the grid designs) and 16 (a thread-block cluster's size)
+  timeout "$(cap "$FLOOR_S")" python3 -m cnnlstm_fast.bench.floor --batch 1 16 64 \
+    --blocks 0 16 --json "$OUT/floor.json" \
     >> "$OUT/summary.txt" 2>&1
   summary "floor rc=$?"
 fi

@@ -101,6 +101,32 @@ def test_a_failed_floor_measurement_is_a_note_not_a_crash(monkeypatch):
                                   "not subscriptable")
 
 
+def test_floor_cli_writes_a_row_per_shape_as_it_goes(tmp_path, monkeypatch, capsys):
+    """The CLI's own logic, with the GPU parts faked (the GPU test below runs it for
+    real): every (dtype, batch, hidden, blocks) gets a row, the JSON is rewritten after
+    each (a run cut short by a time limit keeps its rows) and marked complete at the end."""
+    calls = _fake_floor(monkeypatch)
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
+    monkeypatch.setattr("cnnlstm_fast.bench.timing.matmul_peak_tflops",
+                        lambda device, dtype: 100.0)
+    real_write = json.dumps
+
+    def dumps(report, **kw):
+        seen.append((len(report["results"]), report["complete"]))
+        return real_write(report, **kw)
+
+    monkeypatch.setattr(floor.json, "dumps", dumps)
+    path = tmp_path / "floor.json"
+    assert floor.main(["--batch", "1", "16", "--hidden", "8", "--dtype", "float16",
+                       "--blocks", "0", "16", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["complete"] and report["device"] == "FakeGPU" and len(report["results"]) == 4
+    assert seen == [(1, False), (2, False), (3, False), (4, True)]
+    assert [c[:2] for c in calls] == [(1, 8), (1, 8), (16, 8), (16, 8)]
+    assert report["results"][0]["us"] == 2.5 and "FakeGPU" in capsys.readouterr().out
+
+
 def test_floor_cli_without_a_gpu_says_why(capsys):
     if floor.unavailable_reason("cuda") is None:
         pytest.skip("a GPU is here: the GPU tests below run the CLI")

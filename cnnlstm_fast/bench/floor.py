@@ -149,25 +149,32 @@ def main(argv: list[str] | None = None) -> int:
     for header in ("dtype", "B", "H", "blocks", "barrier", "exchange", "no fence", "matmul",
                    "floor"):
         table.add_column(header, justify="right")
-    for dtype_name in args.dtype:
-        dtype = getattr(torch, dtype_name)
-        peak = matmul_peak_tflops(args.device, dtype)
-        for batch in args.batch:
-            for hidden in args.hidden:
-                for blocks in args.blocks:
-                    f = measure(batch, hidden, GATES[args.cell], dtype, args.device, peak,
-                                args.steps, blocks or None)
-                    rows.append({**asdict(f), "us": f.us, "peak_tflops": peak})
-                    table.add_row(dtype_name, str(batch), str(hidden), str(f.blocks),
-                                  f"{f.barrier_us:.2f}", f"{f.exchange_us:.2f}",
-                                  f"{f.exchange_nofence_us:.2f}", f"{f.matmul_us:.3f}",
-                                  f"{f.us:.2f}")
-    Console(width=160).print(table)
-    if args.json:
-        report = {"device": torch.cuda.get_device_name(args.device), "argv": list(argv or sys.argv[1:]),
-                  "environment": env.collect(), "results": rows}
+    shapes = [(d, b, h, k) for d in args.dtype for b in args.batch for h in args.hidden
+              for k in args.blocks]
+
+    def write(complete: bool) -> None:  # after every row: a run cut short keeps its rows
+        report = {"device": torch.cuda.get_device_name(args.device),
+                  "argv": list(sys.argv[1:] if argv is None else argv), "complete": complete,
+                  "environment": environment, "results": rows}
         with open(args.json, "w") as out:
             out.write(json.dumps(report, indent=2) + "\n")
+
+    environment = env.collect() if args.json else None
+    peaks = {}
+    for dtype_name, batch, hidden, blocks in shapes:
+        dtype = getattr(torch, dtype_name)
+        if dtype_name not in peaks:
+            peaks[dtype_name] = matmul_peak_tflops(args.device, dtype)
+        f = measure(batch, hidden, GATES[args.cell], dtype, args.device, peaks[dtype_name],
+                    args.steps, blocks or None)
+        rows.append({**asdict(f), "us": f.us, "peak_tflops": peaks[dtype_name]})
+        table.add_row(dtype_name, str(batch), str(hidden), str(f.blocks),
+                      f"{f.barrier_us:.2f}", f"{f.exchange_us:.2f}",
+                      f"{f.exchange_nofence_us:.2f}", f"{f.matmul_us:.3f}", f"{f.us:.2f}")
+        if args.json:
+            write(len(rows) == len(shapes))
+    Console(width=160).print(table)
+    if args.json:
         print(f"wrote {args.json}")
     return 0
 
