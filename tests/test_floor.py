@@ -57,6 +57,28 @@ def test_rows_carry_the_floor_and_the_ratio_to_it():
     assert all(r["floor_us_per_step"] is None and r["x_floor"] is None for r in rows)
 
 
+def test_cuda_config_rows_get_the_floor_and_a_failure_is_a_skip_note(monkeypatch):
+    """run_config's CUDA branch, with the device parts faked (CUDA timing, the steps):
+    the floor reaches every row of a layer config, and a floor that cannot be measured
+    becomes one skip entry instead of ending the suite."""
+    from cnnlstm_fast.bench import providers, timing
+
+    cfg = Config("lstm", 16, 100, 8, 8, dtype="float16", device="cuda")
+    monkeypatch.setattr(providers, "config_steps",
+                        lambda cfg, names, limits: ({n: (lambda: None) for n in names}, {}))
+    monkeypatch.setattr(timing, "time_cuda", lambda steps, reps: {
+        n: {"median_ms": 1.0, "p20_ms": 0.9, "p80_ms": 1.1, "peak_mib": 1.0} for n in steps})
+    _fake_floor(monkeypatch)
+    rows, skips = bench.run_config(cfg, "quick", ["torch.nn", "cuda"], {}, 10, {"float16": 100.0})
+    assert not skips and {r["floor_us_per_step"] for r in rows} == {2.5}
+    assert [r["x_floor"] for r in rows] == pytest.approx([10.0 / 2.5] * 2)  # 10 us a step
+    monkeypatch.setattr(floor, "measure", lambda *a, **k: 1 / 0)
+    rows, skips = bench.run_config(cfg, "quick", ["torch.nn", "cuda"], {}, 10, {"float16": 100.0})
+    assert {r["x_floor"] for r in rows} == {None}
+    assert skips == [{"config": cfg.name, "provider": "floor", "reason":
+                      "measuring the floor failed: ZeroDivisionError: division by zero"}]
+
+
 def test_cpu_runs_have_no_floor_and_print_no_floor_columns(capsys):
     result = bench.main(["--device", "cpu", "--config", "B=2,T=3,I=5,H=4", "--reps", "2",
                          "--no-progress", "--cells", "lstm", "--modes", "forward",
