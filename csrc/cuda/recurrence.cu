@@ -46,10 +46,6 @@ __device__ __forceinline__ void accumulate_rows(float (&acc)[kG], const TA* a, c
     __syncthreads();
     if (col < stride) {
       const int p_end = min(kTileP, p_size - p0);
-      // Unrolled so that the W loads of several p are in flight at once: at hidden 2048
-      // a block-row has few warps per SM, and one p at a time waited a memory latency
-      // per p (~1 ms a step at B=16, measured before this change). Same summation order.
-#pragma unroll 8
       for (int pp = 0; pp < p_end; ++pp) {
         const float v = tile[ty][pp];
         const TM* m = mat + (size_t)(p0 + pp) * mat_cols + col;
