@@ -29,9 +29,10 @@
 #              kernel still has the SMs to itself); capped at TESTS_S seconds (200)
 #   sanitizer  $SANITIZE_TOOLS (default "memcheck racecheck") on $SANITIZE_TESTS, each
 #              capped at SANITIZE_S seconds (60)
+#   floor      python -m cnnlstm_fast.bench.floor (float16, 18 shapes), capped at
+#              FLOOR_S seconds (45)
 #   bench      $SUITES (default "canonical canonical-pb canonical-mp"), each capped at
 #              BENCH_S seconds (120); BENCH_ARGS adds bench options
-#   floor      python -m cnnlstm_fast.bench.floor, capped at FLOOR_S seconds (45)
 #   large      tests/test_gpu_large.py on the workers, with what is left
 # Suites: a name of `python -m cnnlstm_fast.bench --suite`, or canonical (B=16 T=1024
 # I=H=768), h<N> (B=16 T=1024 I=H=N), each with a suffix that pins a kernel (recorded in
@@ -97,6 +98,14 @@ if ! skipped sanitizer; then
   fi
 fi
 
+if ! skipped floor; then
+  # one block per SM (the grid designs) and 16 (a thread-block cluster's size); ~20 s
+  timeout "$(cap "$FLOOR_S")" python3 -m cnnlstm_fast.bench.floor --dtype float16 \
+    --batch 1 16 64 --hidden 256 768 2048 --blocks 0 16 --json "$OUT/floor.json" \
+    >> "$OUT/summary.txt" 2>&1
+  summary "floor rc=$?"
+fi
+
 if ! skipped bench; then
   for suite in $SUITES; do
     pinned=() providers=()
@@ -119,14 +128,6 @@ if ! skipped bench; then
       --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1
     summary "bench $suite rc=$?"
   done
-fi
-
-if ! skipped floor; then
-  # one block per SM (the grid designs) and 16 (a thread-block cluster's size)
-  timeout "$(cap "$FLOOR_S")" python3 -m cnnlstm_fast.bench.floor --batch 1 16 64 \
-    --blocks 0 16 --json "$OUT/floor.json" \
-    >> "$OUT/summary.txt" 2>&1
-  summary "floor rc=$?"
 fi
 
 if ! skipped large && (($(left) > 20)); then

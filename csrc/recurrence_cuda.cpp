@@ -288,7 +288,10 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
       check_launch(persistent_forward(a, plan, stream), "persistent_forward");
     }
     const Tensor c_t = lstm ? c[0].to(c0->scalar_type()) : none;
-    return {y, h_buf[steps % 2].to(h0.scalar_type()), c_t, act, h_prev, extra};
+    // a copy, not a view into h_buf (at a storage offset when steps is odd): outputs are
+    // fresh tensors, as the op's fake makes them (torch.library.opcheck checks offsets)
+    return {y, h_buf[steps % 2].to(h0.scalar_type(), /*non_blocking=*/false, /*copy=*/true),
+            c_t, act, h_prev, extra};
   }
 
   const Tensor proj_ws = proj ? rowmat_buffer(batch, hidden, out, f32) : Tensor();

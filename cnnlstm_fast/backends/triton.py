@@ -10,9 +10,9 @@ proj_size) and the per-step kernels otherwise. The backward runs per step unless
 ``persistent``: the persistent backward has not run on a GPU yet. Both persistent
 kernels are cooperative launches (where Triton has ``launch_cooperative_grid``): the
 driver starts all their programs together, also beside other kernels (with
-DistributedDataParallel, NCCL's all-reduce runs beside the backward), or refuses the
-launch, and "auto" then runs per step; a barrier that still waits too long raises a
-RuntimeError instead of returning wrong values. With
+DistributedDataParallel, NCCL's all-reduce runs beside the backward), and refuses a
+grid the GPU could never hold at once, where "auto" then runs per step; a barrier that
+still waits too long raises a RuntimeError instead of returning wrong values. With
 ``TRITON_INTERPRET=1`` the same kernels run in Triton's interpreter on CPU tensors
 (per step only; that is how they are tested without a GPU).
 """

@@ -1,20 +1,24 @@
-"""The per-step floor of a persistent recurrence on this CUDA device, measured.
+"""The per-step floor of a persistent recurrence on this CUDA device: an estimate, measured.
 
 A persistent kernel that keeps W_hh on chip and exchanges h through L2 with one grid
 barrier per step (the cuda and triton backends' design, and cuDNN's persistent kernel)
-cannot take less per step than:
+pays at least, per step, for the exchange and for the product. Estimated as:
 
-- ``exchange_us``: every block reads the whole h of the step (batch x hidden in the
-  layer's dtype) from L2, writes its slice of the next h and meets the others at the
-  grid barrier: measured by ``cnnlstm_fast::step_floor`` (``csrc/cuda/floor.cu``), one
-  block per SM, the same barrier code as the tensor-core kernel, over ``steps`` steps;
+- ``exchange_us``: what ``cnnlstm_fast::step_floor`` (``csrc/cuda/floor.cu``) takes per
+  step: one block of 512 threads per SM reads the whole h of the step (batch x hidden in
+  the layer's dtype) from L2 with 16-byte loads, writes its slice of the next h and
+  meets the others at the tensor-core kernel's grid barrier, over ``steps`` steps. One
+  implementation of the exchange, lean but not a proven lower bound (the float32
+  CUDA-core kernel meets at cooperative groups' grid.sync instead);
 - ``matmul_us``: the step's recurrent product (2 x batch x hidden x gates*hidden FLOPs)
   at the device's measured tensor-core (or fp32) matmul peak, as if the arithmetic of
   all SMs overlapped perfectly.
 
 ``us = exchange_us + matmul_us`` per layer, direction and step; a backward step needs at
 least the same (its d_h = dG_h W_hh is the same product, and dh is exchanged the same
-way), so forward+backward has twice the floor. Recorded too: ``barrier_us``, the
+way), so forward+backward counts twice. Layers and directions add up, as our kernels
+run them one after another (an implementation that ran both directions at once could
+go below the sum). Recorded too: ``barrier_us``, the
 barrier alone, and ``exchange_nofence_us``, the exchange with the barrier without its
 ``__threadfence`` (``csrc/cuda/barrier.cuh``: by PTX's memory model the release at the
 arrival makes it redundant; this measures what dropping it would gain). The bench adds ``floor_us_per_step`` and ``x_floor`` (measured / floor) to
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -138,17 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     if why is not None:
         print(f"no floor: {why}", file=sys.stderr)
         return 2
-    from rich.console import Console
-    from rich.table import Table
-
     from .. import env
 
     rows = []
-    table = Table(title=f"per-step floor on {torch.cuda.get_device_name(args.device)} "
-                        f"({args.cell}, {args.steps} steps; us per step)")
-    for header in ("dtype", "B", "H", "blocks", "barrier", "exchange", "no fence", "matmul",
-                   "floor"):
-        table.add_column(header, justify="right")
+    print(f"per-step floor on {torch.cuda.get_device_name(args.device)} ({args.cell}, "
+          f"{args.steps} steps; us per step)")
+    columns = ("dtype", "B", "H", "blocks", "barrier", "exchange", "no fence", "matmul", "floor")
+    print(" ".join(f"{c:>9}" for c in columns), flush=True)
     shapes = [(d, b, h, k) for d in args.dtype for b in args.batch for h in args.hidden
               for k in args.blocks]
 
@@ -156,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         report = {"device": torch.cuda.get_device_name(args.device),
                   "argv": list(sys.argv[1:] if argv is None else argv), "complete": complete,
                   "environment": environment, "results": rows}
-        with open(args.json, "w") as out:
+        partial = f"{args.json}.partial"
+        with open(partial, "w") as out:
             out.write(json.dumps(report, indent=2) + "\n")
+        os.replace(partial, args.json)  # never a half-written file
 
     environment = env.collect() if args.json else None
     peaks = {}
@@ -168,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         f = measure(batch, hidden, GATES[args.cell], dtype, args.device, peaks[dtype_name],
                     args.steps, blocks or None)
         rows.append({**asdict(f), "us": f.us, "peak_tflops": peaks[dtype_name]})
-        table.add_row(dtype_name, str(batch), str(hidden), str(f.blocks),
-                      f"{f.barrier_us:.2f}", f"{f.exchange_us:.2f}",
-                      f"{f.exchange_nofence_us:.2f}", f"{f.matmul_us:.3f}", f"{f.us:.2f}")
+        cells = (dtype_name, batch, hidden, f.blocks, f"{f.barrier_us:.2f}",
+                 f"{f.exchange_us:.2f}", f"{f.exchange_nofence_us:.2f}", f"{f.matmul_us:.3f}",
+                 f"{f.us:.2f}")
+        print(" ".join(f"{c:>9}" for c in cells), flush=True)
         if args.json:
             write(len(rows) == len(shapes))
-    Console(width=160).print(table)
     if args.json:
         print(f"wrote {args.json}")
     return 0

@@ -54,10 +54,10 @@ def _cooperative_supported() -> bool:
 
 
 #: Launch options of the persistent kernels on a GPU. A cooperative launch has the
-#: driver start every program of the grid together or fail (a "too many blocks in
-#: cooperative launch" error) instead of leaving some to wait for SMs that other kernels
-#: hold (NCCL's, beside DistributedDataParallel's backward), where the grid barrier
-#: could only time out. Without the option (an older Triton) the launch is plain and
+#: driver start every program of the grid together, once SMs that other kernels hold
+#: (NCCL's, beside DistributedDataParallel's backward) are free, instead of starting
+#: some programs that then spin at the grid barrier for the others; a grid the GPU could
+#: never hold at once fails at launch ("too many blocks in cooperative launch"). Without the option (an older Triton) the launch is plain and
 #: the bounded barrier is the only guard.
 PERSISTENT_LAUNCH = (
     {} if INTERPRETING or not _cooperative_supported() else {"launch_cooperative_grid": True}

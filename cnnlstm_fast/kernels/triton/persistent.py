@@ -11,9 +11,10 @@ reaches (step + 1) x programs (acquire).
 Co-residency: the barrier needs every program resident at once. The launcher keeps the
 grid <= the SM count and the slice within the on-chip budget, and launches
 cooperatively where Triton can (``launch_cooperative_grid``): the driver then starts
-every program together or refuses the launch, also beside other kernels (under
-DistributedDataParallel NCCL's all-reduce runs beside the backward on another
-stream). A spin bounded by ``spin_limit`` stays as the guard of the plain launch (an
+every program together, waiting for SMs that other kernels hold (under
+DistributedDataParallel NCCL's all-reduce runs beside the backward on another stream)
+rather than starting some programs early, and refuses a grid the GPU could never
+hold at once. A spin bounded by ``spin_limit`` stays as the guard of the plain launch (an
 older Triton) and of a kernel bug: it turns a barrier that never fills into a flag
 the launcher reports instead of a hang (about spin_limit atomic loads, a few seconds,
 whatever the number of steps). No projection (proj_size): the launcher uses the
