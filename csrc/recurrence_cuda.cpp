@@ -461,7 +461,7 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
 // The per-step floor (csrc/cuda/floor.h): `steps` steps of the exchange and barrier
 // alone, on the current stream, into h (2, slot_stride) and a zeroed int32 counter.
 void step_floor_op(const Tensor& h, const Tensor& barrier, int64_t steps, int64_t batch,
-                int64_t hidden, int64_t blocks, bool exchange, bool fence) {
+                int64_t hidden, int64_t blocks, bool exchange, bool fence, bool cluster) {
   TORCH_CHECK(h.is_cuda() && h.dim() == 2 && h.size(0) == 2 && h.is_contiguous(),
               "step_floor: h must be a contiguous (2, slot_stride) CUDA tensor, got ", h.sizes());
   TORCH_CHECK(h.size(1) % 8 == 0 && h.size(1) >= batch * hidden, "step_floor: slot_stride ",
@@ -480,12 +480,15 @@ void step_floor_op(const Tensor& h, const Tensor& barrier, int64_t steps, int64_
                   steps * blocks <= int64_t{UINT32_MAX},
               "step_floor: batch x hidden and steps must fit in int32 and steps x blocks in "
               "uint32, got ", batch * hidden, ", ", steps, " and ", steps * blocks);
+  TORCH_CHECK(!cluster || (exchange && blocks <= 16),
+              "step_floor: the cluster variant exchanges h and runs at most 16 blocks, got "
+              "exchange ", exchange, ", blocks ", blocks);
   const c10::DeviceGuard guard(h.device());
   StepFloorArgs a{};
   a.dtype = dtype_of(h, "h");
   a.steps = static_cast<int>(steps), a.batch = static_cast<int>(batch);
   a.hidden = static_cast<int>(hidden), a.blocks = static_cast<int>(blocks);
-  a.exchange = exchange, a.fence = fence, a.slot_stride = h.size(1);
+  a.exchange = exchange, a.fence = fence, a.cluster = cluster, a.slot_stride = h.size(1);
   a.h = h.data_ptr(), a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
   check_launch(cnnlstm_fast::cuda::step_floor(a, current_stream(h.device())), "step_floor");
 }
@@ -504,7 +507,7 @@ int64_t step_floor_max_blocks_op(const Tensor& like) {
 // Measurement ops, CUDA builds only (cnnlstm_fast/bench/floor.py).
 TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
   m.def("step_floor(Tensor(a!) h, Tensor(b!) barrier, int steps, int batch, int hidden, "
-        "int blocks, bool exchange, bool fence=True) -> ()");
+        "int blocks, bool exchange, bool fence=True, bool cluster=False) -> ()");
   m.def("step_floor_max_blocks(Tensor like) -> int");
 }
 

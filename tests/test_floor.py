@@ -204,6 +204,33 @@ def test_gpu_floor_kernel_exchanges_every_step(batch, hidden, blocks, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch, hidden, blocks", [(1, 1, 1), (3, 67, 7), (16, 768, 16),
+                                                    (5, 13, 16)])
+def test_gpu_cluster_floor_kernel_exchanges_every_step(batch, hidden, blocks, dtype):
+    """The cluster variant (sm_90): h0 from slot 0, one uneven step gives mean(h0) + 1
+    everywhere (every block read all of its shared copy, every push arrived), and 37
+    steps from zeros give 37 (no stale slot). 13 units over 16 blocks: some own none."""
+    ops = _gpu_floor_op()
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    state = batch * hidden
+    stride = -(-state // 8) * 8
+    counter = torch.zeros(1, device="cuda", dtype=torch.int32)
+    h = torch.zeros(2, stride, device="cuda", dtype=dtype)
+    h[0, :state] = (torch.arange(state, device="cuda") % 7).to(dtype)
+    ops.step_floor(h, counter, 1, batch, hidden, blocks, True, True, True)
+    total = torch.tensor(float(sum(i % 7 for i in range(state))), dtype=torch.float32)
+    want = (total / state + 1).to(dtype).item()
+    got = h[1, :state].float()
+    assert torch.equal(got, torch.full_like(got, want)), (want, got.unique())
+    h.zero_()
+    ops.step_floor(h, counter, 37, batch, hidden, blocks, True, True, True)
+    last = h[1, :state].float()
+    assert torch.equal(last, torch.full_like(last, 37.0)), last.unique()
+
+
+@pytest.mark.gpu
 def test_gpu_floor_op_checks_its_arguments():
     ops = _gpu_floor_op()
     counter = torch.zeros(1, device="cuda", dtype=torch.int32)
@@ -217,6 +244,8 @@ def test_gpu_floor_op_checks_its_arguments():
         ops.step_floor(torch.zeros(33, device="cuda")[1:].view(2, 16), counter, 4, 4, 4, 1, True)
     with pytest.raises(RuntimeError, match="steps x blocks in uint32"):
         ops.step_floor(torch.zeros(2, 16, device="cuda"), counter, 2**30, 4, 4, 4, True)
+    with pytest.raises(RuntimeError, match="at most 16 blocks, got exchange 1, blocks 17"):
+        ops.step_floor(torch.zeros(2, 16, device="cuda"), counter, 4, 4, 4, 17, True, True, True)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         ops.step_floor(torch.zeros(2, 16, device="cuda", dtype=torch.float64), counter, 4, 4, 4,
                        1, True)
@@ -228,6 +257,10 @@ def test_gpu_floor_measures_and_the_cli_writes_json(tmp_path):
     f = floor.measure(16, 768, 4, torch.float16, "cuda", 700.0, steps=256)
     assert f.blocks == torch.cuda.get_device_properties(0).multi_processor_count
     assert f.barrier_us > 0 and f.exchange_us > 0 and f.matmul_us > 0 and f.exchange_nofence_us > 0
+    if torch.cuda.get_device_capability()[0] >= 9:  # 16 x 768 in fp16 fits twice in shared memory
+        assert f.cluster_us is not None and f.cluster_us > 0
+    else:
+        assert f.cluster_us is None
     assert f.us == f.exchange_us + f.matmul_us
     assert f.matmul_us == pytest.approx(2 * 16 * 768 * 3072 / 700e12 * 1e6)
     path = tmp_path / "floor.json"

@@ -18,7 +18,14 @@ pays at least, per step, for the exchange and for the product. Estimated as:
 least the same (its d_h = dG_h W_hh is the same product, and dh is exchanged the same
 way), so forward+backward counts twice. Layers and directions add up, as our kernels
 run them one after another (an implementation that ran both directions at once could
-go below the sum). Recorded too: ``barrier_us``, the
+go below the sum).
+
+``cluster_us`` (sm_90, where h fits in shared memory twice) is the other design's
+exchange: one thread-block cluster of 16 blocks, each keeping h in its shared memory,
+pushing its slice into every block's copy through distributed shared memory and meeting
+at the cluster's hardware barrier (as ``CNNLSTM_FAST_CUDA_KERNEL=mma-cluster`` does);
+None where it cannot run. It is not part of ``us``: 16 SMs hold W_hh only for small
+layers (the mma-cluster kernel's limits), and their product takes 132/16 times longer. Recorded too: ``barrier_us``, the
 barrier alone, and ``exchange_nofence_us``, the exchange with the barrier without its
 ``__threadfence`` (``csrc/cuda/barrier.cuh``: by PTX's memory model the release at the
 arrival makes it redundant; this measures what dropping it would gain). The bench adds ``floor_us_per_step`` and ``x_floor`` (measured / floor) to
@@ -41,6 +48,10 @@ import torch
 from ..backends.base import GATES
 
 
+#: Blocks of the cluster variant: sm_90's largest (non-portable) cluster.
+CLUSTER_BLOCKS = 16
+
+
 @dataclass(frozen=True)
 class Floor:
     batch: int
@@ -53,6 +64,7 @@ class Floor:
     exchange_us: float
     matmul_us: float
     exchange_nofence_us: float
+    cluster_us: float | None = None
 
     @property
     def us(self) -> float:
@@ -94,16 +106,25 @@ def measure(batch: int, hidden: int, gates: int, dtype: torch.dtype, device: str
     h = torch.zeros(2, stride, device=dev, dtype=dtype)
     counter = torch.zeros(1, device=dev, dtype=torch.int32)
 
-    def run(exchange: bool, fence: bool = True):
+    def run(exchange: bool, fence: bool = True, cluster: bool = False):
         counter.zero_()
-        ops.step_floor(h, counter, steps, batch, hidden, grid, exchange, fence)
+        ops.step_floor(h, counter, steps, batch, hidden, CLUSTER_BLOCKS if cluster else grid,
+                       exchange, fence, cluster)
 
     barrier = _time_us_per_step(lambda: run(False), steps)
     exchange = _time_us_per_step(lambda: run(True), steps)
     nofence = _time_us_per_step(lambda: run(True, False), steps)
+    cluster = None
+    if torch.cuda.get_device_capability(dev)[0] >= 9:
+        try:
+            run(True, cluster=True)
+        except RuntimeError:  # h does not fit twice in shared memory, or no such cluster
+            pass
+        else:
+            cluster = _time_us_per_step(lambda: run(True, cluster=True), steps)
     matmul = 2 * batch * hidden * gates * hidden / (peak_tflops * 1e12) * 1e6
     return Floor(batch, hidden, gates, str(dtype).removeprefix("torch."), grid, steps,
-                 barrier, exchange, matmul, nofence)
+                 barrier, exchange, matmul, nofence, cluster)
 
 
 def row_floor(cfg, peak_tflops: float) -> tuple[float | None, str | None]:
@@ -148,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"per-step floor on {torch.cuda.get_device_name(args.device)} ({args.cell}, "
           f"{args.steps} steps; us per step)")
-    columns = ("dtype", "B", "H", "blocks", "barrier", "exchange", "no fence", "matmul", "floor")
+    columns = ("dtype", "B", "H", "blocks", "barrier", "exchange", "no fence", "matmul", "floor",
+               "cluster")
     print(" ".join(f"{c:>9}" for c in columns), flush=True)
     shapes = [(d, b, h, k) for d in args.dtype for b in args.batch for h in args.hidden
               for k in args.blocks]
@@ -173,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**asdict(f), "us": f.us, "peak_tflops": peaks[dtype_name]})
         cells = (dtype_name, batch, hidden, f.blocks, f"{f.barrier_us:.2f}",
                  f"{f.exchange_us:.2f}", f"{f.exchange_nofence_us:.2f}", f"{f.matmul_us:.3f}",
-                 f"{f.us:.2f}")
+                 f"{f.us:.2f}", "-" if f.cluster_us is None else f"{f.cluster_us:.2f}")
         print(" ".join(f"{c:>9}" for c in cells), flush=True)
         if args.json:
             write(len(rows) == len(shapes))

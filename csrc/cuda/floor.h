@@ -13,6 +13,8 @@ struct StepFloorArgs {
   int blocks;              // the grid: at most the blocks that can be co-resident
   bool exchange;           // false: the barrier alone
   bool fence;              // the barrier with its __threadfence (as the persistent kernels)
+  bool cluster;            // sm_90: one cluster of `blocks` (<= 16) blocks exchanging h
+                           // through distributed shared memory (fails where it cannot run)
   long long slot_stride;   // elements from one h slot to the next, a multiple of 8
   void* h;                 // (2, slot_stride), T: slot 0 holds h0; the final h is [steps % 2]
   unsigned int* barrier;   // one zeroed counter

@@ -86,29 +86,6 @@ __device__ __forceinline__ uint32_t load_pair(const T* row, int k, int limit) {
   return kCoherent ? __ldcg(p) : *p;
 }
 
-// The cluster variant's barrier: every thread of every block arrives with release
-// semantics and waits with acquire semantics, so what a block stored into a peer's
-// shared memory before it is visible to the peer after it.
-__device__ __forceinline__ void cluster_barrier() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cooperative_groups::this_cluster().sync();
-#else
-  __trap();  // the plan picks the cluster variant only for an sm_90 binary
-#endif
-}
-
-// v into the same shared-memory location as `local` in every block of the cluster.
-template <typename T>
-__device__ __forceinline__ void store_in_every_block(T* local, T v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-  const unsigned int blocks = cluster.num_blocks();
-  for (unsigned int r = 0; r < blocks; ++r) *cluster.map_shared_rank(local, r) = v;
-#else
-  __trap();
-#endif
-}
-
 // What the pointwise of one (unit j, row b) pair reads at step s besides the matmul: G_x,
 // the cell state (LSTM) and the state before the step. A thread owns the same pairs at
 // every step, so each value was written by this thread (or before the launch) and may be
@@ -373,49 +350,6 @@ cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, MmaVariant vari
   });
 }
 
-// The launch configuration of the cluster variant: the grid is one cluster. `attr` is
-// the storage the configuration points to.
-cudaLaunchConfig_t cluster_config(int blocks, size_t smem, void* stream, cudaLaunchAttribute* attr) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = static_cast<cudaStream_t>(stream);
-  attr->id = cudaLaunchAttributeClusterDimension;
-  attr->val.clusterDim.x = blocks;
-  attr->val.clusterDim.y = 1;
-  attr->val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cfg;
-}
-
-// Whether `blocks` blocks of `kernel` can run as one cluster on this device: an sm_90
-// binary (the kernel traps elsewhere), the cluster size allowed, and one such cluster
-// fitting on a GPC with this shared memory.
-template <typename K>
-cudaError_t cluster_fits(K kernel, int blocks, size_t smem, bool* fits) {
-  *fits = false;
-  cudaFuncAttributes attrs{};
-  cudaError_t e = cudaFuncGetAttributes(&attrs, reinterpret_cast<const void*>(kernel));
-  if (e) return reported(e);
-  // ptxVersion is the __CUDA_ARCH__ the code was built for (binaryVersion would be the
-  // device's own where the driver compiled sm_80 PTX, whose cluster code traps).
-  if (attrs.ptxVersion < 90) return cudaSuccess;
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (e) return reported(e);
-  cudaLaunchAttribute attr{};
-  const cudaLaunchConfig_t cfg = cluster_config(blocks, smem, nullptr, &attr);
-  int largest = 0, clusters = 0;
-  e = cudaOccupancyMaxPotentialClusterSize(&largest, reinterpret_cast<const void*>(kernel), &cfg);
-  if (e) return reported(e);
-  if (blocks > largest) return cudaSuccess;
-  e = cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<const void*>(kernel), &cfg);
-  if (e) return reported(e);
-  *fits = clusters >= 1;
-  return cudaSuccess;
-}
-
 }  // namespace
 
 int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, MmaVariant variant,
@@ -450,7 +384,7 @@ int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, M
       if (e) return e;
       bool fits = false;
       if (cluster) {
-        e = cluster_fits(kernel, blocks, smem, &fits);
+        e = cluster_fits(kernel, blocks, kThreads, smem, &fits);
       } else {
         int per_sm = 0;
         e = reported(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
@@ -476,7 +410,7 @@ int persistent_mma_forward(const PersistentForwardArgs& args, const PersistentPl
     void* params[] = {&a, &units, &k_steps};
     if (plan.variant == MmaVariant::kCluster) {
       cudaLaunchAttribute attr{};
-      const cudaLaunchConfig_t cfg = cluster_config(plan.blocks, plan.smem_bytes, stream, &attr);
+      const cudaLaunchConfig_t cfg = cluster_config(plan.blocks, kThreads, plan.smem_bytes, stream, &attr);
       return reported(cudaLaunchKernelExC(&cfg, reinterpret_cast<const void*>(kernel), params));
     }
     return reported(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel),
