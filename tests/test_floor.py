@@ -209,8 +209,9 @@ def test_gpu_floor_kernel_exchanges_every_step(batch, hidden, blocks, dtype):
                                                     (5, 13, 16)])
 def test_gpu_cluster_floor_kernel_exchanges_every_step(batch, hidden, blocks, dtype):
     """The cluster variant (sm_90): h0 from slot 0, one uneven step gives mean(h0) + 1
-    everywhere (every block read all of its shared copy, every push arrived), and 37
-    steps from zeros give 37 (no stale slot). 13 units over 16 blocks: some own none."""
+    everywhere (every block read all of its shared copy of h0), and 37 steps from zeros
+    give 37 (a push that did not arrive leaves a stale value in a peer's copy, which
+    its slice then reflects). 13 units over 16 blocks: some own none."""
     ops = _gpu_floor_op()
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
