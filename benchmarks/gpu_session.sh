@@ -38,7 +38,8 @@
 # I=H=768), h<N> (B=16 T=1024 I=H=N), each with a suffix that pins a kernel (recorded in
 # the JSON's cuda_settings): -pb the cuda persistent backward, -tpb the triton persistent
 # backward, -mp the pipelined tensor-core forward, -mc the thread-block-cluster one, -st
-# the per-step kernels (e.g. h2048-st: their forward at hidden 2048). The
+# the per-step kernels (e.g. h2048-st: their forward at hidden 2048), -pdl the per-step
+# kernels with programmatic dependent launch (canonical-pdl: the backward's steps). The
 # pinned suites time torch.nn and the pinned backend only (cuDNN in the same run).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -115,6 +116,7 @@ if ! skipped bench; then
       *-mp) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-pipelined) providers=(--providers torch.nn,cuda) ;;
       *-mc) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=mma-cluster) providers=(--providers torch.nn,cuda) ;;
       *-st) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=step) providers=(--providers torch.nn,cuda) ;;
+      *-pdl) pinned=(env CNNLSTM_FAST_CUDA_PDL=1) providers=(--providers torch.nn,cuda) ;;
     esac
     if [[ $suite =~ ^canonical(-[a-z]+)?$ ]]; then
       what=(--config B=16,T=1024,I=768,H=768)

@@ -88,7 +88,7 @@ CPU_SETTINGS = ("CNNLSTM_FAST_CPU_GEMM", "CNNLSTM_FAST_CPU_CACHE_MB",
 #: The GPU backends' kernel pins: cuda (csrc/recurrence_cuda.cpp) and triton's backward
 #: (cnnlstm_fast/kernels/triton/launch.py).
 CUDA_SETTINGS = ("CNNLSTM_FAST_CUDA_KERNEL", "CNNLSTM_FAST_CUDA_BACKWARD",
-                 "CNNLSTM_FAST_TRITON_BACKWARD")
+                 "CNNLSTM_FAST_CUDA_PDL", "CNNLSTM_FAST_TRITON_BACKWARD")
 
 
 def _cpu_gemm(module) -> dict:

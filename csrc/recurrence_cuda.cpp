@@ -153,6 +153,17 @@ std::string backward_choice() {
   return choice;
 }
 
+// CNNLSTM_FAST_CUDA_PDL: "1" launches the per-step kernels (forward, backward, rowmat)
+// with programmatic dependent launch on sm_90 (csrc/cuda/common.cuh), "0" (default)
+// without. Opt-in until a GPU run shows it correct and faster.
+bool pdl_choice() {
+  const char* v = std::getenv("CNNLSTM_FAST_CUDA_PDL");
+  const std::string choice = v && *v ? v : "0";
+  TORCH_CHECK(choice == "0" || choice == "1", "CNNLSTM_FAST_CUDA_PDL must be 0 or 1, got '",
+              choice, "'");
+  return choice == "1";
+}
+
 template <typename T>
 T* ptr(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
@@ -223,6 +234,7 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
   void* stream = current_stream(gx.device());
 
   const std::string choice = kernel_choice();
+  const bool pdl = pdl_choice();
   PersistentPlan plan;
   if (!proj && (choice == "auto" || choice.rfind("mma", 0) == 0)) {
     const MmaVariant variant = choice == "mma-pipelined" ? MmaVariant::kPipelined
@@ -300,6 +312,7 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
     const int64_t t = reverse ? steps - 1 - s : s;
     if (need_saved) h_prev[t].copy_(h[cur]);
     StepForwardArgs a{};
+    a.pdl = pdl;
     a.cell = cell, a.dtype = dtype;
     a.batch = batch, a.active = rows[t], a.hidden = hidden, a.out_size = out;
     a.gx_t = gx[t].data_ptr(), a.h_prev = ptr<float>(h[cur]), a.w_hh_t = w_hh_c.data_ptr();
@@ -312,6 +325,7 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
     check_launch(step_forward(a, stream), "step_forward");
     if (proj) {  // h = m W_hr^T for active rows; inactive rows keep h
       RowMatArgs r{};
+      r.pdl = pdl;
       r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
       r.batch = batch, r.active = rows[t], r.p = hidden, r.q = out;
       r.a = m.data_ptr(), r.mat = w_hr_t.data_ptr(), r.passthrough = ptr<float>(h[cur]);
@@ -376,6 +390,7 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   const auto rows = active_rows(batch_sizes, steps, batch);
   void* stream = current_stream(act.device());
   StreamedPlan plan;
+  const bool pdl = pdl_choice();
   if (backward_choice() == "persistent") {
     // an empty batch or hidden size has nothing to launch: the step loop handles it
     const bool empty = batch == 0 || hidden == 0;
@@ -415,6 +430,7 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
                                    step_ptr<void>(d_y, t), step_ptr<float>(g_all, t), stream),
                    "add_output_grad");
       RowMatArgs r{};
+      r.pdl = pdl;
       r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
       r.batch = batch, r.active = active, r.p = out, r.q = hidden;
       r.a = step_ptr<void>(g_all, t), r.mat = w_hr_c.data_ptr(), r.out = ptr<float>(d_m);
@@ -422,6 +438,7 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
       check_launch(rowmat(r, stream), "rowmat (projection backward)");
     }
     StepBackwardArgs a{};
+    a.pdl = pdl;
     a.cell = cell, a.dtype = dtype;
     a.batch = batch, a.active = active, a.hidden = hidden, a.out_size = out;
     a.act_t = step_ptr<float>(act, t);
@@ -437,6 +454,7 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
     check_launch(step_backward(a, stream), "step_backward");
     // d_h for the previous step: d_gh W_hh (+ d_h z for GRU); inactive rows carry d_h
     RowMatArgs r{};
+    r.pdl = pdl;
     r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
     r.batch = batch, r.active = active, r.p = gate_width, r.q = out;
     r.a = step_ptr<void>(d_gh, t), r.mat = w_hh_c.data_ptr();

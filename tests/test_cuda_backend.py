@@ -231,12 +231,16 @@ def _graph_check(make_model, run, new_input, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pdl", ["0", "1"], ids=["plain", "pdl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype):
+def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype, pdl, monkeypatch):
     """Forward and backward through torch.cuda.make_graphed_callables (stacked,
     bidirectional; the persistent or per-step forward, the per-step backward, the dW
-    GEMMs), replayed on fresh inputs: outputs, input and weight gradients as eager."""
+    GEMMs), replayed on fresh inputs: outputs, input and weight gradients as eager. With
+    CNNLSTM_FAST_CUDA_PDL=1 the per-step kernels are captured with programmatic
+    dependent launch (a graph edge of its own)."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_PDL", pdl)
     torch.manual_seed(0)
     kw = dict(input_size=24, hidden_size=64, num_layers=2, bidirectional=True, backend="cuda")
     model = getattr(clf, cls)(**kw).to("cuda", dtype)
@@ -285,6 +289,36 @@ def test_cuda_packed_inference_is_capturable_in_a_cuda_graph(dtype, kernel, monk
         return [y.data, h, c]
 
     _graph_check(lambda: clf.LSTM(16, 48, num_layers=2, backend="cuda"), run, new_input, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES + [("lstm", 768, 0, False, None, 16)], ids=str)
+def test_cuda_pdl_gives_the_same_bits(case, monkeypatch):
+    """CNNLSTM_FAST_CUDA_PDL=1 (programmatic dependent launch of the per-step kernels,
+    sm_90) runs the same kernels in the same order, only launched earlier: forward and
+    backward through the per-step kernels are bit for bit those without it, three runs
+    (a kernel that read its predecessor's output before pdl_wait would differ
+    somewhere). Float32, and bfloat16 at hidden 768 (long per-step reductions)."""
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "step")
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "step")
+    spec, bs, tensors = _make(case)
+    dtype = torch.bfloat16 if case[1] == 768 else torch.float32
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_PDL", "0")
+    want = _run("cuda", spec, bs, tensors, "cuda", dtype)
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_PDL", "1")
+    for _ in range(3):
+        got = _run("cuda", spec, bs, tensors, "cuda", dtype)
+        for name, a, e in zip(("outputs", "gradients"), got, want):
+            for i, (x, y) in enumerate(zip(a, e)):
+                if y is not None:
+                    assert torch.equal(x, y), f"{name} {i} differ with PDL"
+
+
+@pytest.mark.gpu
+def test_cuda_pdl_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("CNNLSTM_FAST_CUDA_PDL", "yes")
+    with pytest.raises(RuntimeError, match="CNNLSTM_FAST_CUDA_PDL must be 0 or 1, got 'yes'"):
+        clf.LSTM(4, 8, backend="cuda").cuda()(torch.randn(3, 2, 4, device="cuda"))
 
 
 @pytest.mark.gpu

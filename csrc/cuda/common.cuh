@@ -1,6 +1,7 @@
 // What the .cu files share: dtype conversions, the gate count of a cell, dispatch from
 // the runtime cell and dtype to template arguments, the error return that clears
-// the runtime's sticky last error, and the dynamic shared memory limit of a kernel.
+// the runtime's sticky last error, the dynamic shared memory limit of a kernel, and
+// programmatic dependent launch (PDL) of the per-step kernels.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -66,6 +67,49 @@ cudaError_t with_dtype(DType dtype, F&& f) {
 inline cudaError_t reported(cudaError_t e) {
   if (e != cudaSuccess) cudaGetLastError();
   return e;
+}
+
+// Programmatic dependent launch (sm_90), opt-in (CNNLSTM_FAST_CUDA_PDL=1): a per-step
+// kernel launched with it may start while the previous kernel in the stream still runs,
+// hiding the launch latency between the steps' small kernels. Every kernel that can be
+// launched so calls pdl_wait() before it touches global memory (it returns once the
+// previous kernel has completed and its writes are visible) and pdl_launch_dependents()
+// to let the next kernel launch once all of its own blocks run. Both are no-ops in a
+// kernel launched without it and on older GPUs.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, 0, stream>>>(args...), with programmatic dependent launch where
+// `pdl` is set and the current device has it (compute capability 9.0 and later).
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch(bool pdl, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                   cudaStream_t stream, Args&&... args) {
+  if (pdl) {
+    int device = 0, major = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (!e) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (e) return reported(e);
+    if (major >= 9) {
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = grid, cfg.blockDim = block, cfg.stream = stream;
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr.val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = &attr, cfg.numAttrs = 1;
+      return reported(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+    }
+  }
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
 }
 
 // Lets `kernel` launch with `bytes` of dynamic shared memory on the current device by

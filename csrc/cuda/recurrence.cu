@@ -120,6 +120,8 @@ __device__ __forceinline__ void forward_pointwise(const StepForwardArgs& args,
 
 template <int kCell, typename T>
 __global__ void step_forward_kernel(StepForwardArgs args) {
+  pdl_wait();
+  pdl_launch_dependents();
   constexpr int kG = kGates<kCell>;
   const int j = blockIdx.x * kUnits + threadIdx.x;
   const int b = blockIdx.y * kRows + threadIdx.y;
@@ -154,6 +156,8 @@ SplitPlan split_plan(int batch, int p, int q, int sms) {
 
 template <typename TA, typename TM>
 __global__ void __launch_bounds__(kSplitCols) rowmat_partial_kernel(RowMatArgs args, int chunk) {
+  pdl_wait();
+  pdl_launch_dependents();
   __shared__ float tile[kSplitRows][kSplitP];
   const int q = blockIdx.x * kSplitCols + threadIdx.x;
   const int row0 = blockIdx.z * kSplitRows;
@@ -186,6 +190,8 @@ __global__ void __launch_bounds__(kSplitCols) rowmat_partial_kernel(RowMatArgs a
 
 template <typename TM>
 __global__ void rowmat_reduce_kernel(RowMatArgs args, int splits) {
+  pdl_wait();
+  pdl_launch_dependents();
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t n = (size_t)args.batch * args.q;
   if (idx >= n) return;
@@ -237,6 +243,8 @@ __device__ __forceinline__ void backward_pointwise(const StepBackwardArgs& args,
 
 template <int kCell, typename T>
 __global__ void step_backward_kernel(StepBackwardArgs args) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   const int b = idx / args.hidden, j = idx % args.hidden;
   if (b >= args.active) return;  // inactive rows: d_gx stays 0, d_c is carried as is
@@ -430,9 +438,8 @@ int step_forward(const StepForwardArgs& args, void* stream_ptr) {
   return with_cell(args.cell, [&](auto cell) {
     return with_dtype(args.dtype, [&](auto type) {
       using T = decltype(type);
-      step_forward_kernel<decltype(cell)::value, T>
-          <<<tiles(args.hidden, args.batch), dim3(kUnits, kRows), 0, stream>>>(args);
-      return cudaGetLastError();
+      return launch(args.pdl, step_forward_kernel<decltype(cell)::value, T>,
+                    tiles(args.hidden, args.batch), dim3(kUnits, kRows), stream, args);
     });
   });
 }
@@ -463,8 +470,8 @@ int rowmat(const RowMatArgs& args, void* stream_ptr) {
       using TA = decltype(a_type);
       const dim3 grid((args.q + kSplitCols - 1) / kSplitCols, plan.splits,
                       (args.active + kSplitRows - 1) / kSplitRows);
-      rowmat_partial_kernel<TA, TM><<<grid, kSplitCols, 0, stream>>>(args, plan.chunk);
-      return cudaGetLastError();
+      return launch(args.pdl, rowmat_partial_kernel<TA, TM>, grid, dim3(kSplitCols), stream,
+                    args, plan.chunk);
     };
     if (args.active > 0 && args.p > 0) {
       const cudaError_t err = args.a_dtype == DType::kFloat32 ? partial(float{}) : partial(TM{});
@@ -473,8 +480,8 @@ int rowmat(const RowMatArgs& args, void* stream_ptr) {
     // with an empty reduction no partial sums were written: the sum over 0 splits is 0
     const int splits = args.p > 0 ? plan.splits : 0;
     const size_t n = (size_t)args.batch * args.q;
-    rowmat_reduce_kernel<TM><<<(n + 255) / 256, 256, 0, stream>>>(args, splits);
-    return cudaGetLastError();
+    return launch(args.pdl, rowmat_reduce_kernel<TM>, dim3((unsigned)((n + 255) / 256)),
+                  dim3(256), stream, args, splits);
   });
 }
 
@@ -485,8 +492,8 @@ int step_backward(const StepBackwardArgs& args, void* stream_ptr) {
   return with_cell(args.cell, [&](auto cell) {
     return with_dtype(args.dtype, [&](auto type) {
       using T = decltype(type);
-      step_backward_kernel<decltype(cell)::value, T><<<(n + 255) / 256, 256, 0, stream>>>(args);
-      return cudaGetLastError();
+      return launch(args.pdl, step_backward_kernel<decltype(cell)::value, T>,
+                    dim3((n + 255) / 256), dim3(256), stream, args);
     });
   });
 }

@@ -32,6 +32,7 @@ struct StepForwardArgs {
   float* m_out;          // (batch, hidden): non-null means LSTM with projection
   float* act_t;          // (batch, gates*hidden) saved activations, may be null
   float* extra_t;        // (batch, hidden) saved: LSTM c_prev, GRU a_n + b_hn; may be null
+  bool pdl;              // programmatic dependent launch (common.cuh), sm_90 only
 };
 int step_forward(const StepForwardArgs& args, void* stream);
 
@@ -51,6 +52,7 @@ struct RowMatArgs {
   float* out;               // (batch, q)
   void* y;                  // (batch, q) of mat_dtype, or null
   float* workspace;         // rowmat_workspace(batch, p, q) floats
+  bool pdl;                 // both kernels with programmatic dependent launch (sm_90)
 };
 int rowmat(const RowMatArgs& args, void* stream);
 // Floats of workspace rowmat needs for these sizes on the current device (*floats).
@@ -74,6 +76,7 @@ struct StepBackwardArgs {
   float* d_gh_t;         // (batch, gates*hidden), GRU only (recurrent part's gradient)
   float* d_h_direct;     // (batch, out_size), GRU only: d_h * z
   float* m_t;            // (batch, hidden) o*tanh(c) for dW_hr, projection only
+  bool pdl;              // programmatic dependent launch (common.cuh), sm_90 only
 };
 int step_backward(const StepBackwardArgs& args, void* stream);
 
