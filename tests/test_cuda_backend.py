@@ -239,7 +239,12 @@ def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype, pdl, monke
     bidirectional; the persistent or per-step forward, the per-step backward, the dW
     GEMMs), replayed on fresh inputs: outputs, input and weight gradients as eager. With
     CNNLSTM_FAST_CUDA_PDL=1 the per-step kernels are captured with programmatic
-    dependent launch (a graph edge of its own)."""
+    dependent launch (a graph edge of its own), the forward's too (the per-step forward
+    pinned, so a PDL kernel also follows the saved-state copy's memcpy node)."""
+    if pdl == "1":
+        if torch.cuda.get_device_capability() < (9, 0):
+            pytest.skip("programmatic dependent launch needs sm_90")
+        monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "step")
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_PDL", pdl)
     torch.manual_seed(0)
     kw = dict(input_size=24, hidden_size=64, num_layers=2, bidirectional=True, backend="cuda")
@@ -299,6 +304,8 @@ def test_cuda_pdl_gives_the_same_bits(case, monkeypatch):
     backward through the per-step kernels are bit for bit those without it, three runs
     (a kernel that read its predecessor's output before pdl_wait would differ
     somewhere). Float32, and bfloat16 at hidden 768 (long per-step reductions)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90 (elsewhere it is plain launches)")
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "step")
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "step")
     spec, bs, tensors = _make(case)

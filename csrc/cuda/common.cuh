@@ -88,17 +88,39 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// Whether `kernel` runs code built for sm_90 or later on the current device, where its
+// pdl_wait() is compiled in: an sm_80-only build JIT-compiles its PTX on an H100, and
+// that code has no wait, so launching it with PDL would let it read too early.
+inline cudaError_t runs_sm90_code(const void* kernel, bool* yes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, bool> known;  // (kernel, device)
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e) return reported(e);
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  auto found = known.find(key);
+  if (found == known.end()) {
+    int major = 0;
+    cudaFuncAttributes attrs{};
+    e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (!e) e = cudaFuncGetAttributes(&attrs, kernel);
+    if (e) return reported(e);
+    found = known.emplace(key, major >= 9 && attrs.ptxVersion >= 90).first;
+  }
+  *yes = found->second;
+  return cudaSuccess;
+}
+
 // kernel<<<grid, block, 0, stream>>>(args...), with programmatic dependent launch where
-// `pdl` is set and the current device has it (compute capability 9.0 and later).
+// `pdl` is set and the kernel runs sm_90 code on the current device (runs_sm90_code).
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch(bool pdl, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
                    cudaStream_t stream, Args&&... args) {
   if (pdl) {
-    int device = 0, major = 0;
-    cudaError_t e = cudaGetDevice(&device);
-    if (!e) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    if (e) return reported(e);
-    if (major >= 9) {
+    bool sm90 = false;
+    if (cudaError_t e = runs_sm90_code(reinterpret_cast<const void*>(kernel), &sm90)) return e;
+    if (sm90) {
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = grid, cfg.blockDim = block, cfg.stream = stream;
       cudaLaunchAttribute attr{};
