@@ -124,6 +124,22 @@ void check_saved(const Tensor& t, const char* name, const at::Device& device,
               " must be float32 (as forward saves it), got ", t.scalar_type());
 }
 
+// The value of the environment variable `name`, unset or empty meaning the first of
+// `allowed`; anything not in `allowed` is an error naming the variable and the values.
+std::string env_choice(const char* name, std::initializer_list<const char*> allowed) {
+  const char* v = std::getenv(name);
+  const std::string choice = v && *v ? v : *allowed.begin();
+  std::string values;
+  size_t i = 0;
+  for (const char* a : allowed) {
+    if (choice == a) return choice;
+    values += (i == 0 ? "" : i + 1 == allowed.size() ? " or " : ", ") + std::string(a);
+    ++i;
+  }
+  TORCH_CHECK(false, name, " must be ", values, ", got '", choice, "'");
+  return choice;  // not reached
+}
+
 // CNNLSTM_FAST_CUDA_KERNEL: "auto" (default: the tensor-core persistent kernel where it
 // fits, else the CUDA-core persistent kernel where it fits, else the per-step kernels),
 // "step", "persistent" (CUDA cores), "mma" (tensor cores), "mma-pipelined" (the same with
@@ -133,36 +149,21 @@ void check_saved(const Tensor& t, const char* name, const at::Device& device,
 // step); auto picks none of the last three: they have not run on a GPU. A pinned kernel
 // is an error where it cannot run. Lets tests and benchmarks pin a path.
 std::string kernel_choice() {
-  const char* v = std::getenv("CNNLSTM_FAST_CUDA_KERNEL");
-  const std::string choice = v && *v ? v : "auto";
-  TORCH_CHECK(choice == "auto" || choice == "step" || choice == "persistent" || choice == "mma" ||
-                  choice == "mma-pipelined" || choice == "mma-cluster" || choice == "streamed",
-              "CNNLSTM_FAST_CUDA_KERNEL must be auto, step, persistent, mma, mma-pipelined, "
-              "mma-cluster or streamed, got '", choice, "'");
-  return choice;
+  return env_choice("CNNLSTM_FAST_CUDA_KERNEL", {"auto", "step", "persistent", "mma",
+                                                 "mma-pipelined", "mma-cluster", "streamed"});
 }
 
 // CNNLSTM_FAST_CUDA_BACKWARD: "auto" (default: the per-step kernels), "step", or
 // "persistent" (one cooperative launch for the sequence, no projection; an error where it
 // cannot run). auto does not pick the persistent backward yet: it has not run on a GPU.
 std::string backward_choice() {
-  const char* v = std::getenv("CNNLSTM_FAST_CUDA_BACKWARD");
-  const std::string choice = v && *v ? v : "auto";
-  TORCH_CHECK(choice == "auto" || choice == "step" || choice == "persistent",
-              "CNNLSTM_FAST_CUDA_BACKWARD must be auto, step or persistent, got '", choice, "'");
-  return choice;
+  return env_choice("CNNLSTM_FAST_CUDA_BACKWARD", {"auto", "step", "persistent"});
 }
 
 // CNNLSTM_FAST_CUDA_PDL: "1" launches the per-step kernels (forward, backward, rowmat)
 // with programmatic dependent launch on sm_90 (csrc/cuda/common.cuh), "0" (default)
 // without. Opt-in until a GPU run shows it correct and faster.
-bool pdl_choice() {
-  const char* v = std::getenv("CNNLSTM_FAST_CUDA_PDL");
-  const std::string choice = v && *v ? v : "0";
-  TORCH_CHECK(choice == "0" || choice == "1", "CNNLSTM_FAST_CUDA_PDL must be 0 or 1, got '",
-              choice, "'");
-  return choice == "1";
-}
+bool pdl_choice() { return env_choice("CNNLSTM_FAST_CUDA_PDL", {"0", "1"}) == "1"; }
 
 template <typename T>
 T* ptr(const Tensor& t) {

@@ -89,6 +89,37 @@ def _time_us_per_step(run, steps: int) -> float:
     return do_bench(run, warmup=10, rep=50, return_mode="median") * 1e3 / steps
 
 
+def _runner(batch: int, hidden: int, dtype: torch.dtype, dev: torch.device, steps: int):
+    """run(blocks, exchange, fence=True, cluster=False): one launch of the floor kernel on
+    fresh buffers of this shape (h from zeros, the barrier counter zeroed)."""
+    stride = -(-batch * hidden // 8) * 8
+    h = torch.zeros(2, stride, device=dev, dtype=dtype)
+    counter = torch.zeros(1, device=dev, dtype=torch.int32)
+
+    def run(blocks: int, exchange: bool, fence: bool = True, cluster: bool = False):
+        counter.zero_()
+        torch.ops.cnnlstm_fast.step_floor(h, counter, steps, batch, hidden, blocks, exchange,
+                                          fence, cluster)
+
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def _cluster_us(batch: int, hidden: int, dtype: torch.dtype, device: str,
+                steps: int) -> float | None:
+    """The cluster variant's exchange at this shape (it does not depend on the grid the
+    other timings use, so it is timed once), or None where it cannot run."""
+    dev = torch.device(device)
+    if torch.cuda.get_device_capability(dev)[0] < 9:
+        return None
+    run = _runner(batch, hidden, dtype, dev, steps)
+    try:
+        run(CLUSTER_BLOCKS, True, cluster=True)
+    except RuntimeError:  # h does not fit twice in shared memory, or no such cluster
+        return None
+    return _time_us_per_step(lambda: run(CLUSTER_BLOCKS, True, cluster=True), steps)
+
+
 @functools.lru_cache(maxsize=None)
 def measure(batch: int, hidden: int, gates: int, dtype: torch.dtype, device: str,
             peak_tflops: float, steps: int = 1024, blocks: int | None = None) -> Floor:
@@ -102,26 +133,11 @@ def measure(batch: int, hidden: int, gates: int, dtype: torch.dtype, device: str
     most = ops.step_floor_max_blocks(torch.empty(0, device=dev, dtype=dtype))
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     grid = min(blocks or sms, most)
-    stride = -(-batch * hidden // 8) * 8
-    h = torch.zeros(2, stride, device=dev, dtype=dtype)
-    counter = torch.zeros(1, device=dev, dtype=torch.int32)
-
-    def run(exchange: bool, fence: bool = True, cluster: bool = False):
-        counter.zero_()
-        ops.step_floor(h, counter, steps, batch, hidden, CLUSTER_BLOCKS if cluster else grid,
-                       exchange, fence, cluster)
-
-    barrier = _time_us_per_step(lambda: run(False), steps)
-    exchange = _time_us_per_step(lambda: run(True), steps)
-    nofence = _time_us_per_step(lambda: run(True, False), steps)
-    cluster = None
-    if torch.cuda.get_device_capability(dev)[0] >= 9:
-        try:
-            run(True, cluster=True)
-        except RuntimeError:  # h does not fit twice in shared memory, or no such cluster
-            pass
-        else:
-            cluster = _time_us_per_step(lambda: run(True, cluster=True), steps)
+    run = _runner(batch, hidden, dtype, dev, steps)
+    barrier = _time_us_per_step(lambda: run(grid, False), steps)
+    exchange = _time_us_per_step(lambda: run(grid, True), steps)
+    nofence = _time_us_per_step(lambda: run(grid, True, fence=False), steps)
+    cluster = _cluster_us(batch, hidden, dtype, device, steps)
     matmul = 2 * batch * hidden * gates * hidden / (peak_tflops * 1e12) * 1e6
     return Floor(batch, hidden, gates, str(dtype).removeprefix("torch."), grid, steps,
                  barrier, exchange, matmul, nofence, cluster)

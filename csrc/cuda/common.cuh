@@ -69,6 +69,14 @@ inline cudaError_t reported(cudaError_t e) {
   return e;
 }
 
+// What the host remembers per (kernel, device), behind a mutex (plans and launches run
+// on any host thread).
+template <typename V>
+struct PerKernel {
+  std::mutex mutex;
+  std::map<std::pair<const void*, int>, V> values;
+};
+
 // Programmatic dependent launch (sm_90), opt-in (CNNLSTM_FAST_CUDA_PDL=1): a per-step
 // kernel launched with it may start while the previous kernel in the stream still runs,
 // hiding the launch latency between the steps' small kernels. Every kernel that can be
@@ -92,21 +100,20 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // pdl_wait() is compiled in: an sm_80-only build JIT-compiles its PTX on an H100, and
 // that code has no wait, so launching it with PDL would let it read too early.
 inline cudaError_t runs_sm90_code(const void* kernel, bool* yes) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, bool> known;  // (kernel, device)
+  static PerKernel<bool> known;
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e) return reported(e);
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(known.mutex);
   const auto key = std::make_pair(kernel, device);
-  auto found = known.find(key);
-  if (found == known.end()) {
+  auto found = known.values.find(key);
+  if (found == known.values.end()) {
     int major = 0;
     cudaFuncAttributes attrs{};
     e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     if (!e) e = cudaFuncGetAttributes(&attrs, kernel);
     if (e) return reported(e);
-    found = known.emplace(key, major >= 9 && attrs.ptxVersion >= 90).first;
+    found = known.values.emplace(key, major >= 9 && attrs.ptxVersion >= 90).first;
   }
   *yes = found->second;
   return cudaSuccess;
@@ -140,13 +147,12 @@ cudaError_t launch(bool pdl, void (*kernel)(KernelArgs...), dim3 grid, dim3 bloc
 // another host thread, between this thread's plan and its launch, which would then
 // fail. The limit is only a bound: occupancy queries and launches take their own size.
 inline cudaError_t allow_dynamic_smem(const void* kernel, size_t bytes) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, size_t> limits;  // (kernel, device)
+  static PerKernel<size_t> limits;
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e) return reported(e);
-  std::lock_guard<std::mutex> lock(mutex);
-  size_t& limit = limits[{kernel, device}];
+  std::lock_guard<std::mutex> lock(limits.mutex);
+  size_t& limit = limits.values[{kernel, device}];
   if (bytes <= limit) return cudaSuccess;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
   if (e) return reported(e);
