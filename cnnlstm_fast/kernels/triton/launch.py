@@ -43,7 +43,8 @@ PERSISTENT_SPIN_LIMIT = 1 << 24
 
 def _cooperative_supported() -> bool:
     """Whether this Triton launches CUDA kernels cooperatively on request (the
-    ``launch_cooperative_grid`` option, Triton >= 3.3)."""
+    ``launch_cooperative_grid`` option, present in the pinned Triton 3.9; the version that
+    added it is not checked here)."""
     try:
         import dataclasses
 
