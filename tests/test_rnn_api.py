@@ -226,6 +226,12 @@ def test_auto_follows_the_measured_rules(monkeypatch):
     assert not picks(_cpu("rnn_tanh", 128, 1, 1000))
     # float64 keeps the BLAS rule
     assert picks(_cpu("lstm", 1024, 16, 8, dtype=torch.float64))
+    # which GEMM runs is remembered per value of CNNLSTM_FAST_CPU_GEMM, not once
+    assert picks(_cpu("lstm", 256, 1, 32))
+    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "blas")
+    assert not picks(_cpu("lstm", 256, 1, 32))
+    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "auto")
+    assert picks(_cpu("lstm", 256, 1, 32))
 
 
 def test_short_calls_resolve_to_torch_without_a_spec(caplog, monkeypatch):

@@ -60,16 +60,25 @@ ENV_VAR = "CNNLSTM_FAST_BACKEND"
 _log = logging.getLogger(__name__)
 
 
+_CPU_GEMM_ENV = "CNNLSTM_FAST_CPU_GEMM"
+_cpu_gemm_known: dict[str | None, bool] = {}
+
+
 def _cpu_gemm_is_avx512() -> bool:
     """Whether the cpu backend's float32 GEMMs run our AVX-512 kernel (the CPU has it and
-    CNNLSTM_FAST_CPU_GEMM allows it): the measurements behind ``auto`` differ with it."""
-    module = _ext.load()
-    if module is None:
-        return False
-    try:
-        return module.cpu_gemm_info()["in_use"] == "avx512"
-    except RuntimeError:  # a bad CNNLSTM_FAST_CPU_GEMM: the op names it when it runs
-        return False
+    CNNLSTM_FAST_CPU_GEMM allows it): the measurements behind ``auto`` differ with it.
+    Remembered per value of that variable (the extension reads it at every call; asking
+    it costs microseconds, which every resolved call would pay)."""
+    setting = os.environ.get(_CPU_GEMM_ENV)
+    known = _cpu_gemm_known.get(setting)
+    if known is None:
+        module = _ext.load()
+        try:
+            known = module is not None and module.cpu_gemm_info()["in_use"] == "avx512"
+        except RuntimeError:  # a bad CNNLSTM_FAST_CPU_GEMM: the op names it when it runs
+            known = False
+        _cpu_gemm_known[setting] = known
+    return known
 
 
 #: LSTM training: saved activations (T*B*4H float32) above this, where glibc's default
@@ -152,11 +161,12 @@ def _cpu_avx512_beats_torch(spec: RecurrenceSpec) -> bool:
         return small_batch or (spec.batch <= 16 and spec.hidden_size >= 128)
     if small_batch or spec.batch <= 2:
         return True
-    if _malloc_keeps_freed_memory():
-        return False
     activations = spec.steps * spec.batch * 4 * spec.hidden_size * 4
-    return ((spec.hidden_size >= 1024 and 2 <= spec.batch <= 64)
-            or activations > _CPU_LSTM_LARGE_ACTIVATIONS)
+    if not ((spec.hidden_size >= 1024 and 2 <= spec.batch <= 64)
+            or activations > _CPU_LSTM_LARGE_ACTIVATIONS):
+        return False
+    # the environment last: reading it costs more than the rest of the rule
+    return not _malloc_keeps_freed_memory()
 
 
 #: Per device type, the fewest steps a call must have for ``auto`` to try anything but
@@ -336,24 +346,28 @@ def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
     return backend
 
 
-def resolve_early(requested: str, device_type: str, steps: int) -> Backend | None:
+def resolve_early(requested: str, data: torch.Tensor, steps: int) -> Backend | None:
     """The backend, where it is torch.nn's forward and known without a spec (the cheap
-    path of the cells' one-step calls), else None. Whatever was named: shapes only (the
-    meta device), torch.jit.trace and ONNX export, which then record torch.nn's operator
-    (aten::lstm, ONNX's LSTM), runnable without our extension. Then ``torch`` named, or
-    ``auto`` with fewer steps than any other backend's rule takes on this device
-    (:data:`AUTO_MIN_STEPS`)."""
+    path of the cells' one-step calls), else None: ``torch`` named, or ``auto`` with fewer
+    steps than any other backend's rule takes on ``data``'s device
+    (:data:`AUTO_MIN_STEPS`); then, whatever was named: shapes only (the meta device),
+    torch.jit.trace and ONNX export, which then record torch.nn's operator (aten::lstm,
+    ONNX's LSTM), runnable without our extension.
+
+    Every call of a module runs this, so it does as little as it can: on a short call
+    torch.nn's own work is a few microseconds, and each Python step here adds a share
+    of that (``benchmarks/test_bench_rnn.py``'s short-call rows time it)."""
+    name = requested if requested != "auto" else (_default or _process_default())
+    if name == "torch":
+        why: object = "named"
+    elif name == "auto" and steps < AUTO_MIN_STEPS.get(_device_type(data), sys.maxsize):
+        why = _ShortCall(steps, data)
     # ONNX's exporters trace (the TorchScript one with torch.jit's tracer, the other with
     # torch.export); is_in_onnx_export costs a few microseconds, so it is asked only then.
-    name = requested if requested != "auto" else _process_default()
-    if device_type == "meta":
+    elif data.is_meta:
         why = "the meta device (shapes only)"
     elif torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()):
         why = "tracing or ONNX export"
-    elif name == "torch":
-        why = "named"
-    elif name == "auto" and steps < AUTO_MIN_STEPS.get(device_type, sys.maxsize):
-        why = f"auto: {steps} step(s) on {device_type}, fewer than any other backend's rule takes"
     else:
         return None
     backend = _REGISTRY["torch"]
@@ -361,7 +375,25 @@ def resolve_early(requested: str, device_type: str, steps: int) -> Backend | Non
     return backend
 
 
-def log_choice(requested: str, backend: Backend, what: RecurrenceSpec | str) -> None:
+def _device_type(data: torch.Tensor) -> str:
+    """``data.device.type``, without building a device object for CPU and CUDA tensors."""
+    return "cuda" if data.is_cuda else "cpu" if data.is_cpu else data.device.type
+
+
+class _ShortCall:
+    """Why ``auto`` took torch.nn for a short call; formatted only when logged."""
+
+    __slots__ = ("steps", "data")
+
+    def __init__(self, steps: int, data: torch.Tensor):
+        self.steps, self.data = steps, data
+
+    def __str__(self) -> str:
+        device = self.data.device.type
+        return f"auto: {self.steps} step(s) on {device}, fewer than any other backend's rule takes"
+
+
+def log_choice(requested: str, backend: Backend, what: RecurrenceSpec | object) -> None:
     """Logs a resolution at DEBUG (the module docstring), for ``what`` (a spec or why)."""
     # Dynamo cannot trace a logging call (fullgraph=True would fail): not while compiling
     if torch.compiler.is_compiling() or not _log.isEnabledFor(logging.DEBUG):
@@ -370,6 +402,8 @@ def log_choice(requested: str, backend: Backend, what: RecurrenceSpec | str) -> 
         what = (f"{what.cell} hidden {what.hidden_size}, batch {what.batch}, {what.steps} steps, "
                 f"{what.dtype} on {what.device}, {'training' if what.needs_grad else 'inference'}"
                 f"{', packed' if what.variable_lengths else ''}")
+    else:
+        what = str(what)
     _log.debug("backend %r -> %r: %s", requested, backend.name, what,
                extra={"requested": requested, "backend": backend.name})
 

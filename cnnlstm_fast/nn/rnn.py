@@ -151,16 +151,16 @@ class _BackendMixin:
         return super().extra_repr() + f", backend={self.backend!r}"
 
     def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool):
-        """(backend, spec) for this call; spec is None where torch.nn's forward runs
-        without asking the rules (the cells' calls are short: this stays cheap)."""
+        """(backend, spec) for a call that :func:`backends.resolve_early` did not settle
+        (the forwards ask it first: the cheap path of short calls)."""
         device = data.device
-        early = backends.resolve_early(self.backend, device.type, steps)
-        if early is not None:
-            return early, None
         cell = _cell_of(self)
-        # parameters(), not _parameters: a parametrized weight lives in a submodule
+        # parameters(), not only _parameters: a parametrized weight lives in a submodule;
+        # _parameters first, as it settles a training call without walking the tree
         needs_grad = torch.is_grad_enabled() and (
-            data.requires_grad or any(p.requires_grad for p in self.parameters()))
+            data.requires_grad
+            or any(p is not None and p.requires_grad for p in self._parameters.values())
+            or any(p.requires_grad for p in self.parameters()))
         spec = RecurrenceSpec(
             cell=cell,
             hidden_size=self.hidden_size,
@@ -217,6 +217,8 @@ class _SequenceMixin(_BackendMixin):
             steps = data.size(1 if self.batch_first else 0)
         else:
             batch, steps = 1, data.size(0) if data.dim() else 0
+        if backends.resolve_early(self.backend, data, steps) is not None:
+            return super().forward(input, hx)
         backend, spec = self._resolve(data, batch, steps, packed)
         if backend.whole_module:
             return super().forward(input, hx)
@@ -338,6 +340,8 @@ class _CellMixin(_BackendMixin):
     """forward() of the cells: one step of the recurrence op (T = 1)."""
 
     def forward(self, input, hx=None):
+        if backends.resolve_early(self.backend, input, 1) is not None:
+            return super().forward(input, hx)
         batch = input.size(0) if input.dim() == 2 else 1
         backend, spec = self._resolve(input, batch, 1, False)
         if backend.whole_module:
