@@ -198,3 +198,47 @@ def test_cells(backend, cls_name, extra, bias, batched, with_hx):
         assert_close(a, e, RTOL, ATOL, what=f"grad of input {k}")
     for name in p_t:
         assert_close(p_o[name], p_t[name], RTOL, ATOL, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+@pytest.mark.parametrize("cls_name,extra", CELLS, ids=lambda v: str(v))
+def test_gradients_reach_hx_and_plain_weights_of_a_frozen_module(backend, cls_name, extra):
+    """With every Parameter frozen and an input that needs no gradient, autograd still
+    needs the backward where hx requires grad (learning the initial state) or a weight
+    is a plain tensor computed from a trainable one (weight tying, a hypernetwork). Our
+    inference path has no backward: taking it there lost those gradients (hx's came back
+    as if only h_n depended on it). 10 steps: ``auto`` runs the cpu backend there."""
+    steps = 10
+    ours, theirs = make_pair(cls_name, backend, input_size=I, hidden_size=H, num_layers=2,
+                             bidirectional=True, **extra)
+    for module in (ours, theirs):
+        module.requires_grad_(False)
+    x, hx = _input_and_hx(cls_name, "batched", False, True, ours)
+    x = torch.randn(steps, B, I)
+
+    def learn_hx(module):
+        gen = torch.Generator().manual_seed(7)
+        states = tuple(s.clone().requires_grad_(True) for s in (hx if isinstance(hx, tuple) else (hx,)))
+        y, h_n = module(x, states if cls_name == "LSTM" else states[0])
+        loss = (y * torch.randn(y.shape, generator=gen)).sum() + sum(
+            t.sum() for t in (h_n if isinstance(h_n, tuple) else (h_n,)))
+        loss.backward()
+        return [y.detach(), *(s.grad for s in states)]
+
+    got, want = learn_hx(ours), learn_hx(theirs)
+    assert all(g is not None for g in got)
+    for k, (a, e) in enumerate(zip(got, want, strict=True)):
+        assert_close(a, e, RTOL, ATOL, what=f"output and hx grads {k}")
+
+    def tied_weight(module):
+        source = torch.nn.Parameter(theirs.weight_hh_l0.detach().clone())
+        del module._parameters["weight_hh_l0"]
+        module.weight_hh_l0 = source * 1.0  # a plain tensor in the weight's place
+        y, _ = module(x)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+        return y.detach(), source.grad
+
+    (y_o, g_o), (y_t, g_t) = tied_weight(ours), tied_weight(theirs)
+    assert g_o is not None, "the plain tensor weight's source got no gradient"
+    assert_close(y_o, y_t, RTOL, ATOL, what="output with a plain tensor weight")
+    assert_close(g_o, g_t, RTOL, ATOL, what="grad of the plain tensor weight's source")

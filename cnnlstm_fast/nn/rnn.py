@@ -150,17 +150,39 @@ class _BackendMixin:
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
-    def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool):
+    def _needs_grad(self, data: torch.Tensor, hx) -> bool:
+        """Whether autograd will need this call's backward: grad mode on and the input, a
+        state of ``hx`` or a weight requires grad. The weights as the forward reads them:
+        its Parameters, a parametrized weight (whose Parameter lives in a submodule), or
+        a plain tensor set in a weight's place (weight tying, a hypernetwork)."""
+        if not torch.is_grad_enabled():
+            return False
+        if data.requires_grad:
+            return True
+        states = hx if isinstance(hx, (tuple, list)) else (hx,)
+        if any(isinstance(s, torch.Tensor) and s.requires_grad for s in states):
+            return True
+        own = self._parameters
+        # _parameters first: it settles a training call without walking the module tree
+        if any(p is not None and p.requires_grad for p in own.values()):
+            return True
+        if any(p.requires_grad for p in self.parameters()):
+            return True
+        names = (self._flat_weights_names if isinstance(self, nn.RNNBase)
+                 else ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        for name in names:
+            if name not in own:  # not a Parameter of this module: read it as forward does
+                weight = getattr(self, name, None)
+                if isinstance(weight, torch.Tensor) and weight.requires_grad:
+                    return True
+        return False
+
+    def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool, hx=None):
         """(backend, spec) for a call that :func:`backends.resolve_early` did not settle
         (the forwards ask it first: the cheap path of short calls)."""
         device = data.device
         cell = _cell_of(self)
-        # parameters(), not only _parameters: a parametrized weight lives in a submodule;
-        # _parameters first, as it settles a training call without walking the tree
-        needs_grad = torch.is_grad_enabled() and (
-            data.requires_grad
-            or any(p is not None and p.requires_grad for p in self._parameters.values())
-            or any(p.requires_grad for p in self.parameters()))
+        needs_grad = self._needs_grad(data, hx)
         spec = RecurrenceSpec(
             cell=cell,
             hidden_size=self.hidden_size,
@@ -219,7 +241,7 @@ class _SequenceMixin(_BackendMixin):
             batch, steps = 1, data.size(0) if data.dim() else 0
         if backends.resolve_early(self.backend, data, steps) is not None:
             return super().forward(input, hx)
-        backend, spec = self._resolve(data, batch, steps, packed)
+        backend, spec = self._resolve(data, batch, steps, packed, hx)
         if backend.whole_module:
             return super().forward(input, hx)
         return self._forward_recurrence(backend, spec, input, hx)
@@ -314,7 +336,13 @@ class _SequenceMixin(_BackendMixin):
                 layer_spec = dataclasses.replace(spec, reverse=direction == 1)
                 c0_k = None if c0 is None else c0[k]
                 fused = None
-                if layout is None and not spec.needs_grad:
+                # the fused inference path has no backward: only where nothing this layer
+                # reads requires grad (spec.needs_grad says so for the module; this checks
+                # the tensors themselves, so no gradient is ever lost to it)
+                if layout is None and not spec.needs_grad and not (
+                        torch.is_grad_enabled() and any(
+                            t is not None and t.requires_grad
+                            for t in (x, h0, c0, w_ih, w_hh, w_hr, gx_bias, b_hn))):
                     fused = backend.forward_from_input(
                         layer_spec, x, w_ih, gx_bias, h0[k], c0_k, w_hh, w_hr, b_hn
                     )
@@ -343,7 +371,7 @@ class _CellMixin(_BackendMixin):
         if backends.resolve_early(self.backend, input, 1) is not None:
             return super().forward(input, hx)
         batch = input.size(0) if input.dim() == 2 else 1
-        backend, spec = self._resolve(input, batch, 1, False)
+        backend, spec = self._resolve(input, batch, 1, False, hx)
         if backend.whole_module:
             return super().forward(input, hx)
         is_lstm = spec.cell == "lstm"
