@@ -92,6 +92,13 @@ FORWARD_CASES = {
         _lstm_hx(1, 1, 3) if cls == "LSTM" else torch.randn(1, 1, 3),
     ),
     "dtype_mismatch": lambda cls: (torch.randn(5, 2, 4, dtype=torch.float64), None),
+    # dtypes a named backend cannot run either: torch.nn's error comes first
+    "input_float16": lambda cls: (torch.randn(5, 2, 4, dtype=torch.float16), None),
+    "input_int64": lambda cls: (torch.randint(0, 3, (5, 2, 4)), None),
+    "unbatched_input_float16": lambda cls: (torch.randn(5, 4, dtype=torch.float16), None),
+    "lstm_hx_three_states": lambda cls: (torch.randn(5, 2, 4), (*_lstm_hx(1, 2, 3), torch.randn(1, 2, 3)))
+    if cls == "LSTM"
+    else None,
 }
 
 
@@ -106,6 +113,16 @@ def test_forward_errors(backend, cls_name, case):
     ours = getattr(clf, cls_name)(4, 3, backend=backend)
     theirs = getattr(nn, cls_name)(4, 3)
     _same_error(lambda: ours(x, hx), lambda: theirs(x, hx))
+
+
+@pytest.mark.parametrize("backend", module_backends())
+def test_lstm_hx_as_one_tensor_is_refused(backend):
+    """torch.nn's lstm op takes hx only as a tuple (h_0, c_0); one stacked tensor of both
+    must not be unpacked along its first dimension. Same type; torch's message lists the
+    op's overloads, ours says what hx must be."""
+    x, hx = torch.randn(5, 2, 4), torch.randn(2, 1, 2, 3)
+    _same_error(lambda: clf.LSTM(4, 3, backend=backend)(x, hx), lambda: nn.LSTM(4, 3)(x, hx),
+                message=False)
 
 
 @pytest.mark.parametrize("backend", module_backends())
@@ -160,6 +177,19 @@ CELL_CASES = {
         torch.randn(4),
         (torch.randn(2, 3), torch.randn(2, 3)) if cls == "LSTMCell" else torch.randn(2, 3),
     ),
+    "input_float64": lambda cls: (torch.randn(2, 4, dtype=torch.float64), None),
+    "lstm_hx_three_states": lambda cls: (torch.randn(2, 4), (torch.randn(2, 3),) * 3)
+    if cls == "LSTMCell"
+    else None,
+    "lstm_hx_one_state": lambda cls: (torch.randn(2, 4), (torch.randn(2, 3),))
+    if cls == "LSTMCell"
+    else None,
+    "lstm_hx_one_state_unbatched": lambda cls: (torch.randn(4), (torch.randn(3),))
+    if cls == "LSTMCell"
+    else None,
+    "lstm_hx_a_tensor": lambda cls: (torch.randn(2, 4), torch.randn(2, 3))
+    if cls == "LSTMCell"
+    else None,
 }
 
 
@@ -174,3 +204,12 @@ def test_cell_errors(backend, cls_name, case):
     ours = getattr(clf, cls_name)(4, 3, backend=backend)
     theirs = getattr(nn, cls_name)(4, 3)
     _same_error(lambda: ours(x, hx), lambda: theirs(x, hx))
+
+
+@pytest.mark.parametrize("backend", module_backends())
+def test_rnn_cell_unknown_nonlinearity(backend):
+    """torch's RNNCell takes any nonlinearity at construction and refuses it in forward;
+    ours computed tanh for it."""
+    x = torch.randn(2, 4)
+    ours = clf.RNNCell(4, 3, nonlinearity="sigmoid", backend=backend)
+    _same_error(lambda: ours(x), lambda: nn.RNNCell(4, 3, nonlinearity="sigmoid")(x))

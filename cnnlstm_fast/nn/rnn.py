@@ -37,7 +37,10 @@ def _cell_of(module: nn.Module) -> str:
         return "lstm"
     if isinstance(module, nn.GRUCell):
         return "gru"
-    return "rnn_relu" if module.nonlinearity == "relu" else "rnn_tanh"
+    if module.nonlinearity in ("tanh", "relu"):
+        return f"rnn_{module.nonlinearity}"
+    # torch's RNNCell takes any nonlinearity at construction and raises this in forward
+    raise RuntimeError(f"Unknown nonlinearity: {module.nonlinearity}")
 
 
 def _split_bias(cell: str, b_ih, b_hh, hidden: int):
@@ -80,6 +83,11 @@ def _check_same_device_dtype(input: torch.Tensor, states) -> None:
             raise RuntimeError(
                 f"Expected hidden state dtype {input.dtype} (the input's), got {state.dtype}"
             )
+
+
+def _scalar_type(dtype: torch.dtype) -> str:
+    """The name torch's C++ errors give a dtype (Float, Double, BFloat16, Long...)."""
+    return torch.empty((), dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
 _TORCH_LAYERS = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
@@ -241,7 +249,15 @@ class _SequenceMixin(_BackendMixin):
             batch, steps = 1, data.size(0) if data.dim() else 0
         if backends.resolve_early(self.backend, data, steps) is not None:
             return super().forward(input, hx)
-        backend, spec = self._resolve(data, batch, steps, packed, hx)
+        try:
+            backend, spec = self._resolve(data, batch, steps, packed, hx)
+        except backends.BackendUnavailableError:
+            # an input torch.nn refuses as well (an integer one, a dtype other than the
+            # weights'): torch.nn's error, as its forward raises it, before ours
+            if data.dim() in (2, 3):  # torch.nn's forward checks the dimensions first
+                self.check_input(data if packed or data.dim() == 3 else data.unsqueeze(1),
+                                 input.batch_sizes if packed else None)
+            raise
         if backend.whole_module:
             return super().forward(input, hx)
         return self._forward_recurrence(backend, spec, input, hx)
@@ -300,6 +316,11 @@ class _SequenceMixin(_BackendMixin):
             x = input.transpose(0, 1) if self.batch_first else input
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if is_lstm and not isinstance(hx, (tuple, list)):  # torch's _VF.lstm refuses it too
+            raise TypeError("lstm() received an invalid combination of arguments: hx must be "
+                            f"a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+        if is_lstm and len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
         h0, c0 = hx if is_lstm else (hx, None)
         if x.dtype != spec.dtype:  # autocast
             x, h0 = x.to(spec.dtype), h0.to(spec.dtype)
@@ -386,6 +407,16 @@ class _CellMixin(_BackendMixin):
                     f"{name}: Expected {what} to be 1D or 2D, got {value.dim()}D instead"
                 )
         is_batched = input.dim() == 2
+        if is_lstm and hx is not None:
+            # as torch's LSTMCell: unbatched, it reads hx[0] and hx[1] (an IndexError for
+            # one state; more are ignored); batched, lstm_cell takes exactly a tuple of two
+            if not is_batched:
+                states = (states[0], states[1])
+            elif not isinstance(hx, (tuple, list)):
+                raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of "
+                                f"Tensors, not {type(hx).__name__}")
+            elif len(hx) != 2:
+                raise RuntimeError("lstm_cell expects two hidden states")
         if not is_batched:
             input = input.unsqueeze(0)
             states = tuple(s.unsqueeze(0) for s in states)
@@ -431,8 +462,8 @@ class _CellMixin(_BackendMixin):
         _check_same_device_dtype(input, states)
         if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
             raise RuntimeError(
-                f"mat1 and mat2 must have the same dtype, but got {input.dtype} and "
-                f"{self.weight_ih.dtype}"
+                f"mat1 and mat2 must have the same dtype, but got {_scalar_type(input.dtype)} "
+                f"and {_scalar_type(self.weight_ih.dtype)}"
             )
 
 
