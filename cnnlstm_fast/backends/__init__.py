@@ -67,8 +67,10 @@ _cpu_gemm_known: dict[str | None, bool] = {}
 def _cpu_gemm_is_avx512() -> bool:
     """Whether the cpu backend's float32 GEMMs run our AVX-512 kernel (the CPU has it and
     CNNLSTM_FAST_CPU_GEMM allows it): the measurements behind ``auto`` differ with it.
-    Remembered per value of that variable (the extension reads it at every call; asking
-    it costs microseconds, which every resolved call would pay)."""
+    Remembered per value of that variable as ``os.environ`` holds it (the extension reads
+    it at every call; asking it costs microseconds, which every resolved call would pay).
+    A change made with ``os.putenv`` or C's ``setenv`` bypasses ``os.environ`` and is not
+    seen here, only by the extension: ``auto`` then follows the old GEMM's rule."""
     setting = os.environ.get(_CPU_GEMM_ENV)
     known = _cpu_gemm_known.get(setting)
     if known is None:
@@ -348,26 +350,29 @@ def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
 
 def resolve_early(requested: str, data: torch.Tensor, steps: int) -> Backend | None:
     """The backend, where it is torch.nn's forward and known without a spec (the cheap
-    path of the cells' one-step calls), else None: ``torch`` named, or ``auto`` with fewer
-    steps than any other backend's rule takes on ``data``'s device
-    (:data:`AUTO_MIN_STEPS`); then, whatever was named: shapes only (the meta device),
-    torch.jit.trace and ONNX export, which then record torch.nn's operator (aten::lstm,
-    ONNX's LSTM), runnable without our extension.
+    path of the cells' one-step calls), else None. In this order: ``torch`` named; then,
+    whatever was named, shapes only (the meta device), torch.jit.trace and ONNX export,
+    which then record torch.nn's operator (aten::lstm, ONNX's LSTM), runnable without
+    our extension; then ``auto`` with fewer steps than any other backend's rule takes on
+    ``data``'s device (:data:`AUTO_MIN_STEPS`).
 
     Every call of a module runs this, so it does as little as it can: on a short call
-    torch.nn's own work is a few microseconds, and each Python step here adds a share
-    of that (``benchmarks/test_bench_rnn.py``'s short-call rows time it)."""
+    torch.nn's own work is a few microseconds, and each Python step here adds a share of
+    that (``python -m cnnlstm_fast.bench --suite short-seq`` times it against torch.nn;
+    benchmarks/results/cpu-xeon-amx/README.md)."""
     name = requested if requested != "auto" else (_default or _process_default())
     if name == "torch":
         why: object = "named"
-    elif name == "auto" and steps < AUTO_MIN_STEPS.get(_device_type(data), sys.maxsize):
-        why = _ShortCall(steps, data)
-    # ONNX's exporters trace (the TorchScript one with torch.jit's tracer, the other with
-    # torch.export); is_in_onnx_export costs a few microseconds, so it is asked only then.
     elif data.is_meta:
         why = "the meta device (shapes only)"
+    # ONNX's exporters trace (the TorchScript one with torch.jit's tracer, the other with
+    # torch.export); is_in_onnx_export costs a few microseconds, so it is asked only then.
+    # Before the step count: under torch.jit's tracer that is a tensor, and comparing it
+    # would warn.
     elif torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()):
         why = "tracing or ONNX export"
+    elif name == "auto" and steps < AUTO_MIN_STEPS.get(_device_type(data), sys.maxsize):
+        why = _ShortCall(steps, data)
     else:
         return None
     backend = _REGISTRY["torch"]
