@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 import cnnlstm_fast as clf
 from cnnlstm_fast import _ext, backends
@@ -374,17 +375,33 @@ AUTOCAST_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cls_name,kwargs,shape", AUTOCAST_CASES, ids=lambda v: str(v))
-def test_cpu_autocast_output_dtype_and_values_follow_torch(cls_name, kwargs, shape):
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("cls_name,kwargs,shape", AUTOCAST_CASES + [
+    ("LSTM", dict(input_size=4, hidden_size=5, proj_size=3), (6, 3, 4)),
+    ("LSTM", dict(input_size=4, hidden_size=5, proj_size=3, num_layers=2, bidirectional=True), (6, 3, 4)),
+], ids=lambda v: str(v))
+def test_cpu_autocast_output_dtype_and_values_follow_torch(cls_name, kwargs, shape, packed):
+    """Every output's dtype (y, h_n and c_n) and value under CPU autocast, packed input
+    and proj_size included: torch.nn's LSTM returns float32 for packed input and c_n in
+    float32 with proj_size (its ATen loop, not oneDNN), bfloat16 elsewhere."""
+    if packed and len(shape) != 3:
+        pytest.skip("cells take no packed input")
     ours, theirs = make_pair(cls_name, "reference", **kwargs)
     x = torch.randn(*shape)
+    if packed:
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, [shape[0], shape[0] - 2, 1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = theirs(x), ours(x)
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    got = got if isinstance(got, tuple) else (got,)
-    for e, g in zip(expected, got):
-        e, g = (e if isinstance(e, torch.Tensor) else e[0]), (g if isinstance(g, torch.Tensor) else g[0])
-        assert g.dtype == e.dtype
+
+    def flat(out):  # y (a PackedSequence's data), then each state
+        if isinstance(out, torch.Tensor):
+            return [out]
+        y, states = out
+        y = y.data if isinstance(y, PackedSequence) else y
+        return [y, *(states if isinstance(states, tuple) else (states,))]
+
+    for k, (e, g) in enumerate(zip(flat(expected), flat(got), strict=True)):
+        assert g.dtype == e.dtype, f"output {k}"
         torch.testing.assert_close(g.float(), e.float(), rtol=0.05, atol=0.05)
 
 

@@ -322,6 +322,7 @@ class _SequenceMixin(_BackendMixin):
         if is_lstm and len(hx) != 2:
             raise RuntimeError("lstm expects two hidden states")
         h0, c0 = hx if is_lstm else (hx, None)
+        input_dtype = x.dtype
         if x.dtype != spec.dtype:  # autocast
             x, h0 = x.to(spec.dtype), h0.to(spec.dtype)
             c0 = None if c0 is None else c0.to(spec.dtype)
@@ -330,6 +331,17 @@ class _SequenceMixin(_BackendMixin):
         layout = None if batch_sizes is None else _PackedLayout(batch_sizes, x.device)
         with torch.autocast(x.device.type, enabled=False):
             output, h_n, c_n = self._run_layers(backend, spec, x, h0, c0, batch_sizes, layout)
+        if is_lstm and spec.dtype != input_dtype and x.device.type == "cpu":
+            # CPU autocast lowers torch.nn's LSTM where oneDNN runs it (its op is on
+            # autocast's list). Packed input and proj_size take ATen's own loop instead,
+            # whose matmuls are lowered but whose cell state stays in the input dtype: a
+            # packed LSTM returns everything in it, one with proj_size c_n (measured with
+            # torch 2.13, bfloat16; tests/test_rnn_api.py). We compute in the autocast
+            # dtype, as close to that loop's precision, and return torch.nn's dtypes.
+            if self.proj_size > 0:
+                c_n = c_n.to(input_dtype)
+            elif batch_sizes is not None:
+                output, h_n, c_n = (t.to(input_dtype) for t in (output, h_n, c_n))
 
         hidden = (h_n, c_n) if is_lstm else h_n
         if batch_sizes is not None:
