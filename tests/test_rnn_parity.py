@@ -242,3 +242,39 @@ def test_gradients_reach_hx_and_plain_weights_of_a_frozen_module(backend, cls_na
     assert g_o is not None, "the plain tensor weight's source got no gradient"
     assert_close(y_o, y_t, RTOL, ATOL, what="output with a plain tensor weight")
     assert_close(g_o, g_t, RTOL, ATOL, what="grad of the plain tensor weight's source")
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+@pytest.mark.parametrize("cls_name,extra", CELLS + [("GRUCell", {}), ("LSTMCell", {})],
+                         ids=lambda v: str(v))
+def test_torch_func_grad_and_vmap_match_torch_nn(backend, cls_name, extra):
+    """torch.func's transforms, as on torch.nn's layers: grad of a functional_call
+    (10 steps: ``auto`` runs the cpu backend for GRU), vmap of the cells; a
+    second derivative (grad of grad) raises, as create_graph=True does."""
+    from torch.func import functional_call, grad, vmap
+
+    cell = cls_name.endswith("Cell")
+    kwargs = dict(input_size=I, hidden_size=H, **extra)
+    if not cell:
+        kwargs.update(num_layers=2, bidirectional=True)
+    ours, theirs = make_pair(cls_name, backend, **kwargs)
+    x = torch.randn(B, I) if cell else torch.randn(10, B, I)
+    params = {k: v.detach() for k, v in theirs.named_parameters()}
+
+    def loss(p, module):
+        out = functional_call(module, p, (x,))
+        out = out[0] if isinstance(out, tuple) else out
+        return (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+
+    got, want = grad(loss)(params, ours), grad(loss)(params, theirs)
+    for name in want:
+        assert_close(got[name], want[name], RTOL, ATOL, what=f"torch.func.grad of {name}")
+    if cell and cls_name != "LSTMCell":  # torch.nn's LSTMCell has no batching rule itself
+        xs = torch.randn(4, B, I)
+        out_o, out_t = vmap(ours)(xs), vmap(theirs)(xs)
+        for a, e in zip(out_o if isinstance(out_o, tuple) else (out_o,),
+                        out_t if isinstance(out_t, tuple) else (out_t,), strict=True):
+            assert_close(a, e, RTOL, ATOL, what="vmap over the cell")
+    if not cell and (backend != "auto" or cls_name == "GRU"):  # auto runs torch.nn's LSTM, RNN
+        with pytest.raises(NotImplementedError, match="second derivative"):
+            grad(lambda p: grad(loss)(p, ours)["weight_hh_l0"].sum())(params)
