@@ -431,8 +431,19 @@ def test_second_derivative_is_an_error_not_a_silent_drop(cls_name, backend):
     ours, theirs = make_pair(cls_name, backend, **kwargs)
     x = torch.randn(5, 2, 3) if "Cell" not in cls_name else torch.randn(2, 3)
     out = leaves(ours(x.clone().requires_grad_()))[0]
+    # create_graph=True alone is a first derivative (torch.func's vjp asks for it): it
+    # works; differentiating what it returned raises
+    grads = torch.autograd.grad(out.sum(), list(ours.parameters()), create_graph=True)
     with pytest.raises(NotImplementedError, match="second derivative through the recurrence"):
-        torch.autograd.grad(out.sum(), list(ours.parameters()), create_graph=True)
+        sum(g.square().sum() for g in grads).backward()
+    # a penalty on the input's gradient with every weight frozen: nothing but the input
+    # requires grad, and it still raises instead of dropping the recurrence's terms
+    ours.requires_grad_(False)
+    xs = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(leaves(ours(xs))[0].sum(), xs, create_graph=True)
+    with pytest.raises(NotImplementedError, match="second derivative through the recurrence"):
+        g.square().sum().backward()
+    ours.requires_grad_(True)
     # a first-order backward with grad mode on around it is not a second derivative
     with torch.enable_grad():
         leaves(ours(x))[0].sum().backward()

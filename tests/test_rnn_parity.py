@@ -278,3 +278,45 @@ def test_torch_func_grad_and_vmap_match_torch_nn(backend, cls_name, extra):
     if not cell and (backend != "auto" or cls_name == "GRU"):  # auto runs torch.nn's LSTM, RNN
         with pytest.raises(NotImplementedError, match="second derivative"):
             grad(lambda p: grad(loss)(p, ours)["weight_hh_l0"].sum())(params)
+        # differentiated from outside torch.func (MAML's outer step): raises too
+        # (refused where torch.func's gradient is taken: the outside tensor requires grad)
+        x_outer = x.clone().requires_grad_()
+        with pytest.raises(NotImplementedError, match="second derivative"):
+            inner = grad(lambda p: functional_call(ours, p, (x_outer,))[0].sum())(params)
+            torch.autograd.grad(inner["weight_hh_l0"].square().sum() + x_outer.sum(), x_outer)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+@pytest.mark.parametrize("cls_name", ["LSTM", "GRU"])
+def test_torch_func_vjp_jacrev_and_vmap_of_training_match_torch_nn(backend, cls_name):
+    """vjp (its backward runs with create_graph=True), jacrev (vmap over it) and a
+    backward through vmap over the frozen module (BatchedTensors report no requires_grad),
+    each against torch.nn. jvp raises: forward-mode AD is not supported (and is never
+    given a silently wrong tangent by the inference path). The reference backend's
+    backward writes in place, which vmap refuses: jacrev is checked on the others."""
+    from torch.func import jacrev, jvp, vjp, vmap
+
+    ours, theirs = make_pair(cls_name, backend, input_size=I, hidden_size=H)
+    # parameters that require grad outside the transform would make ours refuse (their
+    # gradients could then be differentiated outside): frozen, as functional_call passes them
+    for module in (ours, theirs):
+        module.requires_grad_(False)
+    x = torch.randn(10, B, I)
+    cot = torch.randn(10, B, H)
+    (y_o, f_o), (y_t, f_t) = vjp(lambda v: ours(v)[0], x), vjp(lambda v: theirs(v)[0], x)
+    assert_close(y_o, y_t, RTOL, ATOL, what="vjp's output")
+    assert_close(f_o(cot)[0], f_t(cot)[0], RTOL, ATOL, what="vjp")
+    if backend != "reference":
+        small = x[:3, :1]
+        assert_close(jacrev(lambda v: ours(v)[0])(small), jacrev(lambda v: theirs(v)[0])(small),
+                     RTOL, ATOL, what="jacrev")
+    if backend != "reference" and not (backend == "auto" and cls_name == "LSTM"):
+        xs = torch.randn(2, 10, B, I).requires_grad_()
+        weight = torch.linspace(-1, 1, H)
+        (vmap(lambda v: ours(v)[0])(xs) * weight).sum().backward()
+        xs_t = xs.detach().clone().requires_grad_()  # torch.nn's layers have no vmap rule
+        sum((theirs(v)[0] * weight).sum() for v in xs_t.unbind(0)).backward()
+        assert_close(xs.grad, xs_t.grad, RTOL, ATOL, what="backward through vmap")
+    if backend != "auto" or cls_name == "GRU":  # auto runs torch.nn's LSTM here
+        with pytest.raises(NotImplementedError, match="jvp"):
+            jvp(lambda v: ours(v)[0], (x,), (torch.randn_like(x),))

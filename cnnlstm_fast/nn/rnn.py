@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends
 from ..backends.base import RecurrenceSpec
-from ..ops.recurrence import recurrence
+from ..ops.recurrence import recurrence, transforms_active
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
 
@@ -165,7 +165,7 @@ class _BackendMixin:
         a plain tensor set in a weight's place (weight tying, a hypernetwork)."""
         if not torch.is_grad_enabled():
             return False
-        if data.requires_grad:
+        if data.requires_grad or transforms_active():
             return True
         states = hx if isinstance(hx, (tuple, list)) else (hx,)
         if any(isinstance(s, torch.Tensor) and s.requires_grad for s in states):
@@ -369,10 +369,11 @@ class _SequenceMixin(_BackendMixin):
                 layer_spec = dataclasses.replace(spec, reverse=direction == 1)
                 c0_k = None if c0 is None else c0[k]
                 fused = None
-                # the fused inference path has no backward: only where nothing this layer
-                # reads requires grad (spec.needs_grad says so for the module; this checks
-                # the tensors themselves, so no gradient is ever lost to it)
-                if layout is None and not spec.needs_grad and not (
+                # the fused inference path has no backward and no forward-mode AD: only
+                # where nothing this layer reads requires grad (spec.needs_grad says so for
+                # the module; this checks the tensors themselves) and no torch.func
+                # transform or dual level is active, so no derivative is ever lost to it
+                if layout is None and not spec.needs_grad and not transforms_active() and not (
                         torch.is_grad_enabled() and any(
                             t is not None and t.requires_grad
                             for t in (x, h0, c0, w_ih, w_hh, w_hr, gx_bias, b_hn))):

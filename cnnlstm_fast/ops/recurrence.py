@@ -26,7 +26,8 @@ class _Recurrence(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(backend, spec, batch_sizes, need_saved, gx, h0, c0, w_hh, w_hr, b_hn):
+    def forward(backend, spec_outer, batch_sizes, need_saved, gx, h0, c0, w_hh, w_hr, b_hn):
+        spec, _ = spec_outer
         y, h_t, c_t, saved = backend.forward(
             spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved
         )
@@ -42,9 +43,9 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        backend, spec, batch_sizes, _, gx, h0, c0, w_hh, w_hr, b_hn = inputs
+        backend, (spec, outer), batch_sizes, _, gx, h0, c0, w_hh, w_hr, b_hn = inputs
         y, h_t, c_t, *saved = output
-        ctx.backend, ctx.spec, ctx.batch_sizes = backend, spec, batch_sizes
+        ctx.backend, ctx.spec, ctx.batch_sizes, ctx.outer = backend, spec, batch_sizes, outer
         ctx.input_dtypes = [None if v is None else v.dtype for v in (gx, h0, c0, w_hh, w_hr, b_hn)]
         ctx.outputs_like = [None if v is None else (v.shape, v.dtype, v.device) for v in (y, h_t, c_t)]
         ctx.save_for_backward(*saved)
@@ -54,15 +55,11 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_y, d_hT, d_cT, *_):
-        if _second_derivative():
-            raise NotImplementedError(  # a RuntimeError, as torch's for cuDNN's RNNs
-                f"cnnlstm_fast {ctx.spec.cell} layer (backend {ctx.backend.name!r}): a second "
-                "derivative through the recurrence (backward or autograd.grad with "
-                "create_graph=True, e.g. a gradient penalty) is not supported: its backward "
-                "is computed once, without a graph. Use backend='torch' for this layer: "
-                "torch.nn's native implementation supports it (on CUDA with cuDNN disabled "
-                "for the forward: torch.backends.cudnn.flags(enabled=False))."
-            )
+        if ctx.outer and torch.is_grad_enabled():
+            raise NotImplementedError(
+                _SECOND_DERIVATIVE.format(cell=ctx.spec.cell, backend=ctx.backend.name)
+                + " (Here: a torch.func transform's gradient, with a tensor that requires "
+                "grad outside the transform too.)")
         # zeros for an output whose gradient autograd left out (materialize_grads is off)
         d_y, d_hT, d_cT = (
             g if g is not None or like is None
@@ -76,26 +73,78 @@ class _Recurrence(torch.autograd.Function):
             None if (g is None or dt is None or not need) else g.to(dt)
             for g, dt, need in zip(grads, ctx.input_dtypes, ctx.needs_input_grad[4:])
         ]
+        if torch.is_grad_enabled():
+            # A graph is being built around this backward (create_graph=True, torch.func's
+            # vjp/grad): our gradients are computed without one, so a derivative of them
+            # would lack the recurrence's terms. They leave through a node that raises
+            # when it is differentiated, and only then: a first-order vjp still works.
+            grads = _refuse_second_derivative(ctx, grads)
         return (None, None, None, None, *grads)
 
 
-def _second_derivative() -> bool:
-    """Whether this backward is being differentiated itself. Autograd runs a backward
-    with grad mode on iff create_graph; torch.func's grad and vjp run theirs with it on
-    always, one transform level per derivative, so there it is two levels or more."""
-    levels = 0 if torch.compiler.is_compiling() else _functorch_grad_levels()
-    return levels > 1 if levels else torch.is_grad_enabled()
+_SECOND_DERIVATIVE = (
+    "cnnlstm_fast {cell} layer (backend {backend!r}): a second derivative through the "
+    "recurrence (backward or autograd.grad with create_graph=True and then a derivative "
+    "of those gradients, e.g. a gradient penalty, a Hessian, torch.func.grad of grad) is "
+    "not supported: its backward is computed once, without a graph. Use backend='torch' "
+    "for this layer: torch.nn's native implementation supports it (on CUDA with cuDNN "
+    "disabled for the forward: torch.backends.cudnn.flags(enabled=False))."
+)
 
 
-def _functorch_grad_levels() -> int:
-    """The torch.func transforms that differentiate (grad, vjp, jacrev, jvp) active now;
-    0 outside them. torch.func has no public query for it."""
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    except ImportError:  # a torch without it: treated as outside the transforms
-        return 0
-    return sum(str(i.key()).rsplit(".", 1)[-1] in ("Grad", "Jvp")
-               for i in retrieve_all_functorch_interpreters())
+class _NoSecondDerivative(torch.autograd.Function):
+    """Passes gradients through (as views) with a backward that raises: what makes a
+    second derivative through the recurrence an error instead of a silent drop."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(message, anchor, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(ctx.message)  # a RuntimeError, as torch's for cuDNN's RNNs
+
+
+def _refuse_second_derivative(ctx, grads):
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    message = _SECOND_DERIVATIVE.format(cell=ctx.spec.cell, backend=ctx.backend.name)
+    # a leaf that requires grad: the outputs are in the graph even where nothing else
+    # the gradients depend on requires grad (a penalty on the input's gradient with the
+    # weights frozen)
+    anchor = torch.zeros((), device=present[0].device, requires_grad=True)
+    refused = iter(_NoSecondDerivative.apply(message, anchor, *present))
+    return [None if g is None else next(refused) for g in grads]
+
+
+def _requires_grad_outside(t) -> bool:
+    """Whether ``t`` requires grad at a level below the current torch.func transform."""
+    if t is None:
+        return False
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, jvp...) or a forward-mode AD
+    level is active: tensors' requires_grad does not show what they will need there (a
+    BatchedTensor's is False, a dual tensor needs no backward but its tangent). Outside
+    torch.compile's tracing only (it cannot trace the query)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def recurrence(
@@ -112,8 +161,13 @@ def recurrence(
     """Runs one layer and direction: returns ``(Y, h_T, c_T or None)``."""
     # what backward needs is kept only where autograd will run it: grad mode on (forward
     # itself runs without it) and a tensor requiring grad
-    need_saved = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, w_hr, b_hn))
+    need_saved = torch.is_grad_enabled() and (transforms_active() or any(
+        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, w_hr, b_hn)))
+    # Inside a torch.func transform with a tensor that requires grad outside it too (MAML:
+    # autograd over torch.func.grad), the gradients this level computes could be
+    # differentiated outside, which our backward cannot support: its backward refuses.
+    outer = need_saved and transforms_active() and any(
+        _requires_grad_outside(t) for t in (gx, h0, c0, w_hh, w_hr, b_hn))
     y, h_t, c_t, *_ = _Recurrence.apply(
-        backend, spec, batch_sizes, need_saved, gx, h0, c0, w_hh, w_hr, b_hn)
+        backend, (spec, outer), batch_sizes, need_saved, gx, h0, c0, w_hh, w_hr, b_hn)
     return y, h_t, c_t
