@@ -118,6 +118,15 @@ def _torch_cuda() -> dict:
     return info
 
 
+def _default_backend() -> str:
+    """The process default, or why it has none: a bad CNNLSTM_FAST_BACKEND is reported,
+    not raised (every module with backend="auto" raises it at its first call)."""
+    try:
+        return backends.get_default()
+    except ValueError as exc:
+        return f"error: {exc}"
+
+
 def collect() -> dict:
     """The report as a JSON-serialisable dict."""
     extension = _extension()
@@ -151,7 +160,7 @@ def collect() -> dict:
         "cuda_settings": {name: os.environ.get(name) for name in CUDA_SETTINGS},
         "backends": backends.backend_report(),
         "available_backends": backends.available_backends(),
-        "default_backend": backends.get_default(),
+        "default_backend": _default_backend(),
         "warnings": warnings,
     }
 

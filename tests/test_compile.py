@@ -8,6 +8,9 @@ run eagerly); ours are such subclasses, so the tests set it, as the README says 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -158,3 +161,20 @@ def test_onnx_export_gives_the_onnx_recurrent_operator(cls_name, onnx_op, dynamo
         want = leaves(model(x))
     for a, b in zip(got, want):
         torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-4, atol=1e-5)
+
+
+def test_fullgraph_compile_with_auto_in_a_fresh_process():
+    """``auto``'s rules ask the extension which CPU GEMM runs and read the malloc
+    settings, which Dynamo cannot trace: in a process where no eager call has filled the
+    answers yet, a fullgraph compile failed on them. They are constants of the graph."""
+    code = (
+        "import torch, cnnlstm_fast as clf\n"
+        "torch._dynamo.config.allow_rnn = True\n"
+        "m = clf.GRU(8, 32)\n"
+        "x = torch.randn(16, 2, 8)\n"
+        "y = torch.compile(m, backend='aot_eager', fullgraph=True)(x)[0]\n"
+        "torch.testing.assert_close(y, torch.nn.GRU.forward(m, x)[0], rtol=1e-5, atol=1e-6)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

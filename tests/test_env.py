@@ -122,3 +122,35 @@ def test_source_commit_variable_overrides_the_checkout(monkeypatch):
     """A copied tree (the GPU machines) reports the commit it was copied from."""
     monkeypatch.setenv(env.SOURCE_COMMIT_VAR, "0123abcd")
     assert env.collect()["git_commit"] == "0123abcd"
+
+
+def test_report_shows_a_bad_default_backend_instead_of_failing():
+    env = {**os.environ, "CNNLSTM_FAST_BACKEND": "nope"}
+    done = subprocess.run([sys.executable, "-m", "cnnlstm_fast.env", "--json"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    default = json.loads(done.stdout)["default_backend"]
+    assert default.startswith("error: CNNLSTM_FAST_BACKEND must be") and "'nope'" in default
+
+
+def test_first_calls_from_several_threads_register_the_ops_once():
+    """Four threads making the process's first calls at once: the fakes and the autograd
+    formula are registered once (a second registration warns that it overrides)."""
+    code = (
+        "import threading, warnings, torch, cnnlstm_fast as clf\n"
+        "warnings.simplefilter('error')\n"
+        "m = clf.GRU(16, 32, backend='cpu'); x = torch.randn(12, 3, 16); b = threading.Barrier(4)\n"
+        "errors = []\n"
+        "def work():\n"
+        "    b.wait()\n"
+        "    try:\n"
+        "        m(x)[0].sum().backward()\n"
+        "    except Exception as exc:\n"
+        "        errors.append(repr(exc))\n"
+        "ts = [threading.Thread(target=work) for _ in range(4)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "assert not errors, errors\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Overriding" not in done.stderr

@@ -64,13 +64,16 @@ _CPU_GEMM_ENV = "CNNLSTM_FAST_CPU_GEMM"
 _cpu_gemm_known: dict[str | None, bool] = {}
 
 
+@torch.compiler.assume_constant_result
 def _cpu_gemm_is_avx512() -> bool:
     """Whether the cpu backend's float32 GEMMs run our AVX-512 kernel (the CPU has it and
     CNNLSTM_FAST_CPU_GEMM allows it): the measurements behind ``auto`` differ with it.
     Remembered per value of that variable as ``os.environ`` holds it (the extension reads
     it at every call; asking it costs microseconds, which every resolved call would pay).
     A change made with ``os.putenv`` or C's ``setenv`` bypasses ``os.environ`` and is not
-    seen here, only by the extension: ``auto`` then follows the old GEMM's rule."""
+    seen here, only by the extension: ``auto`` then follows the old GEMM's rule. Under
+    torch.compile it runs eagerly at trace time (it loads the extension, which Dynamo
+    cannot trace) and its answer is a constant of the graph."""
     setting = os.environ.get(_CPU_GEMM_ENV)
     known = _cpu_gemm_known.get(setting)
     if known is None:
@@ -114,6 +117,7 @@ def _parse_size(text: str) -> int | None:
         return None
 
 
+@torch.compiler.assume_constant_result
 def _malloc_keeps_freed_memory() -> bool:
     """Whether this process's malloc keeps large freed blocks for reuse instead of
     unmapping them, so torch.nn's LSTM training does not fault in fresh memory at every

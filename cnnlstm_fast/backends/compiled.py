@@ -11,6 +11,7 @@ inputs). The fake (shape) implementations here let torch.compile trace the ops.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -21,10 +22,19 @@ from .reference import compute_dtype
 _SAVES_EXTRA = ("lstm", "gru")
 
 
-@functools.cache
+_ops_lock = threading.Lock()
+
+
 def ops():
     """``torch.ops.cnnlstm_fast`` once the extension is loaded and the fakes are
-    registered; None when the extension is missing."""
+    registered; None when the extension is missing. Registered once, also when several
+    threads make their first call at the same time (a second registration warns)."""
+    with _ops_lock:
+        return _ops()
+
+
+@functools.cache
+def _ops():
     if _ext.load() is None:
         return None
     namespace = torch.ops.cnnlstm_fast
