@@ -77,3 +77,12 @@ def test_bad_arguments(kwargs, match):
 def test_wrong_input_rank_names_the_layout():
     with pytest.raises(ValueError, match=r"expected x of shape \(B, T, C, H, W\), got \(3, 6, 3\)"):
         CNNLSTM(3, 4, conv="2d")(_input("1d", 3))
+
+
+@pytest.mark.parametrize("conv,shape", [("1d", (0, 5, 3)), ("2d", (0, 5, 3, 8, 8))])
+def test_empty_batch(conv, shape):
+    """An empty batch gives an empty (0, num_outputs) result, as with torch.nn's layers
+    (the 2-d model's features were reshaped with an inferred size, which 0 rows lack)."""
+    for backend in ("torch", "auto"):
+        out = CNNLSTM(3, 4, conv=conv, backend=backend).eval()(torch.randn(*shape))
+        assert out.shape == (0, 4), backend

@@ -103,7 +103,8 @@ class CNNLSTM(nn.Module):
         if self.conv == "1d":
             return self.cnn(x.transpose(1, 2)).transpose(1, 2)
         batch, steps = x.shape[:2]
-        return self.cnn(x.flatten(0, 1)).view(batch, steps, -1)
+        # the feature size named, not -1: an empty batch or sequence has no size to infer
+        return self.cnn(x.flatten(0, 1)).view(batch, steps, self.rnn.input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, num_outputs) from ``x`` (B, T, C) for conv="1d" or (B, T, C, H, W) for "2d"."""
