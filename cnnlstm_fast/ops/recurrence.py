@@ -26,8 +26,7 @@ class _Recurrence(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(backend, spec_outer, batch_sizes, need_saved, gx, h0, c0, w_hh, w_hr, b_hn):
-        spec, _ = spec_outer
+    def forward(backend, spec, batch_sizes, need_saved, outer, gx, h0, c0, w_hh, w_hr, b_hn):
         y, h_t, c_t, saved = backend.forward(
             spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved
         )
@@ -43,7 +42,7 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        backend, (spec, outer), batch_sizes, _, gx, h0, c0, w_hh, w_hr, b_hn = inputs
+        backend, spec, batch_sizes, _, outer, gx, h0, c0, w_hh, w_hr, b_hn = inputs
         y, h_t, c_t, *saved = output
         ctx.backend, ctx.spec, ctx.batch_sizes, ctx.outer = backend, spec, batch_sizes, outer
         ctx.input_dtypes = [None if v is None else v.dtype for v in (gx, h0, c0, w_hh, w_hr, b_hn)]
@@ -56,10 +55,9 @@ class _Recurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_y, d_hT, d_cT, *_):
         if ctx.outer and torch.is_grad_enabled():
-            raise NotImplementedError(
-                _SECOND_DERIVATIVE.format(cell=ctx.spec.cell, backend=ctx.backend.name)
-                + " (Here: a torch.func transform's gradient, with a tensor that requires "
-                "grad outside the transform too.)")
+            raise NotImplementedError(_second_derivative_message(ctx) + (
+                " (Here: a torch.func transform's gradient, with a tensor that requires "
+                "grad outside the transform too.)"))
         # zeros for an output whose gradient autograd left out (materialize_grads is off)
         d_y, d_hT, d_cT = (
             g if g is not None or like is None
@@ -71,7 +69,7 @@ class _Recurrence(torch.autograd.Function):
         )
         grads = [
             None if (g is None or dt is None or not need) else g.to(dt)
-            for g, dt, need in zip(grads, ctx.input_dtypes, ctx.needs_input_grad[4:])
+            for g, dt, need in zip(grads, ctx.input_dtypes, ctx.needs_input_grad[5:])
         ]
         if torch.is_grad_enabled():
             # A graph is being built around this backward (create_graph=True, torch.func's
@@ -79,7 +77,7 @@ class _Recurrence(torch.autograd.Function):
             # would lack the recurrence's terms. They leave through a node that raises
             # when it is differentiated, and only then: a first-order vjp still works.
             grads = _refuse_second_derivative(ctx, grads)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 _SECOND_DERIVATIVE = (
@@ -90,6 +88,10 @@ _SECOND_DERIVATIVE = (
     "for this layer: torch.nn's native implementation supports it (on CUDA with cuDNN "
     "disabled for the forward: torch.backends.cudnn.flags(enabled=False))."
 )
+
+
+def _second_derivative_message(ctx) -> str:
+    return _SECOND_DERIVATIVE.format(cell=ctx.spec.cell, backend=ctx.backend.name)
 
 
 class _NoSecondDerivative(torch.autograd.Function):
@@ -115,7 +117,7 @@ def _refuse_second_derivative(ctx, grads):
     present = [g for g in grads if g is not None]
     if not present:
         return grads
-    message = _SECOND_DERIVATIVE.format(cell=ctx.spec.cell, backend=ctx.backend.name)
+    message = _second_derivative_message(ctx)
     # a leaf that requires grad: the outputs are in the graph even where nothing else
     # the gradients depend on requires grad (a penalty on the input's gradient with the
     # weights frozen)
@@ -161,13 +163,15 @@ def recurrence(
     """Runs one layer and direction: returns ``(Y, h_T, c_T or None)``."""
     # what backward needs is kept only where autograd will run it: grad mode on (forward
     # itself runs without it) and a tensor requiring grad
-    need_saved = torch.is_grad_enabled() and (transforms_active() or any(
-        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, w_hr, b_hn)))
+    tensors = (gx, h0, c0, w_hh, w_hr, b_hn)
+    grad_enabled = torch.is_grad_enabled()
+    transformed = grad_enabled and transforms_active()
+    need_saved = grad_enabled and (
+        any(t is not None and t.requires_grad for t in tensors) or transformed)
     # Inside a torch.func transform with a tensor that requires grad outside it too (MAML:
     # autograd over torch.func.grad), the gradients this level computes could be
     # differentiated outside, which our backward cannot support: its backward refuses.
-    outer = need_saved and transforms_active() and any(
-        _requires_grad_outside(t) for t in (gx, h0, c0, w_hh, w_hr, b_hn))
+    outer = transformed and any(_requires_grad_outside(t) for t in tensors)
     y, h_t, c_t, *_ = _Recurrence.apply(
-        backend, (spec, outer), batch_sizes, need_saved, gx, h0, c0, w_hh, w_hr, b_hn)
+        backend, spec, batch_sizes, need_saved, outer, *tensors)
     return y, h_t, c_t
