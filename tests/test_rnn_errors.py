@@ -45,10 +45,14 @@ CONSTRUCTOR_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["auto", *module_backends()])
 @pytest.mark.parametrize("cls_name,kwargs", CONSTRUCTOR_CASES, ids=str)
-def test_constructor_errors(cls_name, kwargs):
+def test_constructor_errors(cls_name, kwargs, backend):
+    """Our constructor (torch's, with our keyword-only ``backend`` taken first) raises
+    torch's error for each bad argument, whatever backend is named."""
     _same_error(
-        lambda: getattr(clf, cls_name)(**kwargs), lambda: getattr(nn, cls_name)(**kwargs)
+        lambda: getattr(clf, cls_name)(**kwargs, backend=backend),
+        lambda: getattr(nn, cls_name)(**kwargs),
     )
 
 

@@ -381,6 +381,24 @@ def test_user_subclasses_are_swapped_only_when_asked(caplog):
     assert type(model[0]) is UserLSTM and not hasattr(model[0], "backend")
 
 
+def test_swap_log_names_a_subclass_by_its_own_module_and_class(caplog):
+    """Another library's own ``LSTM`` (a torch.nn.LSTM subclass of the same name) is
+    logged as that library's class, not as torch.nn's LSTM."""
+    LibraryLSTM = type("LSTM", (nn.LSTM,), {"__module__": "otherlib.layers", "__qualname__": "LSTM"})
+    model = nn.ModuleDict({"theirs": LibraryLSTM(3, 4), "plain": nn.LSTM(3, 4)})
+    messages = []
+    with caplog.at_level(logging.INFO, logger="cnnlstm_fast.nn.swap"):
+        for include_subclasses in (False, True, True):
+            clf.swap(model, backend="reference", include_subclasses=include_subclasses)
+            messages.append(caplog.records[-1].getMessage())
+    skipped, swapped, again = messages
+    assert "theirs (otherlib.layers.LSTM: a subclass; pass include_subclasses=True)" in skipped, skipped
+    assert "plain (LSTM, torch.nn)" in skipped, skipped
+    assert "theirs (otherlib.layers.LSTM, a subclass of torch.nn.LSTM)" in swapped, swapped
+    assert "theirs (otherlib.layers.LSTM, already ours)" in again, again
+    assert "plain (LSTM, already ours)" in again, again
+
+
 @pytest.mark.parametrize("torch_cls,our_cls", list(zip(RECURRENT, OURS)), ids=[c.__name__ for c in RECURRENT])
 def test_our_classes_add_no_state_but_backend(torch_cls, our_cls):
     # swap re-classes modules without running our __init__: any other state our

@@ -191,7 +191,11 @@ def test_persistent_backward_grid_of_several_programs(case):
     the interpreter runs one program after another: each barrier times out (spin limit
     1) and a program reads the dG_h columns of programs that have not run yet, so dG_h
     starts out holding the per-step path's values. Catches a program that reads or
-    writes another block's rows or W_hh columns; the barrier itself needs a GPU."""
+    writes another block's rows or W_hh columns; the barrier itself needs a GPU.
+
+    As dG_h starts out holding the answer, a program that skipped storing its block
+    would still match it: a second launch starts dG_h at a value the kernel never
+    computes, and every active entry must be overwritten, every inactive one kept."""
     spec, args, cot = make_case(*case)
     _, _, _, saved = launch.forward(spec, **args, need_saved=True, mode="step")
     act, h_prev, extra, w_hh, _, _ = saved
@@ -200,19 +204,35 @@ def test_persistent_backward_grid_of_several_programs(case):
     launch._step_backward(spec, act, h_prev, extra, w_hh, None, cot["d_y"], args["batch_sizes"],
                           *want, None)
     rows = launch._active_rows(args["batch_sizes"], steps, batch)
-    dh, dc, d_gx, d_gh = _backward_buffers(spec, saved, cot)
-    d_gh.copy_(want[3])
-    flags = torch.zeros(2, dtype=torch.int32)
-    launch.recurrence_backward_persistent[(3, 3)](
-        cot["d_y"], dh, act if dc is None else dc, act, act if extra is None else extra,
-        h_prev, w_hh, d_gx, d_gh, torch.tensor(rows, dtype=torch.int32), flags, flags[1:],
-        steps, batch, spec.hidden_size, 1, CELL=launch.CELL_IDS[spec.cell],
-        NGATES=spec.gates, REVERSE=spec.reverse, INTERPRET=True, BLOCK_B=16, BLOCK_H=16,
-        BLOCK_K=64)
-    assert int(flags[1]) == 1  # the barrier did time out: programs ran one by one
-    for name, a, b in zip(("dh", "dc", "dG_x", "dG_h"), (dh, dc, d_gx, d_gh), want):
+
+    def launch_grid(d_gh_start):
+        dh, dc, d_gx, d_gh = _backward_buffers(spec, saved, cot)
+        d_gh.copy_(d_gh_start)
+        flags = torch.zeros(2, dtype=torch.int32)
+        launch.recurrence_backward_persistent[(3, 3)](
+            cot["d_y"], dh, act if dc is None else dc, act, act if extra is None else extra,
+            h_prev, w_hh, d_gx, d_gh, torch.tensor(rows, dtype=torch.int32), flags, flags[1:],
+            steps, batch, spec.hidden_size, 1, CELL=launch.CELL_IDS[spec.cell],
+            NGATES=spec.gates, REVERSE=spec.reverse, INTERPRET=True, BLOCK_B=16, BLOCK_H=16,
+            BLOCK_K=64)
+        assert int(flags[1]) == 1, "the barrier did not time out: programs did not run one by one"
+        return dh, dc, d_gx, d_gh
+
+    got = launch_grid(want[3])
+    for name, a, b in zip(("dh", "dc", "dG_x", "dG_h"), got, want):
         if b is not None:
             assert_close(a, b, 1e-5, 1e-5, name)
+
+    sentinel = -777.0  # reads of it give wrong values; only which entries change counts
+    d_gh = launch_grid(torch.full_like(want[3], sentinel))[3]
+    active = torch.arange(batch)[None, :] < torch.tensor(rows)[:, None]  # (T, B)
+    kept = d_gh == sentinel
+    missed = (kept & active[:, :, None]).nonzero().tolist()
+    assert not missed, (f"{len(missed)} active dG_h entries (step, row, gate column) were "
+                        f"never stored, e.g. {missed[:5]}")
+    stray = (~kept & ~active[:, :, None]).nonzero().tolist()
+    assert not stray, (f"{len(stray)} dG_h entries of rows inactive at their step were "
+                       f"written, e.g. {stray[:5]}")
 
 
 @interpreter_only

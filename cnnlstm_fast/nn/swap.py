@@ -130,6 +130,29 @@ def _original_class(cls: type) -> type | None:
     return None
 
 
+def _class_name(cls: type) -> str:
+    """How the log names a module's class: torch.nn's and ours by name; any other (a
+    user's or another library's subclass, which may well be called ``LSTM`` too) by its
+    module and qualified name, so that it is not taken for torch.nn's."""
+    layer = _parametrized_base(cls) or cls
+    if layer in OURS or layer in OURS.values():
+        return cls.__qualname__
+    name = f"{layer.__module__}.{layer.__qualname__}"
+    return name if layer is cls else f"{name}, parametrized"
+
+
+def _origin(cls: type) -> str:
+    """What a module that swap re-classes was: torch.nn's layer, ours already, or a
+    subclass of a torch.nn layer (a user's or another library's)."""
+    layer = _parametrized_base(cls) or cls
+    if issubclass(layer, rnn._BackendMixin):
+        return "already ours"
+    if layer in OURS:
+        return "torch.nn"
+    torch_cls = next(c for c in layer.__mro__ if c in OURS)
+    return f"a subclass of torch.nn.{torch_cls.__name__}"
+
+
 def swap(
     model: nn.Module,
     backend: str = "auto",
@@ -162,14 +185,13 @@ def swap(
         target = _target_class(module, include_subclasses)
         if target is None:
             if isinstance(module, tuple(OURS)):
-                skipped.append(f"{name or '<model>'} ({type(module).__qualname__}: a subclass; "
+                skipped.append(f"{name or '<model>'} ({_class_name(type(module))}: a subclass; "
                                "pass include_subclasses=True)")
             continue
         if filter_fn is not None and not filter_fn(module, name):
             skipped.append(f"{name or '<model>'} (filter_fn)")
             continue
-        what = "already ours" if isinstance(module, rnn._BackendMixin) else "torch.nn"
-        swapped.append(f"{name or '<model>'} ({type(module).__qualname__}, {what})")
+        swapped.append(f"{name or '<model>'} ({_class_name(type(module))}, {_origin(type(module))})")
         module.__class__ = target
         module.backend = backend
     logger.info(
