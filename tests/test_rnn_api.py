@@ -173,13 +173,27 @@ def test_auto_follows_the_measured_rules(monkeypatch):
     assert not picks(_cpu("gru", 4, 512, 8))
     assert not picks(_cpu("gru", 4, 2, 8, dtype=torch.bfloat16))  # cpu has no bf16
 
-    if not expect_cpu or not _ext.load().cpu_gemm_info()["avx512_supported"]:
-        return
-    # With our AVX-512 GEMM: the rule measured on the AMD EPYC, with glibc's malloc as
-    # it comes.
-    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "auto")
+    if not expect_cpu:
+        pytest.skip(f"the cpu backend is unavailable ({backends.backend_report()['cpu']}): "
+                    "auto never picks it, so the rules of its GEMMs cannot be told apart")
+    # CNNLSTM_FAST_CPU_GEMM=auto runs our AVX-512 GEMM where the CPU has AVX-512, and
+    # BLAS (the rule above) where it has not; which one runs is remembered per value of
+    # the variable, not once.
     for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
+    avx512 = _ext.load().cpu_gemm_info()["avx512_supported"]
+    avx512_only, blas_only = _cpu("lstm", 256, 1, 32), _cpu("lstm", 512, 16, 32, needs_grad=True)
+    for setting, rule_is_avx512 in (("auto", avx512), ("blas", False), ("auto", avx512)):
+        monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", setting)
+        rule = "AVX-512" if rule_is_avx512 else "BLAS"
+        assert picks(avx512_only) == rule_is_avx512, f"{setting}: expected the {rule} rule"
+        assert picks(blas_only) != rule_is_avx512, f"{setting}: expected the {rule} rule"
+
+    # With our AVX-512 GEMM: the rule measured on the AMD EPYC, with glibc's malloc as
+    # it comes. A CPU without AVX-512 never runs it: check the rule there as one with it
+    # would follow it.
+    if not avx512:
+        monkeypatch.setattr(backends, "_cpu_gemm_is_avx512", lambda: True)
     assert picks(_cpu("gru", 256, 256, 32, needs_grad=True))
     assert picks(_cpu("gru", 256, 1, 8)) and not picks(_cpu("gru", 256, 1, 4))  # short-seq
     assert not picks(_cpu("lstm", 256, 1, 1, needs_grad=True))  # one step: the cells' calls
@@ -227,12 +241,6 @@ def test_auto_follows_the_measured_rules(monkeypatch):
     assert not picks(_cpu("rnn_tanh", 128, 1, 1000))
     # float64 keeps the BLAS rule
     assert picks(_cpu("lstm", 1024, 16, 8, dtype=torch.float64))
-    # which GEMM runs is remembered per value of CNNLSTM_FAST_CPU_GEMM, not once
-    assert picks(_cpu("lstm", 256, 1, 32))
-    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "blas")
-    assert not picks(_cpu("lstm", 256, 1, 32))
-    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "auto")
-    assert picks(_cpu("lstm", 256, 1, 32))
 
 
 def test_short_calls_resolve_to_torch_without_a_spec(caplog, monkeypatch):
@@ -418,41 +426,6 @@ def test_packed_index_built_on_the_device_matches_the_host_one(lengths):
     host = _packed_index(batch_sizes, cpu, on_device=False)
     assert torch.equal(_packed_index(batch_sizes, cpu, on_device=True), host)
     assert len(host) == sum(lengths) and host.unique().numel() == len(host)
-
-
-@pytest.mark.parametrize("backend", module_backends())
-@pytest.mark.parametrize("cls_name", ["LSTM", "GRU", "LSTMCell"])
-def test_second_derivative_is_an_error_not_a_silent_drop(cls_name, backend):
-    """A gradient penalty differentiates the backward. Ours is computed without a graph,
-    so that derivative would silently lack the recurrence's terms (the input
-    projection's would still flow): a backward asked to build a graph must raise, and
-    backend="torch" must work."""
-    kwargs = dict(input_size=3, hidden_size=4)
-    ours, theirs = make_pair(cls_name, backend, **kwargs)
-    x = torch.randn(5, 2, 3) if "Cell" not in cls_name else torch.randn(2, 3)
-    out = leaves(ours(x.clone().requires_grad_()))[0]
-    # create_graph=True alone is a first derivative (torch.func's vjp asks for it): it
-    # works; differentiating what it returned raises
-    grads = torch.autograd.grad(out.sum(), list(ours.parameters()), create_graph=True)
-    with pytest.raises(NotImplementedError, match="second derivative through the recurrence"):
-        sum(g.square().sum() for g in grads).backward()
-    # a penalty on the input's gradient with every weight frozen: nothing but the input
-    # requires grad, and it still raises instead of dropping the recurrence's terms
-    ours.requires_grad_(False)
-    xs = x.clone().requires_grad_()
-    (g,) = torch.autograd.grad(leaves(ours(xs))[0].sum(), xs, create_graph=True)
-    with pytest.raises(NotImplementedError, match="second derivative through the recurrence"):
-        g.square().sum().backward()
-    ours.requires_grad_(True)
-    # a first-order backward with grad mode on around it is not a second derivative
-    with torch.enable_grad():
-        leaves(ours(x))[0].sum().backward()
-    # the way out the message names
-    ours.backend = "torch"
-    xs = x.clone().requires_grad_()
-    (g,) = torch.autograd.grad(leaves(ours(xs))[0].sum(), xs, create_graph=True)
-    g.square().sum().backward()
-    assert ours.weight_hh.grad is not None if "Cell" in cls_name else ours.weight_hh_l0.grad is not None
 
 
 @pytest.mark.parametrize("backend", module_backends())

@@ -55,11 +55,13 @@ class CpuBackend(CompiledOpsBackend):
         return y, h_t, c_t if spec.cell == "lstm" else None
 
     def input_projection(self, x, weight, bias):
-        # Under torch.func's transforms F.linear: the autograd formula registered for
-        # our op (torch.library.register_autograd on a C++ op) does not support them.
-        # (Dynamo cannot trace the query; torch.compile's graphs keep our op.)
-        if (not torch.compiler.is_compiling()
-                and torch._C._functorch.peek_interpreter_stack() is not None):
+        # Under torch.func's transforms and forward-mode AD F.linear: the autograd
+        # formula registered for our op (torch.library.register_autograd on a C++ op)
+        # supports neither. (Dynamo cannot trace the query; torch.compile's graphs keep
+        # our op.)
+        if not torch.compiler.is_compiling() and (
+                torch._C._functorch.peek_interpreter_stack() is not None
+                or torch.autograd.forward_ad._current_level >= 0):
             return torch.nn.functional.linear(x, weight, bias)
         # torch.ops directly, as in forward(): ops() has registered the autograd formula.
         return torch.ops.cnnlstm_fast.linear(x, weight, bias)

@@ -99,20 +99,16 @@ class ReferenceBackend(Backend):
         return y.to(dtype), h.to(dtype), c_out, saved
 
     def backward(self, spec, saved, batch_sizes, d_y, d_hT, d_cT):
+        # out of place (each step's rows padded to the batch, then stacked), so that
+        # torch.func's vmap can batch it (jacrev, a Hessian)
         act, h_prev, extra, w_hh, w_hr = saved
         acc = act.dtype
         steps, batch, gate_width = act.shape
-        hidden = spec.hidden_size
         d_y = d_y.to(acc)
-        dh = d_hT.to(acc).clone()
-        dc = None if d_cT is None else d_cT.to(acc).clone()
-        d_gx = act.new_zeros(act.shape)
-        # GRU: gradient of the recurrent pre-activation differs from d_gx in the n gate.
-        d_gh = act.new_zeros(act.shape) if spec.cell == "gru" else d_gx
-        if w_hr is not None:
-            d_h_all = act.new_zeros(steps, batch, w_hr.shape[0])
-            m_all = act.new_zeros(steps, batch, hidden)
+        dh = d_hT.to(acc)
+        dc = None if d_cT is None else d_cT.to(acc)
         rows = active_rows(batch_sizes, steps, batch)
+        d_gx, d_gh, d_h_all, m_all = ([None] * steps for _ in range(4))
 
         for t in reversed(step_order(steps, spec.reverse)):
             n = rows[t]
@@ -122,13 +118,13 @@ class ReferenceBackend(Backend):
                 c_prev = extra[t, :n]
                 tanh_c = (f * c_prev + i * g).tanh()
                 if w_hr is not None:
-                    d_h_all[t, :n] = g_h
-                    m_all[t, :n] = o * tanh_c
+                    d_h_all[t] = _pad_rows(g_h, batch)
+                    m_all[t] = _pad_rows(o * tanh_c, batch)
                     d_m = g_h @ w_hr
                 else:
                     d_m = g_h
                 d_c = dc[:n] + d_m * o * (1 - tanh_c * tanh_c)
-                d_gx[t, :n] = torch.cat(
+                d_a = torch.cat(
                     (
                         d_c * g * i * (1 - i),
                         d_c * c_prev * f * (1 - f),
@@ -137,29 +133,98 @@ class ReferenceBackend(Backend):
                     ),
                     1,
                 )
-                dc[:n] = d_c * f
-                dh[:n] = d_gx[t, :n] @ w_hh
+                d_a_h = d_a
+                dc = _keep_rows(d_c * f, dc)
+                dh_new = d_a @ w_hh
             elif spec.cell == "gru":
                 r, z, nn_ = act[t, :n].chunk(3, 1)
                 h_n = extra[t, :n]
                 d_an = g_h * (1 - z) * (1 - nn_ * nn_)
                 d_ar = d_an * h_n * r * (1 - r)
                 d_az = g_h * (h_prev[t, :n] - nn_) * z * (1 - z)
-                d_gx[t, :n] = torch.cat((d_ar, d_az, d_an), 1)
-                d_gh[t, :n] = torch.cat((d_ar, d_az, d_an * r), 1)
-                dh[:n] = g_h * z + d_gh[t, :n] @ w_hh
+                d_a = torch.cat((d_ar, d_az, d_an), 1)
+                # the recurrent pre-activation's gradient differs from G_x's in the n gate
+                d_a_h = torch.cat((d_ar, d_az, d_an * r), 1)
+                dh_new = g_h * z + d_a_h @ w_hh
             else:
                 h_new = act[t, :n]
                 if spec.cell == "rnn_tanh":
                     d_a = g_h * (1 - h_new * h_new)
                 else:
                     d_a = g_h * (h_new > 0).to(acc)
-                d_gx[t, :n] = d_a
-                dh[:n] = d_a @ w_hh
+                d_a_h = d_a
+                dh_new = d_a @ w_hh
+            dh = _keep_rows(dh_new, dh)
+            d_gx[t], d_gh[t] = _pad_rows(d_a, batch), _pad_rows(d_a_h, batch)
 
-        d_w_hh = d_gh.reshape(-1, gate_width).T @ h_prev.reshape(-1, h_prev.shape[2])
+        d_gx = _stack(d_gx, act)
+        d_gh = _stack(d_gh, act)
+        # (T, B, n) -> (T*B, n) by flatten: reshape(-1, n) is ambiguous where n == 0
+        d_w_hh = d_gh.flatten(0, 1).T @ h_prev.flatten(0, 1)
         d_w_hr = None
         if w_hr is not None:
-            d_w_hr = d_h_all.reshape(-1, d_h_all.shape[2]).T @ m_all.reshape(-1, hidden)
-        d_b_hn = d_gh[..., 2 * hidden :].sum((0, 1)) if spec.cell == "gru" else None
+            d_h_all = _stack(d_h_all, act.new_zeros(steps, batch, w_hr.shape[0]))
+            m_all = _stack(m_all, act.new_zeros(steps, batch, spec.hidden_size))
+            d_w_hr = d_h_all.flatten(0, 1).T @ m_all.flatten(0, 1)
+        d_b_hn = d_gh[..., 2 * spec.hidden_size :].sum((0, 1)) if spec.cell == "gru" else None
         return d_gx, dh, dc, d_w_hh, d_w_hr, d_b_hn
+
+
+def _pad_rows(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """A step's active rows followed by zero rows up to the batch."""
+    if rows.shape[0] == batch:
+        return rows
+    return torch.cat((rows, rows.new_zeros(batch - rows.shape[0], *rows.shape[1:])))
+
+
+def _keep_rows(active: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """The state with its first rows replaced by the active ones (the rest carried)."""
+    if active.shape[0] == state.shape[0]:
+        return active
+    return torch.cat((active, state[active.shape[0]:]))
+
+
+def _stack(steps: list, like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(steps) if steps else like.new_zeros(like.shape)
+
+
+def differentiable_forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes):
+    """The same recurrence as :meth:`ReferenceBackend.forward`, in out-of-place ops that
+    autograd records: ``(Y, h_T, c_T or None)``. What the second derivative recomputes
+    and differentiates (see ``cnnlstm_fast/ops/recurrence.py``); float16/bfloat16 are
+    computed in float32 as in the forward."""
+    acc = compute_dtype(gx.dtype)
+    steps, batch, _ = gx.shape
+    gx, w_hh = gx.to(acc), w_hh.to(acc)
+    w_hr = None if w_hr is None else w_hr.to(acc)
+    b_hn = None if b_hn is None else b_hn.to(acc)
+    h = h0.to(acc)
+    c = None if c0 is None else c0.to(acc)
+    rows = active_rows(batch_sizes, steps, batch)
+    ys = [None] * steps
+    for t in step_order(steps, spec.reverse):
+        n = rows[t]
+        hp = h[:n]
+        a_h = hp @ w_hh.T
+        if spec.cell == "lstm":
+            i, f, g, o = (gx[t, :n] + a_h).chunk(4, 1)
+            c_new = f.sigmoid() * c[:n] + i.sigmoid() * g.tanh()
+            m = o.sigmoid() * c_new.tanh()
+            h_new = m if w_hr is None else m @ w_hr.T
+            c = _keep_rows(c_new, c)
+        elif spec.cell == "gru":
+            x_r, x_z, x_n = gx[t, :n].chunk(3, 1)
+            h_r, h_z, h_n = a_h.chunk(3, 1)
+            if b_hn is not None:
+                h_n = h_n + b_hn
+            r = (x_r + h_r).sigmoid()
+            z = (x_z + h_z).sigmoid()
+            h_new = (1 - z) * (x_n + r * h_n).tanh() + z * hp
+        else:
+            pre = gx[t, :n] + a_h
+            h_new = pre.tanh() if spec.cell == "rnn_tanh" else pre.relu()
+        h = _keep_rows(h_new, h)
+        ys[t] = _pad_rows(h_new, batch)
+    y = torch.stack(ys) if steps else gx.new_zeros(0, batch, h.shape[1])
+    dtype = h0.dtype
+    return y.to(dtype), h.to(dtype), None if c is None else c.to(dtype)

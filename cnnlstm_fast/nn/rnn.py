@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends
 from ..backends.base import RecurrenceSpec
-from ..ops.recurrence import recurrence, transforms_active
+from ..ops.recurrence import ProjectionSource, recurrence, transforms_active
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
 
@@ -386,8 +386,9 @@ class _SequenceMixin(_BackendMixin):
                     gx = backend.input_projection(x, w_ih, gx_bias)
                     if layout is not None:
                         gx = layout.to_padded(gx)
+                    source = ProjectionSource(x, w_ih, gx_bias, None if layout is None else layout.index)
                     y, h_t, c_t = recurrence(
-                        backend, layer_spec, gx, h0[k], c0_k, w_hh, w_hr, b_hn, batch_sizes
+                        backend, layer_spec, gx, h0[k], c0_k, w_hh, w_hr, b_hn, batch_sizes, source
                     )
                 outputs.append(y if layout is None else layout.to_packed(y))
                 h_n.append(h_t)
@@ -449,7 +450,8 @@ class _CellMixin(_BackendMixin):
             gx_bias, b_hn = _split_bias(spec.cell, b_ih, b_hh, self.hidden_size)
             gx = backend.input_projection(input, w_ih, gx_bias).unsqueeze(0)
             _, h, c = recurrence(
-                backend, spec, gx, states[0], states[1] if is_lstm else None, w_hh, None, b_hn
+                backend, spec, gx, states[0], states[1] if is_lstm else None, w_hh, None, b_hn,
+                source=ProjectionSource(input, w_ih, gx_bias),
             )
         if not is_batched:
             h = h.squeeze(0)

@@ -4,17 +4,43 @@ An autograd.Function that calls a backend's forward and its explicit backward (t
 contract in ``cnnlstm_fast/backends/base.py``). Gradients come back in the dtype of
 the tensor they belong to.
 
-The backward is computed once, from the saved activations, without a graph: a second
-derivative (``create_graph=True``, as a gradient penalty takes) raises an error instead
-of leaving out the recurrence's terms. ``once_differentiable`` alone would not catch it:
-it raises only when the incoming gradients require grad, and ``y.sum()``'s do not.
+Second derivatives. The backend's backward computes the gradients once, from the
+saved activations, without a graph. Where a graph is asked for (``create_graph=True``,
+torch.func's grad/vjp), those same gradients leave through :class:`_GradientOfRecurrence`,
+a node that costs nothing until it is differentiated: only then (a gradient penalty, a
+Hessian-vector product, MAML's outer step) does its backward recompute the layer from its
+inputs with the reference recurrence in autograd-recorded ops and differentiate that
+recomputation's gradients, to any order. A first-order backward, ``create_graph`` or not,
+runs the backend's backward alone, as fast as before.
+
+The recomputation needs the layer's inputs. G_x is not kept for it (it is as large as
+the saved activations): the module hands over what G_x was computed from (the layer's
+input, W_ih, the folded bias and, for packed input, the index that pads it), which the
+input projection's own backward keeps alive anyway, and G_x is recomputed from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from ..backends.base import Backend, RecurrenceSpec
+from ..backends.reference import differentiable_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionSource:
+    """What G_x was computed from: ``G_x = pad(linear(x, w_ih, bias))`` reshaped to
+    (T, B, gates*H), where pad scatters packed rows to their flat positions ``index`` of
+    the padded (T*B) rows (None: no padding)."""
+
+    x: torch.Tensor
+    w_ih: torch.Tensor
+    bias: torch.Tensor | None = None
+    index: torch.Tensor | None = None
 
 
 class _Recurrence(torch.autograd.Function):
@@ -26,7 +52,8 @@ class _Recurrence(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(backend, spec, batch_sizes, need_saved, outer, gx, h0, c0, w_hh, w_hr, b_hn):
+    def forward(backend, spec, batch_sizes, need_saved, gx, h0, c0, w_hh, w_hr, b_hn,
+                x, w_ih, bias, index):
         y, h_t, c_t, saved = backend.forward(
             spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved
         )
@@ -42,99 +69,181 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        backend, spec, batch_sizes, _, outer, gx, h0, c0, w_hh, w_hr, b_hn = inputs
+        backend, spec, batch_sizes, need_saved, *tensors = inputs
+        gx, h0, c0, w_hh, w_hr, b_hn, x, w_ih, bias, index = tensors
         y, h_t, c_t, *saved = output
-        ctx.backend, ctx.spec, ctx.batch_sizes, ctx.outer = backend, spec, batch_sizes, outer
+        ctx.backend, ctx.spec, ctx.batch_sizes = backend, spec, batch_sizes
         ctx.input_dtypes = [None if v is None else v.dtype for v in (gx, h0, c0, w_hh, w_hr, b_hn)]
         ctx.outputs_like = [None if v is None else (v.shape, v.dtype, v.device) for v in (y, h_t, c_t)]
-        ctx.save_for_backward(*saved)
+        ctx.gx_shape = gx.shape
+        ctx.n_saved = len(saved)
+        # the layer's inputs, for a second derivative: G_x itself only where nothing to
+        # recompute it from was given (it would keep a buffer as large as the activations)
+        inputs_kept = (None if x is not None else gx, h0, c0, w_hh, w_hr, b_hn, x, w_ih, bias, index)
+        ctx.save_for_backward(*saved, *(inputs_kept if need_saved else ()))
+        # forward-mode AD's primals, only where such a level may be active (kept as
+        # attributes: save_for_forward breaks the generated vmap rule's backward)
+        ctx.primals = (gx, h0, c0, w_hh, w_hr, b_hn) if transforms_active() else None
         ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
         # the saved outputs get no gradient: no zeros the size of the activations for them
         ctx.set_materialize_grads(False)
 
     @staticmethod
+    def jvp(ctx, *tangents):
+        # forward-mode AD (torch.func.jvp, jacfwd, hessian): the reference recurrence's
+        # tangents, recomputed in recorded ops; the saved outputs have none
+        tangent_y, tangent_h, tangent_c = _tangents(
+            functools.partial(_outputs, ctx.spec, ctx.batch_sizes), ctx.primals, tangents[4:10])
+        return (tangent_y, tangent_h, tangent_c, *([None] * ctx.n_saved))
+
+    @staticmethod
     def backward(ctx, d_y, d_hT, d_cT, *_):
-        if ctx.outer and torch.is_grad_enabled():
-            raise NotImplementedError(_second_derivative_message(ctx) + (
-                " (Here: a torch.func transform's gradient, with a tensor that requires "
-                "grad outside the transform too.)"))
+        tensors = ctx.saved_tensors
+        saved, kept = tensors[: ctx.n_saved], tensors[ctx.n_saved :]
         # zeros for an output whose gradient autograd left out (materialize_grads is off)
         d_y, d_hT, d_cT = (
             g if g is not None or like is None
             else torch.zeros(like[0], dtype=like[1], device=like[2])
             for g, like in zip((d_y, d_hT, d_cT), ctx.outputs_like)
         )
-        grads = ctx.backend.backward(
-            ctx.spec, ctx.saved_tensors, ctx.batch_sizes, d_y, d_hT, d_cT
-        )
-        grads = [
-            None if (g is None or dt is None or not need) else g.to(dt)
-            for g, dt, need in zip(grads, ctx.input_dtypes, ctx.needs_input_grad[5:])
-        ]
-        if torch.is_grad_enabled():
-            # A graph is being built around this backward (create_graph=True, torch.func's
-            # vjp/grad): our gradients are computed without one, so a derivative of them
-            # would lack the recurrence's terms. They leave through a node that raises
-            # when it is differentiated, and only then: a first-order vjp still works.
-            grads = _refuse_second_derivative(ctx, grads)
-        return (None, None, None, None, None, *grads)
+        needs = ctx.needs_input_grad[4:10]
+        with torch.no_grad():
+            grads = ctx.backend.backward(ctx.spec, saved, ctx.batch_sizes, d_y, d_hT, d_cT)
+            grads = [
+                None if (g is None or dt is None or not need) else g.to(dt)
+                for g, dt, need in zip(grads, ctx.input_dtypes, needs)
+            ]
+        if torch.is_grad_enabled() and any(g is not None for g in grads):
+            # a graph is being built around this backward: the gradients leave through a
+            # node that can be differentiated (by recomputation, only if it is)
+            present = [i for i, g in enumerate(grads) if g is not None]
+            fn = functools.partial(_recurrence_gradients, ctx.spec, ctx.batch_sizes,
+                                   ctx.gx_shape, tuple(present))
+            values = _Recomputed.apply(fn, len(present), *(grads[i] for i in present),
+                                       *kept, d_y, d_hT, d_cT)
+            for i, v in zip(present, values):
+                grads[i] = v
+        return (None, None, None, None, *grads, None, None, None, None)
 
 
-_SECOND_DERIVATIVE = (
-    "cnnlstm_fast {cell} layer (backend {backend!r}): a second derivative through the "
-    "recurrence (backward or autograd.grad with create_graph=True and then a derivative "
-    "of those gradients, e.g. a gradient penalty, a Hessian, torch.func.grad of grad) is "
-    "not supported: its backward is computed once, without a graph. Use backend='torch' "
-    "for this layer: torch.nn's native implementation supports it (on CUDA with cuDNN "
-    "disabled for the forward: torch.backends.cudnn.flags(enabled=False))."
-)
+def recompute_gx(gx_shape, x, w_ih, bias, index):
+    """G_x from what it was computed from (see :class:`ProjectionSource`), recorded."""
+    gx = F.linear(x, w_ih, bias)
+    if index is not None:
+        gx = gx.new_zeros(gx_shape[0] * gx_shape[1], gx.shape[-1]).index_copy(0, index, gx)
+    return gx.reshape(gx_shape)
 
 
-def _second_derivative_message(ctx) -> str:
-    return _SECOND_DERIVATIVE.format(cell=ctx.spec.cell, backend=ctx.backend.name)
+def _recurrence_gradients(spec, batch_sizes, gx_shape, present,
+                          gx, h0, c0, w_hh, w_hr, b_hn, x, w_ih, bias, index, d_y, d_hT, d_cT):
+    """The recurrence's first-order gradients (those at positions ``present`` of
+    (dG_x, dh0, dc0, dW_hh, dW_hr, db_hn)) in recorded ops: the reference recurrence
+    recomputed from the layer's inputs (G_x from its source) and differentiated."""
+    if gx is None:
+        gx = recompute_gx(gx_shape, x, w_ih, bias, index)
+    state = [gx, h0, c0, w_hh, w_hr, b_hn]
+
+    def outputs(*wrt):
+        args = list(state)
+        for i, v in zip(present, wrt):
+            args[i] = v
+        return tuple(o for o in differentiable_forward(spec, *args, batch_sizes) if o is not None)
+
+    # torch.func's vjp: a level of its own, so each input is differentiated apart (h0 and
+    # c0 may be one tensor) and nothing of the graph around the inputs is walked
+    _, vjp = torch.func.vjp(outputs, *(state[i] for i in present))
+    return vjp(tuple(d for d in (d_y, d_hT, d_cT) if d is not None))
 
 
-class _NoSecondDerivative(torch.autograd.Function):
-    """Passes gradients through (as views) with a backward that raises: what makes a
-    second derivative through the recurrence an error instead of a silent drop."""
+def _outputs(spec, batch_sizes, *state):
+    return differentiable_forward(spec, *state, batch_sizes)
+
+
+def _tangents(fn, primals, tangents):
+    """The output tangents of ``fn(*primals)`` (None for an output that is None) through
+    torch.func.jvp; a None primal stays None, a missing tangent is zero."""
+    at = [i for i, p in enumerate(primals) if p is not None]
+    missing = []
+
+    def values(*args):
+        full = list(primals)
+        for i, v in zip(at, args):
+            full[i] = v
+        outs = fn(*full)
+        missing[:] = [o is None for o in outs]
+        return tuple(o for o in outs if o is not None)
+
+    at_primals = tuple(primals[i] for i in at)
+    at_tangents = tuple(torch.zeros_like(primals[i]) if tangents[i] is None else tangents[i]
+                        for i in at)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        _, out_tangents = torch.func.jvp(values, at_primals, at_tangents)
+    else:
+        # plain forward-mode AD (torch.autograd.forward_ad), which does not nest: J v as
+        # the derivative of the vjp u -> J^T u along v, in reverse mode
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_() for p in at_primals]
+            outs = values(*leaves)
+            us = [torch.zeros_like(o, requires_grad=True) for o in outs]
+            vjps = torch.autograd.grad(outs, leaves, us, create_graph=True, allow_unused=True)
+            pairs = [(g, t) for g, t in zip(vjps, at_tangents) if g is not None]
+            out_tangents = torch.autograd.grad([g for g, _ in pairs], us, [t for _, t in pairs],
+                                               allow_unused=True)
+        out_tangents = [torch.zeros_like(o) if t is None else t for o, t in zip(outs, out_tangents)]
+    out_tangents = iter(out_tangents)
+    return tuple(None if m else next(out_tangents) for m in missing)
+
+
+class _Recomputed(torch.autograd.Function):
+    """Values computed without a graph, passed through as views, standing for
+    ``fn(*inputs)``: differentiating them differentiates ``fn`` recomputed in recorded
+    ops (torch.func.vjp), which autograd records in turn where that derivative is itself
+    differentiated, so every order works. Nothing is recomputed unless a derivative of
+    the values is taken."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(message, anchor, *grads):
-        return tuple(g.view_as(g) for g in grads)
+    def forward(fn, n_values, *args):
+        return tuple(v.view_as(v) for v in args[:n_values])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.message = inputs[0]
+        fn, n_values, *args = inputs
+        ctx.fn, ctx.n_values = fn, n_values
+        ctx.save_for_backward(*args[n_values:])
+        ctx.save_for_forward(*args[n_values:])
 
     @staticmethod
-    def backward(ctx, *_):
-        raise NotImplementedError(ctx.message)  # a RuntimeError, as torch's for cuDNN's RNNs
+    def jvp(ctx, *tangents):
+        return _tangents(ctx.fn, ctx.saved_tensors, tangents[2 + ctx.n_values :])
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2 + ctx.n_values :]
+        wrt = [i for i, t in enumerate(inputs) if t is not None and needs[i]]
+        grads = [None] * len(inputs)
+        if not wrt:
+            return (None, None, *([None] * ctx.n_values), *grads)
+
+        def values(*args):
+            full = list(inputs)
+            for i, v in zip(wrt, args):
+                full[i] = v
+            return ctx.fn(*full)
+
+        with torch.autocast(_device_type(inputs), enabled=False):
+            outs, vjp = torch.func.vjp(values, *(inputs[i] for i in wrt))
+            got = vjp(tuple(torch.zeros_like(o) if c is None else c
+                            for o, c in zip(outs, cotangents)))
+        for i, g in zip(wrt, got):
+            grads[i] = g
+        return (None, None, *([None] * ctx.n_values), *grads)
 
 
-def _refuse_second_derivative(ctx, grads):
-    present = [g for g in grads if g is not None]
-    if not present:
-        return grads
-    message = _second_derivative_message(ctx)
-    # a leaf that requires grad: the outputs are in the graph even where nothing else
-    # the gradients depend on requires grad (a penalty on the input's gradient with the
-    # weights frozen)
-    anchor = torch.zeros((), device=present[0].device, requires_grad=True)
-    refused = iter(_NoSecondDerivative.apply(message, anchor, *present))
-    return [None if g is None else next(refused) for g in grads]
-
-
-def _requires_grad_outside(t) -> bool:
-    """Whether ``t`` requires grad at a level below the current torch.func transform."""
-    if t is None:
-        return False
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-        if t.requires_grad:
-            return True
-    return False
+def _device_type(tensors) -> str:
+    return next(t.device.type for t in tensors if isinstance(t, torch.Tensor))
 
 
 def transforms_active() -> bool:
@@ -159,19 +268,17 @@ def recurrence(
     w_hr: torch.Tensor | None = None,
     b_hn: torch.Tensor | None = None,
     batch_sizes: torch.Tensor | None = None,
+    source: ProjectionSource | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Runs one layer and direction: returns ``(Y, h_T, c_T or None)``."""
+    """Runs one layer and direction: returns ``(Y, h_T, c_T or None)``. ``source``
+    says what ``gx`` was computed from, so that a second derivative can recompute it
+    instead of keeping it (without it, ``gx`` is kept while the backward may run)."""
     # what backward needs is kept only where autograd will run it: grad mode on (forward
     # itself runs without it) and a tensor requiring grad
     tensors = (gx, h0, c0, w_hh, w_hr, b_hn)
     grad_enabled = torch.is_grad_enabled()
-    transformed = grad_enabled and transforms_active()
     need_saved = grad_enabled and (
-        any(t is not None and t.requires_grad for t in tensors) or transformed)
-    # Inside a torch.func transform with a tensor that requires grad outside it too (MAML:
-    # autograd over torch.func.grad), the gradients this level computes could be
-    # differentiated outside, which our backward cannot support: its backward refuses.
-    outer = transformed and any(_requires_grad_outside(t) for t in tensors)
-    y, h_t, c_t, *_ = _Recurrence.apply(
-        backend, spec, batch_sizes, need_saved, outer, *tensors)
+        any(t is not None and t.requires_grad for t in tensors) or transforms_active())
+    src = (None,) * 4 if source is None else (source.x, source.w_ih, source.bias, source.index)
+    y, h_t, c_t, *_ = _Recurrence.apply(backend, spec, batch_sizes, need_saved, *tensors, *src)
     return y, h_t, c_t
