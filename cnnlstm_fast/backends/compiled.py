@@ -71,15 +71,21 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _rows(t):
+    """``t`` as a matrix of its last dimension's vectors: reshape(-1, n) is ambiguous for
+    n == 0 (an input_size or hidden_size of 0), flatten is not."""
+    return t.flatten(0, -2) if t.dim() > 1 else t.unsqueeze(0)
+
+
 def _linear_backward(ctx, grad):
     """dx = grad W, dW = grad^T x, db = sum of grad, the GEMMs again through the op
     (transposed views, no copies; differentiable, so double backward works too)."""
     x, weight = ctx.saved_tensors
     linear = torch.ops.cnnlstm_fast.linear
-    grad_2d = grad.reshape(-1, grad.shape[-1])
+    grad_2d = _rows(grad)
     d_x = linear(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
     d_w = (
-        linear(grad_2d.t(), x.reshape(-1, x.shape[-1]).t(), None)
+        linear(grad_2d.t(), _rows(x).t(), None)
         if ctx.needs_input_grad[1]
         else None
     )

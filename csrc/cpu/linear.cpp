@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "alloc.h"
@@ -39,7 +40,9 @@ Tensor linear(const Tensor& input, const Tensor& weight, const c10::optional<Ten
   if (!all_float || !use_packed_gemm()) return at::linear(input, weight, bias_in);
 
   const int64_t k = weight.size(1), n = weight.size(0);
-  const Tensor a = input.dim() == 2 ? input : input.reshape({-1, k});
+  // the rows as a product, not reshape({-1, k}): that is ambiguous for k == 0
+  const int64_t rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
+  const Tensor a = input.dim() == 2 ? input : input.reshape({rows, k});
   const int64_t m = a.size(0);
   const Tensor packed = pack_weight(weight);
   const Tensor bias = has_bias ? bias_in->contiguous() : Tensor();

@@ -253,7 +253,7 @@ class GxSource {
       : whole_(gx.const_data_ptr<scalar_t>()), step_stride_(gx.size(1) * gx.size(2)) {}
 
   GxSource(const Tensor& x, const Tensor& w_ih, const Tensor& bias, int64_t gates_width)
-      : x_(x), w_ih_(w_ih), bias_(bias) {
+      : from_input_(true), x_(x), w_ih_(w_ih), bias_(bias) {
     const int64_t T = x.size(0), B = x.size(1);
     chunk_ = steps_per_chunk(int64_t{2} << 20, B * gates_width * int64_t{sizeof(scalar_t)}, T);
     buffer_ = empty_large({chunk_, B, gates_width}, x.options());
@@ -265,7 +265,10 @@ class GxSource {
     }
   }
 
-  // The whole G_x, or null when it is computed from the input (then x, w_ih, bias).
+  // Whether G_x is computed from the input (then x, w_ih, bias), else given whole. Not
+  // whole() == nullptr: an empty G_x (hidden_size or batch 0) has a null data pointer.
+  bool from_input() const { return from_input_; }
+  // The whole G_x (null when it is computed from the input, or empty).
   const scalar_t* whole() const { return whole_; }
   const Tensor& x() const { return x_; }
   const Tensor& w_ih() const { return w_ih_; }
@@ -273,7 +276,7 @@ class GxSource {
 
   // G_x[t] for the step-th step of the walk (t = step, or T - 1 - step in reverse).
   const scalar_t* at(int64_t step, int64_t t, bool reverse, int64_t T) {
-    if (whole_ != nullptr) return whole_ + t * step_stride_;
+    if (!from_input_) return whole_ + t * step_stride_;
     if (step % chunk_ == 0) {
       const int64_t len = std::min(chunk_, T - step);
       first_ = reverse ? T - step - len : step;
@@ -303,6 +306,7 @@ class GxSource {
     }
   }
 
+  bool from_input_ = false;
   const scalar_t* whole_ = nullptr;
   int64_t step_stride_ = 0;
   Tensor x_, w_ih_, bias_, buffer_, packed_;
@@ -463,7 +467,7 @@ bool persistent_forward(Cell cell, const std::vector<int64_t>& rows, bool revers
   const int team = persistent_team(T, B, G, H, w_hr.defined());
   if (team == 0) return false;
   const int64_t units = (H + kUnitWidth - 1) / kUnitWidth;
-  const bool from_input = source.whole() == nullptr;
+  const bool from_input = source.from_input();
   const int64_t I = from_input ? source.x().size(2) : 0;
   std::vector<PersistentSlice> slices(team);
   // Steps per projected chunk, one for all threads (they project at the same steps and

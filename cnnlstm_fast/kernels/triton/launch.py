@@ -390,10 +390,11 @@ def _backward(spec, saved, batch_sizes, d_y, d_hT, d_cT, mode):
         _step_backward(spec, act, h_prev, extra, w_hh, w_hr, d_y, batch_sizes, dh, dc, d_gx,
                        d_gh, d_h_all)
 
-    d_w_hh = d_gh.reshape(-1, gate_width).T @ h_prev.reshape(-1, out_size)
+    # (T, B, n) -> (T*B, n) by flatten: reshape(-1, n) is ambiguous where n == 0
+    d_w_hh = d_gh.flatten(0, 1).T @ h_prev.flatten(0, 1)
     d_w_hr = None
     if proj:
-        d_w_hr = d_h_all.reshape(-1, out_size).T @ m.reshape(-1, hidden)
+        d_w_hr = d_h_all.flatten(0, 1).T @ m.flatten(0, 1)
     d_b_hn = d_gh[..., 2 * hidden :].sum((0, 1)) if gru else None
     return d_gx, dh, dc, d_w_hh, d_w_hr, d_b_hn
 
