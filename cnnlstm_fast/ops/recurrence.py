@@ -81,20 +81,9 @@ class _Recurrence(torch.autograd.Function):
         # recompute it from was given (it would keep a buffer as large as the activations)
         inputs_kept = (None if x is not None else gx, h0, c0, w_hh, w_hr, b_hn, x, w_ih, bias, index)
         ctx.save_for_backward(*saved, *(inputs_kept if need_saved else ()))
-        # forward-mode AD's primals, only where such a level may be active (kept as
-        # attributes: save_for_forward breaks the generated vmap rule's backward)
-        ctx.primals = (gx, h0, c0, w_hh, w_hr, b_hn) if transforms_active() else None
         ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
         # the saved outputs get no gradient: no zeros the size of the activations for them
         ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        # forward-mode AD (torch.func.jvp, jacfwd, hessian): the reference recurrence's
-        # tangents, recomputed in recorded ops; the saved outputs have none
-        tangent_y, tangent_h, tangent_c = _tangents(
-            functools.partial(_outputs, ctx.spec, ctx.batch_sizes), ctx.primals, tangents[4:10])
-        return (tangent_y, tangent_h, tangent_c, *([None] * ctx.n_saved))
 
     @staticmethod
     def backward(ctx, d_y, d_hT, d_cT, *_):
@@ -124,6 +113,25 @@ class _Recurrence(torch.autograd.Function):
             for i, v in zip(present, values):
                 grads[i] = v
         return (None, None, None, None, *grads, None, None, None, None)
+
+
+class _RecurrenceForwardAD(_Recurrence):
+    """The recurrence op with a jvp rule, used where a torch.func transform or a
+    forward-mode AD level is active (Dynamo refuses a Function with a custom jvp, so
+    torch.compile traces the plain one)."""
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        # forward-mode AD (torch.func.jvp, jacfwd, hessian): the reference recurrence's
+        # tangents, recomputed in recorded ops; the saved outputs have none
+        tangent_y, tangent_h, tangent_c = _tangents(
+            functools.partial(_outputs, ctx.spec, ctx.batch_sizes), ctx.primals, tangents[4:10])
+        return (tangent_y, tangent_h, tangent_c, *([None] * ctx.n_saved))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _Recurrence.setup_context(ctx, inputs, output)
+        ctx.primals = inputs[4:10]
 
 
 def recompute_gx(gx_shape, x, w_ih, bias, index):
@@ -276,9 +284,10 @@ def recurrence(
     # what backward needs is kept only where autograd will run it: grad mode on (forward
     # itself runs without it) and a tensor requiring grad
     tensors = (gx, h0, c0, w_hh, w_hr, b_hn)
-    grad_enabled = torch.is_grad_enabled()
-    need_saved = grad_enabled and (
-        any(t is not None and t.requires_grad for t in tensors) or transforms_active())
+    transformed = transforms_active()
+    need_saved = torch.is_grad_enabled() and (
+        transformed or any(t is not None and t.requires_grad for t in tensors))
     src = (None,) * 4 if source is None else (source.x, source.w_ih, source.bias, source.index)
-    y, h_t, c_t, *_ = _Recurrence.apply(backend, spec, batch_sizes, need_saved, *tensors, *src)
+    op = _RecurrenceForwardAD if transformed else _Recurrence
+    y, h_t, c_t, *_ = op.apply(backend, spec, batch_sizes, need_saved, *tensors, *src)
     return y, h_t, c_t
