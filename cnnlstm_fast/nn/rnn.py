@@ -53,35 +53,112 @@ def _split_bias(cell: str, b_ih, b_hh, hidden: int):
     return torch.cat((b_ih[:two_h] + b_hh[:two_h], b_ih[two_h:])), b_hh[two_h:]
 
 
-# Under torch.autocast, torch.nn's recurrent layers run in the autocast dtype where
-# their ops are on autocast's lower-precision lists, and in the input dtype elsewhere.
-# On CPU that is (measured with torch 2.13, see tests/test_rnn_api.py) LSTM (oneDNN),
-# RNN and RNNCell; on CUDA every layer and cell (cuDNN RNN and the *_cell ops).
-_AUTOCAST_LOWERS = {
-    "cpu": {("seq", "lstm"), ("seq", "rnn_tanh"), ("seq", "rnn_relu"),
-            ("cell", "rnn_tanh"), ("cell", "rnn_relu")},
-    "cuda": {(kind, cell) for kind in ("seq", "cell") for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu")},
-}
+# Under torch.autocast, torch.nn's recurrent layers run wholly in the autocast dtype where
+# their op is on autocast's lower-precision list: on CPU (measured with torch 2.13, see
+# tests/test_autocast.py) the LSTM oneDNN runs (unpacked, no proj_size), RNN and RNNCell;
+# on CUDA every layer and cell (cuDNN RNN and the *_cell ops). Elsewhere torch's own loop
+# runs, whose matmuls are lowered but whose state update follows type promotion.
+def _lowered(kind: str, cell: str, device: str, ragged: bool, proj: int, empty: bool) -> bool:
+    """``ragged``: packed with unequal lengths (torch's packed LSTM takes oneDNN where
+    all lengths are equal); ``empty``: no element (oneDNN is not used then)."""
+    if device == "cuda":
+        return True
+    if device != "cpu":
+        return False
+    if cell == "lstm":
+        return (kind == "seq" and not ragged and proj == 0 and not empty
+                and torch._C._get_mkldnn_enabled())
+    return cell in ("rnn_tanh", "rnn_relu")
 
 
-def _compute_dtype(kind: str, cell: str, data: torch.Tensor) -> torch.dtype:
-    """The dtype the layer runs in: the input's, or autocast's where torch.nn lowers."""
+@dataclasses.dataclass(frozen=True)
+class _Dtypes:
+    """The dtypes of one call, as torch.nn's would have them: ``compute`` is what our
+    recurrence runs in (inputs, states and weights cast to it), ``h``/``c`` those of the
+    returned output and hidden state, and of the cell state; ``error`` the error
+    torch.nn raises for these dtypes (None: none)."""
+
+    compute: torch.dtype
+    h: torch.dtype
+    c: torch.dtype | None
+    error: str | None = None
+
+
+def _mixed_matmul(a: torch.dtype, b: torch.dtype) -> str:
+    return (f"mat1 and mat2 must have the same dtype, but got {_scalar_type(a)} and "
+            f"{_scalar_type(b)}")
+
+
+def _plan_dtypes(kind, cell, data, h_dtype, c_dtype, ragged, proj, steps) -> _Dtypes:
+    """torch.nn's dtype rules for a call (``h_dtype``/``c_dtype`` those of the given
+    states, or the input's where none is given).
+
+    Lowered (see ``_lowered``) under autocast: everything in the autocast dtype A.
+    Otherwise the matmuls run in M (A under autocast, else the input's dtype, which the
+    states entering a matmul must then have) and the state update promotes: a GRU's h
+    becomes promote(M, h0), an LSTM's c promote(M, c0) and its h the same, or M behind a
+    projection. We compute in the widest of the returned dtypes (float32 for 16-bit
+    ones under CPU autocast: at least torch's precision) and return torch's dtypes."""
     device = data.device.type
-    if data.dtype.is_floating_point and torch.is_autocast_enabled(device) and (kind, cell) in _AUTOCAST_LOWERS.get(device, ()):
-        return torch.get_autocast_dtype(device)
-    return data.dtype
+    autocast = data.dtype.is_floating_point and torch.is_autocast_enabled(device)
+    if autocast:
+        plan = _plan_dtypes_autocast(kind, cell, data, h_dtype, c_dtype, ragged, proj)
+        if device == "cpu" and plan.compute in (torch.float16, torch.bfloat16):
+            # computed in float32, the CPU kernels' dtype, and returned in torch's dtypes:
+            # torch's own 16-bit results round more (its f32 weights' gradients are
+            # never rounded to 16 bits, which a 16-bit projection's GEMM would do)
+            plan = dataclasses.replace(plan, compute=torch.float32)
+        return plan
+    return _plan_dtypes_plain(kind, cell, data, h_dtype, c_dtype, ragged, proj, steps)
 
 
-def _check_same_device_dtype(input: torch.Tensor, states) -> None:
+def _plan_dtypes_autocast(kind, cell, data, h_dtype, c_dtype, ragged, proj) -> _Dtypes:
+    low = torch.get_autocast_dtype(data.device.type)
+    if _lowered(kind, cell, data.device.type, ragged, proj, data.numel() == 0):
+        return _Dtypes(low, low, low if cell == "lstm" else None)
+    return _promoted(cell, low, h_dtype, c_dtype, proj)
+
+
+def _promoted(cell, matmul, h_dtype, c_dtype, proj, error=None) -> _Dtypes:
+    """torch's own loop: matmuls in ``matmul``, the state update promoted."""
+    if cell == "lstm":
+        c = torch.promote_types(matmul, c_dtype)
+        return _Dtypes(c, matmul if proj else c, c, error)
+    if cell == "gru":
+        h = torch.promote_types(matmul, h_dtype)
+        return _Dtypes(h, h, None, error)
+    return _Dtypes(matmul, matmul, None, error)
+
+
+def _plan_dtypes_plain(kind, cell, data, h_dtype, c_dtype, ragged, proj, steps) -> _Dtypes:
+    """Without autocast: the states meet W_hh (the input's dtype) as they are."""
+    matmul = data.dtype
+    error = None
+    if h_dtype != matmul:  # h0 enters the recurrent matmul as it is
+        error = _mixed_matmul(h_dtype, matmul)
+    elif cell == "lstm" and c_dtype != matmul:
+        c = torch.promote_types(matmul, c_dtype)
+        if _lowered(kind, cell, data.device.type, ragged, proj, data.numel() == 0):
+            error = _mixed_matmul(c_dtype, matmul)  # one op for all states (oneDNN, cuDNN)
+        elif c != matmul and (proj or steps > 1):
+            error = _mixed_matmul(c, matmul)  # a promoted h meets W_hr, or W_hh next step
+    return _promoted(cell, matmul, h_dtype, c_dtype, proj, error)
+
+
+def _state_dtypes(hx, default: torch.dtype):
+    """dtypes of (h0, c0) in a raw ``hx`` argument: a state's tensor or ``default``."""
+    states = hx if isinstance(hx, (tuple, list)) else (hx,)
+    found = [s.dtype if isinstance(s, torch.Tensor) else default
+             for s in states[:2]] + [default] * 2
+    return found[0], found[1]
+
+
+def _check_same_device(input: torch.Tensor, states) -> None:
     for state in states:
         if state.device != input.device:
             raise RuntimeError(
                 "Input and hidden tensors are not at the same device, found input tensor "
                 f"at {input.device} and hidden tensor at {state.device}"
-            )
-        if state.dtype != input.dtype:
-            raise RuntimeError(
-                f"Expected hidden state dtype {input.dtype} (the input's), got {state.dtype}"
             )
 
 
@@ -158,6 +235,13 @@ class _BackendMixin:
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
+    def _check_input_dtype(self, data: torch.Tensor) -> None:
+        """The error torch.nn's first matmul raises for an input of another dtype than
+        the weights, outside autocast."""
+        weight = self._flat_weights[0] if isinstance(self, nn.RNNBase) else self.weight_ih
+        if data.dtype != weight.dtype and not torch.is_autocast_enabled(data.device.type):
+            raise RuntimeError(_mixed_matmul(data.dtype, weight.dtype))
+
     def _needs_grad(self, data: torch.Tensor, hx) -> bool:
         """Whether autograd will need this call's backward: grad mode on and the input, a
         state of ``hx`` or a weight requires grad. The weights as the forward reads them:
@@ -185,25 +269,29 @@ class _BackendMixin:
                     return True
         return False
 
-    def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool, hx=None):
-        """(backend, spec) for a call that :func:`backends.resolve_early` did not settle
-        (the forwards ask it first: the cheap path of short calls)."""
+    def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool, hx=None,
+                 ragged: bool = False):
+        """(backend, spec, dtypes) for a call that :func:`backends.resolve_early` did not
+        settle (the forwards ask it first: the cheap path of short calls)."""
         device = data.device
         cell = _cell_of(self)
         needs_grad = self._needs_grad(data, hx)
+        proj = getattr(self, "proj_size", 0)
+        kind = "seq" if isinstance(self, nn.RNNBase) else "cell"
+        dtypes = _plan_dtypes(kind, cell, data, *_state_dtypes(hx, data.dtype), ragged, proj, steps)
         spec = RecurrenceSpec(
             cell=cell,
             hidden_size=self.hidden_size,
-            proj_size=getattr(self, "proj_size", 0),
+            proj_size=proj,
             reverse=False,
             device=device,
-            dtype=_compute_dtype("seq" if isinstance(self, nn.RNNBase) else "cell", cell, data),
+            dtype=dtypes.compute,
             batch=batch,
             steps=steps,
             variable_lengths=packed,
             needs_grad=needs_grad,
         )
-        return backends.resolve(self.backend, spec), spec
+        return backends.resolve(self.backend, spec), spec, dtypes
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -250,17 +338,21 @@ class _SequenceMixin(_BackendMixin):
         if backends.resolve_early(self.backend, data, steps) is not None:
             return super().forward(input, hx)
         try:
-            backend, spec = self._resolve(data, batch, steps, packed, hx)
+            ragged = packed and bool(input.batch_sizes[0] != input.batch_sizes[-1])
+            backend, spec, dtypes = self._resolve(data, batch, steps, packed, hx, ragged)
         except backends.BackendUnavailableError:
             # an input torch.nn refuses as well (an integer one, a dtype other than the
             # weights'): torch.nn's error, as its forward raises it, before ours
-            if data.dim() in (2, 3):  # torch.nn's forward checks the dimensions first
+            # torch's LSTM does not check a packed input's arguments: its matmul raises
+            if data.dim() in (2, 3) and not (packed and self.mode == "LSTM"):
+                # torch.nn's forward checks the dimensions first
                 self.check_input(data if packed or data.dim() == 3 else data.unsqueeze(1),
                                  input.batch_sizes if packed else None)
+            self._check_input_dtype(data)
             raise
         if backend.whole_module:
             return super().forward(input, hx)
-        return self._forward_recurrence(backend, spec, input, hx)
+        return self._forward_recurrence(backend, spec, dtypes, input, hx)
 
     def _zeros_state(self, batch: int, like: torch.Tensor):
         directions = 2 if self.bidirectional else 1
@@ -283,12 +375,14 @@ class _SequenceMixin(_BackendMixin):
                 f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor"
             )
 
-    def _forward_recurrence(self, backend, spec, input, hx):
+    def _forward_recurrence(self, backend, spec, dtypes, input, hx):
         is_lstm = self.mode == "LSTM"
         sorted_indices = unsorted_indices = batch_sizes = None
         is_batched = True
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            if is_lstm:  # torch's LSTM does not check a packed input's arguments
+                self._check_input_dtype(data)
             if hx is None:
                 hx = self._zeros_state(int(batch_sizes[0]), data)
             else:
@@ -322,27 +416,17 @@ class _SequenceMixin(_BackendMixin):
         if is_lstm and len(hx) != 2:
             raise RuntimeError("lstm expects two hidden states")
         h0, c0 = hx if is_lstm else (hx, None)
-        input_dtype = x.dtype
-        if x.dtype != spec.dtype:  # autocast
-            x, h0 = x.to(spec.dtype), h0.to(spec.dtype)
-            c0 = None if c0 is None else c0.to(spec.dtype)
-        _check_same_device_dtype(x, (h0,) if c0 is None else (h0, c0))
+        _check_same_device(x, (h0,) if c0 is None else (h0, c0))
+        if dtypes.error is not None:
+            raise RuntimeError(dtypes.error)
+        x, h0 = x.to(spec.dtype), h0.to(spec.dtype)
+        c0 = None if c0 is None else c0.to(spec.dtype)
 
         layout = None if batch_sizes is None else _PackedLayout(batch_sizes, x.device)
         with torch.autocast(x.device.type, enabled=False):
             output, h_n, c_n = self._run_layers(backend, spec, x, h0, c0, batch_sizes, layout)
-        if is_lstm and spec.dtype != input_dtype and x.device.type == "cpu":
-            # CPU autocast lowers torch.nn's LSTM where oneDNN runs it (its op is on
-            # autocast's list). Packed input and proj_size take ATen's own loop instead,
-            # whose matmuls are lowered but whose cell state stays in the input dtype: a
-            # packed LSTM returns everything in it, one with proj_size c_n (measured with
-            # torch 2.13, bfloat16; tests/test_rnn_api.py). We compute in the autocast
-            # dtype, as close to that loop's precision, and return torch.nn's dtypes.
-            if self.proj_size > 0:
-                c_n = c_n.to(input_dtype)
-            elif batch_sizes is not None:
-                output, h_n, c_n = (t.to(input_dtype) for t in (output, h_n, c_n))
-
+        output, h_n = output.to(dtypes.h), h_n.to(dtypes.h)
+        c_n = None if c_n is None else c_n.to(dtypes.c)
         hidden = (h_n, c_n) if is_lstm else h_n
         if batch_sizes is not None:
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -406,7 +490,11 @@ class _CellMixin(_BackendMixin):
         if backends.resolve_early(self.backend, input, 1) is not None:
             return super().forward(input, hx)
         batch = input.size(0) if input.dim() == 2 else 1
-        backend, spec = self._resolve(input, batch, 1, False, hx)
+        try:
+            backend, spec, dtypes = self._resolve(input, batch, 1, False, hx)
+        except backends.BackendUnavailableError:
+            self._check_input_dtype(input)  # torch.nn's error first, as its matmul raises it
+            raise
         if backend.whole_module:
             return super().forward(input, hx)
         is_lstm = spec.cell == "lstm"
@@ -437,10 +525,11 @@ class _CellMixin(_BackendMixin):
         if not states:
             zeros = input.new_zeros(input.size(0), self.hidden_size)
             states = (zeros, zeros) if is_lstm else (zeros,)
-        if input.dtype != spec.dtype:  # autocast
-            input = input.to(spec.dtype)
-            states = tuple(s.to(spec.dtype) for s in states)
         self._check_cell_args(input, states)
+        if dtypes.error is not None:
+            raise RuntimeError(dtypes.error)
+        input = input.to(spec.dtype)
+        states = tuple(s.to(spec.dtype) for s in states)
 
         w_ih, w_hh, b_ih, b_hh = (
             None if w is None else w.to(spec.dtype)
@@ -453,6 +542,7 @@ class _CellMixin(_BackendMixin):
                 backend, spec, gx, states[0], states[1] if is_lstm else None, w_hh, None, b_hn,
                 source=ProjectionSource(input, w_ih, gx_bias),
             )
+        h, c = h.to(dtypes.h), None if c is None else c.to(dtypes.c)
         if not is_batched:
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
@@ -474,7 +564,7 @@ class _CellMixin(_BackendMixin):
                     f"hidden{idx} has inconsistent hidden_size: got {state.size(1)}, "
                     f"expected {self.hidden_size}"
                 )
-        _check_same_device_dtype(input, states)
+        _check_same_device(input, states)
         if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
             raise RuntimeError(
                 f"mat1 and mat2 must have the same dtype, but got {_scalar_type(input.dtype)} "
