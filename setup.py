@@ -174,8 +174,10 @@ setup(
         'triton; platform_system=="Linux" and platform_machine=="x86_64"',
     ],
     extras_require={
-        # onnx, onnxscript, onnxruntime: the ONNX export tests (tests/test_compile.py)
-        "test": ["pytest", "pytest-benchmark", "numpy", "onnx", "onnxscript", "onnxruntime"],
+        # onnx, onnxscript, onnxruntime: the ONNX export tests (tests/test_compile.py);
+        # hypothesis: the property-based parity test (tests/test_parity_fuzz.py)
+        "test": ["pytest", "pytest-benchmark", "numpy", "onnx", "onnxscript", "onnxruntime",
+                 "hypothesis"],
         "bench": ["rich", "matplotlib", "pytest-benchmark"],
         "examples": ["scikit-learn", "matplotlib", "rich"],
     },
