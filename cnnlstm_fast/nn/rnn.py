@@ -101,6 +101,8 @@ def _plan_dtypes(kind, cell, data, h_dtype, c_dtype, ragged, proj, steps) -> _Dt
     ones under CPU autocast: at least torch's precision) and return torch's dtypes."""
     device = data.device.type
     autocast = data.dtype.is_floating_point and torch.is_autocast_enabled(device)
+    if not autocast and h_dtype == c_dtype == data.dtype:  # the common call, kept cheap
+        return _Dtypes(data.dtype, data.dtype, data.dtype if cell == "lstm" else None)
     if autocast:
         plan = _plan_dtypes_autocast(kind, cell, data, h_dtype, c_dtype, ragged, proj)
         if device == "cpu" and plan.compute in (torch.float16, torch.bfloat16):
@@ -147,10 +149,17 @@ def _plan_dtypes_plain(kind, cell, data, h_dtype, c_dtype, ragged, proj, steps) 
 
 def _state_dtypes(hx, default: torch.dtype):
     """dtypes of (h0, c0) in a raw ``hx`` argument: a state's tensor or ``default``."""
-    states = hx if isinstance(hx, (tuple, list)) else (hx,)
-    found = [s.dtype if isinstance(s, torch.Tensor) else default
-             for s in states[:2]] + [default] * 2
-    return found[0], found[1]
+    if hx is None:
+        return default, default
+    if isinstance(hx, torch.Tensor):
+        return hx.dtype, default
+    found = [s.dtype if isinstance(s, torch.Tensor) else default for s in hx[:2]]
+    return (*found, default, default)[:2]
+
+
+def _as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t.to(dtype)``, skipped (a microsecond a call) where nothing changes."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _check_same_device(input: torch.Tensor, states) -> None:
@@ -419,14 +428,12 @@ class _SequenceMixin(_BackendMixin):
         _check_same_device(x, (h0,) if c0 is None else (h0, c0))
         if dtypes.error is not None:
             raise RuntimeError(dtypes.error)
-        x, h0 = x.to(spec.dtype), h0.to(spec.dtype)
-        c0 = None if c0 is None else c0.to(spec.dtype)
+        x, h0, c0 = (_as_dtype(t, spec.dtype) for t in (x, h0, c0))
 
         layout = None if batch_sizes is None else _PackedLayout(batch_sizes, x.device)
         with torch.autocast(x.device.type, enabled=False):
             output, h_n, c_n = self._run_layers(backend, spec, x, h0, c0, batch_sizes, layout)
-        output, h_n = output.to(dtypes.h), h_n.to(dtypes.h)
-        c_n = None if c_n is None else c_n.to(dtypes.c)
+        output, h_n, c_n = _as_dtype(output, dtypes.h), _as_dtype(h_n, dtypes.h), _as_dtype(c_n, dtypes.c)
         hidden = (h_n, c_n) if is_lstm else h_n
         if batch_sizes is not None:
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -445,7 +452,7 @@ class _SequenceMixin(_BackendMixin):
             outputs = []
             for direction in range(directions):
                 k = layer * directions + direction
-                weights = [getattr(self, name).to(spec.dtype) for name in self._all_weights[k]]
+                weights = [_as_dtype(getattr(self, name), spec.dtype) for name in self._all_weights[k]]
                 w_ih, w_hh = weights[0], weights[1]
                 b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
                 w_hr = weights[-1] if self.proj_size > 0 else None
@@ -528,11 +535,11 @@ class _CellMixin(_BackendMixin):
         self._check_cell_args(input, states)
         if dtypes.error is not None:
             raise RuntimeError(dtypes.error)
-        input = input.to(spec.dtype)
-        states = tuple(s.to(spec.dtype) for s in states)
+        input = _as_dtype(input, spec.dtype)
+        states = tuple(_as_dtype(s, spec.dtype) for s in states)
 
         w_ih, w_hh, b_ih, b_hh = (
-            None if w is None else w.to(spec.dtype)
+            _as_dtype(w, spec.dtype)
             for w in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         )
         with torch.autocast(input.device.type, enabled=False):
@@ -542,7 +549,7 @@ class _CellMixin(_BackendMixin):
                 backend, spec, gx, states[0], states[1] if is_lstm else None, w_hh, None, b_hn,
                 source=ProjectionSource(input, w_ih, gx_bias),
             )
-        h, c = h.to(dtypes.h), None if c is None else c.to(dtypes.c)
+        h, c = _as_dtype(h, dtypes.h), _as_dtype(c, dtypes.c)
         if not is_batched:
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)

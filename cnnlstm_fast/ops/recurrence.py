@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -291,3 +292,10 @@ def recurrence(
     op = _RecurrenceForwardAD if transformed else _Recurrence
     y, h_t, c_t, *_ = op.apply(backend, spec, batch_sizes, need_saved, *tensors, *src)
     return y, h_t, c_t
+
+
+# torch's Function.apply binds its arguments to forward's signature on every call (for
+# setup_context-style Functions); inspect.signature reads a function's __signature__
+# first, so the signature is built once instead of per call
+for _function in (_Recurrence, _Recomputed):
+    _function.forward.__signature__ = inspect.signature(_function.forward)
