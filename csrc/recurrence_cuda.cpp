@@ -467,8 +467,9 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   }
   const Tensor none = at::empty({0}, f32);
   const Tensor d_w_hh =
-      d_gh.reshape({-1, gate_width}).t().mm(h_prev.reshape({-1, out})).to(w_hh.scalar_type());
-  const Tensor d_w_hr = proj ? g_all.reshape({-1, out}).t().mm(m_all.reshape({-1, hidden}))
+      d_gh.flatten(0, 1).t().mm(h_prev.flatten(0, 1)).to(w_hh.scalar_type());
+  // flatten, not reshape({-1, n}): -1 is ambiguous for zero elements (hidden_size 0)
+  const Tensor d_w_hr = proj ? g_all.flatten(0, 1).t().mm(m_all.flatten(0, 1))
                                    .to(w_hr->scalar_type())
                              : none;
   const Tensor d_b_hn = gru ? d_gh.narrow(2, 2 * hidden, hidden).sum(at::IntArrayRef{0, 1}) : none;
