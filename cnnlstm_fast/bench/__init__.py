@@ -1,6 +1,6 @@
 """Benchmark suites: our layers against torch.nn and the alternatives, in one run.
 
-    python -m cnnlstm_fast.bench [--suite quick|flashrnn|batch-sweep|hidden-sweep|seq-sweep|cnnlstm]
+    python -m cnnlstm_fast.bench [--suite quick|flashrnn|batch-sweep|hidden-sweep|seq-sweep|cnnlstm|models]
                                  [--config B=16,T=32,I=128,H=128] [--json PATH] [--csv PATH]
                                  [--plot DIR] [--compare OLD.json] ...
 

@@ -18,6 +18,7 @@ from torch import nn
 import cnnlstm_fast
 
 from .suites import DTYPES_TORCH as DTYPES
+from . import zoo
 from .suites import CELL_LOOP, FRAME, GATES, Config
 
 BASELINE = "torch.nn"
@@ -176,6 +177,8 @@ def _models():
 
 
 def model_input(cfg: Config) -> torch.Tensor:
+    if cfg.model in zoo.MODELS:
+        return zoo.example_input(cfg, DTYPES[cfg.dtype])
     shape = (cfg.batch, cfg.steps, cfg.input_size)
     if cfg.model == "cnnlstm-2d":
         shape += (FRAME, FRAME)
@@ -183,6 +186,11 @@ def model_input(cfg: Config) -> torch.Tensor:
 
 
 def build_model(cfg: Config, backend: str) -> nn.Module:
+    """CNNLSTM with ``backend``; a zoo model (torch.nn layers) swapped to ``backend``
+    (``torch``: left on torch.nn, the baseline)."""
+    if cfg.model in zoo.MODELS:
+        model = zoo.build(cfg, DTYPES[cfg.dtype])
+        return model if backend == "torch" else cnnlstm_fast.swap(model, backend=backend)
     cnnlstm = _models()
     return cnnlstm(cfg.input_size, 10, conv=cfg.model.split("-")[1], rnn=cfg.cell,
                    hidden_size=cfg.hidden_size, num_layers=cfg.layers,

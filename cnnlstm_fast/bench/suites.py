@@ -92,7 +92,8 @@ class Config:
         return total * (3 if self.mode == "forward_backward" else 1)
 
 
-SUITES = ("quick", "flashrnn", "batch-sweep", "hidden-sweep", "seq-sweep", "short-seq", "cnnlstm")
+SUITES = ("quick", "flashrnn", "batch-sweep", "hidden-sweep", "seq-sweep", "short-seq", "cnnlstm",
+          "models")
 
 
 def _sweep(base: dict, key: str, values, **extra) -> list[dict]:
@@ -125,6 +126,10 @@ def shapes(suite: str, device_type: str) -> list[dict]:
                                     "steps", SHORT_STEPS)]
     if suite == "cnnlstm":
         return [dict(m, layers=2, directions=2) for m in MODELS[device_type]]
+    if suite == "models":  # whole models at published shapes (zoo.py), swapped vs torch.nn
+        from . import zoo
+
+        return [dict(shape) for shape in zoo.SHAPES[device_type]]
     raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
 
 
