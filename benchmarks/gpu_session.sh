@@ -5,7 +5,7 @@
 # command at most 10 minutes, so the steps run in order of importance, each under a cap,
 # and every file in $OUT is complete up to the step that was cut off. At most 8 files
 # come back (the device tool's limit); this writes at most 8 to $OUT (default /tmp/gpu-out)
-# with the 3 default suites:
+# with the 3 default suites (canonical, canonical-pb, models: whole models swapped vs torch.nn):
 #   summary.txt       GPU, driver, pass/fail and wall time of each step
 #   env.json          build/runtime report after the build
 #   tests.log         build log, the build checks, the GPU-marked tests, the large shapes,
@@ -31,7 +31,7 @@
 #              capped at SANITIZE_S seconds (60)
 #   floor      python -m cnnlstm_fast.bench.floor (float16, 18 shapes), capped at
 #              FLOOR_S seconds (45)
-#   bench      $SUITES (default "canonical canonical-pb canonical-mp"), each capped at
+#   bench      $SUITES (default "canonical canonical-pb models"), each capped at
 #              BENCH_S seconds (120); BENCH_ARGS adds bench options
 #   large      tests/test_gpu_large.py on the workers, with what is left
 # Suites: a name of `python -m cnnlstm_fast.bench --suite`, or canonical (B=16 T=1024
@@ -44,7 +44,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET=${1:-560}
-SUITES=${SUITES:-canonical canonical-pb canonical-mp}
+SUITES=${SUITES:-canonical canonical-pb models}
 SKIP=${SKIP:-}
 TESTS_S=${TESTS_S:-200}
 SANITIZE_S=${SANITIZE_S:-60}
