@@ -7,10 +7,11 @@
 from ._version import __version__
 from .backends import available_backends, get_default, set_backend, use_backend
 from . import models
-from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .nn import GRU, LSTM, RNN, ConvToSequence, GRUCell, LSTMCell, RNNCell
 from .nn.swap import swap, unswap
 
 __all__ = [
+    "ConvToSequence",
     "GRU",
     "GRUCell",
     "LSTM",
