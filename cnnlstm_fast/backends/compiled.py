@@ -49,7 +49,38 @@ def _ops():
     torch.library.register_autograd(
         "cnnlstm_fast::linear", _linear_backward, setup_context=_linear_setup_context
     )
+    if hasattr(namespace, "pad_rows"):
+        torch.library.register_fake("cnnlstm_fast::pad_rows")(_pad_rows_fake)
+        torch.library.register_fake("cnnlstm_fast::pack_rows")(_pack_rows_fake)
+        torch.library.register_autograd(
+            "cnnlstm_fast::pad_rows", _pad_rows_backward, setup_context=_rows_setup_context)
+        torch.library.register_autograd(
+            "cnnlstm_fast::pack_rows", _pack_rows_backward, setup_context=_rows_setup_context)
     return namespace
+
+
+def _pad_rows_fake(data, index, rows):
+    return data.new_empty(rows, data.shape[1])
+
+
+def _pack_rows_fake(padded, index):
+    return padded.new_empty(index.shape[0], padded.shape[1])
+
+
+def _rows_setup_context(ctx, inputs, output):
+    """pad_rows and pack_rows: each one's gradient is the other (differentiable too)."""
+    ctx.save_for_backward(inputs[1])
+    ctx.rows = inputs[0].shape[0]
+
+
+def _pad_rows_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return torch.ops.cnnlstm_fast.pack_rows(grad, index), None, None
+
+
+def _pack_rows_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return torch.ops.cnnlstm_fast.pad_rows(grad, index, ctx.rows), None
 
 
 def _forward_from_input_fake(cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, reverse):

@@ -214,6 +214,25 @@ def _packed_index(batch_sizes: torch.Tensor, device: torch.device, on_device: bo
     return index.to(device)
 
 
+_ROWS_OPS: list = []  # [the op namespace or None] once resolved
+
+
+def _rows_ops():
+    """``torch.ops.cnnlstm_fast`` where the extension has ``pad_rows``/``pack_rows``
+    (their fakes and autograd registered), else None. Resolved on the first eager call
+    (a global read is all that torch.compile traces; while it traces before any eager
+    call, the PyTorch-ops path). Not under torch.func's transforms (the formulas
+    registered for C++ ops do not support them)."""
+    if not _ROWS_OPS:
+        if torch.compiler.is_compiling():
+            return None
+        from ..backends.compiled import ops
+
+        namespace = ops()
+        _ROWS_OPS.append(namespace if hasattr(namespace, "pad_rows") else None)
+    return _ROWS_OPS[0]
+
+
 class _PackedLayout:
     """Moves packed rows (N, F) to the padded time-major layout (T, B, F) and back.
 
@@ -227,11 +246,19 @@ class _PackedLayout:
         self.index = _packed_index(batch_sizes, device, on_device=capturing)
 
     def to_padded(self, data: torch.Tensor) -> torch.Tensor:
-        out = data.new_zeros(self.steps * self.batch, data.shape[1])
-        return out.index_copy(0, self.index, data).view(self.steps, self.batch, -1)
+        rows = self.steps * self.batch
+        ops = _rows_ops() if data.device.type == "cpu" and not transforms_active() else None
+        if ops is not None:
+            # one op, its buffer from the cpu backend's cache (csrc/cpu/packing.cpp)
+            return ops.pad_rows(data, self.index, rows).view(self.steps, self.batch, -1)
+        out = data.new_zeros(rows, data.shape[1])
+        # in place into the fresh zeros: index_copy would copy them first
+        return out.index_copy_(0, self.index, data).view(self.steps, self.batch, -1)
 
     def to_packed(self, padded: torch.Tensor) -> torch.Tensor:
-        return padded.reshape(self.steps * self.batch, -1).index_select(0, self.index)
+        rows = padded.reshape(self.steps * self.batch, -1)
+        ops = _rows_ops() if rows.device.type == "cpu" and not transforms_active() else None
+        return rows.index_select(0, self.index) if ops is None else ops.pack_rows(rows, self.index)
 
 
 class _BackendMixin:
