@@ -35,6 +35,30 @@ def active_rows(batch_sizes: torch.Tensor | None, steps: int, batch: int) -> lis
     return [int(n) for n in batch_sizes.tolist()]
 
 
+def cell_step(cell, gx_t, h, c, w_hh, w_hr, b_hn):
+    """One step of the active rows, in out-of-place ops: ``(h', c' or None, the gate
+    activations (LSTM i,f,g,o; GRU r,z,n; RNN h'), GRU's a_n + b_hn or None)``."""
+    a_h = h @ w_hh.T
+    if cell == "lstm":
+        i, f, g, o = (gx_t + a_h).chunk(4, 1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        c_new = f * c + i * g
+        m = o * c_new.tanh()
+        return m if w_hr is None else m @ w_hr.T, c_new, torch.cat((i, f, g, o), 1), None
+    if cell == "gru":
+        x_r, x_z, x_n = gx_t.chunk(3, 1)
+        h_r, h_z, h_n = a_h.chunk(3, 1)
+        if b_hn is not None:
+            h_n = h_n + b_hn
+        r = (x_r + h_r).sigmoid()
+        z = (x_z + h_z).sigmoid()
+        n = (x_n + r * h_n).tanh()
+        return (1 - z) * n + z * h, None, torch.cat((r, z, n), 1), h_n
+    pre = gx_t + a_h
+    h_new = pre.tanh() if cell == "rnn_tanh" else pre.relu()
+    return h_new, None, h_new, None
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     supports = "every device and floating dtype (float16/bfloat16 computed in float32)"
@@ -65,31 +89,14 @@ class ReferenceBackend(Backend):
             n = rows[t]
             hp = h[:n]
             h_prev[t] = h
-            a_h = hp @ w_hh.T
             if spec.cell == "lstm":
                 extra[t] = c
-                i, f, g, o = (gx[t, :n] + a_h).chunk(4, 1)
-                i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-                c_new = f * c[:n] + i * g
-                m = o * c_new.tanh()
-                h_new = m if w_hr is None else m @ w_hr.T
+            h_new, c_new, act[t, :n], extra_t = cell_step(
+                spec.cell, gx[t, :n], hp, None if c is None else c[:n], w_hh, w_hr, b_hn)
+            if spec.cell == "lstm":
                 c[:n] = c_new
-                act[t, :n] = torch.cat((i, f, g, o), 1)
             elif spec.cell == "gru":
-                x_r, x_z, x_n = gx[t, :n].chunk(3, 1)
-                h_r, h_z, h_n = a_h.chunk(3, 1)
-                if b_hn is not None:
-                    h_n = h_n + b_hn
-                r = (x_r + h_r).sigmoid()
-                z = (x_z + h_z).sigmoid()
-                nn_ = (x_n + r * h_n).tanh()
-                h_new = (1 - z) * nn_ + z * hp
-                extra[t, :n] = h_n
-                act[t, :n] = torch.cat((r, z, nn_), 1)
-            else:
-                pre = gx[t, :n] + a_h
-                h_new = pre.tanh() if spec.cell == "rnn_tanh" else pre.relu()
-                act[t, :n] = h_new
+                extra[t, :n] = extra_t
             h[:n] = h_new
             y[t, :n] = h_new
 
@@ -204,25 +211,10 @@ def differentiable_forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes):
     ys = [None] * steps
     for t in step_order(steps, spec.reverse):
         n = rows[t]
-        hp = h[:n]
-        a_h = hp @ w_hh.T
-        if spec.cell == "lstm":
-            i, f, g, o = (gx[t, :n] + a_h).chunk(4, 1)
-            c_new = f.sigmoid() * c[:n] + i.sigmoid() * g.tanh()
-            m = o.sigmoid() * c_new.tanh()
-            h_new = m if w_hr is None else m @ w_hr.T
+        h_new, c_new, _, _ = cell_step(
+            spec.cell, gx[t, :n], h[:n], None if c is None else c[:n], w_hh, w_hr, b_hn)
+        if c_new is not None:
             c = _keep_rows(c_new, c)
-        elif spec.cell == "gru":
-            x_r, x_z, x_n = gx[t, :n].chunk(3, 1)
-            h_r, h_z, h_n = a_h.chunk(3, 1)
-            if b_hn is not None:
-                h_n = h_n + b_hn
-            r = (x_r + h_r).sigmoid()
-            z = (x_z + h_z).sigmoid()
-            h_new = (1 - z) * (x_n + r * h_n).tanh() + z * hp
-        else:
-            pre = gx[t, :n] + a_h
-            h_new = pre.tanh() if spec.cell == "rnn_tanh" else pre.relu()
         h = _keep_rows(h_new, h)
         ys[t] = _pad_rows(h_new, batch)
     y = torch.stack(ys) if steps else gx.new_zeros(0, batch, h.shape[1])
