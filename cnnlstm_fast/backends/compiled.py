@@ -56,7 +56,24 @@ def _ops():
             "cnnlstm_fast::pad_rows", _pad_rows_backward, setup_context=_rows_setup_context)
         torch.library.register_autograd(
             "cnnlstm_fast::pack_rows", _pack_rows_backward, setup_context=_rows_setup_context)
+        torch.library.register_fake("cnnlstm_fast::cat_features")(_cat_features_fake)
+        torch.library.register_autograd(
+            "cnnlstm_fast::cat_features", _cat_features_backward,
+            setup_context=_cat_features_setup_context)
     return namespace
+
+
+def _cat_features_fake(parts):
+    return parts[0].new_empty(*parts[0].shape[:-1], sum(p.shape[-1] for p in parts))
+
+
+def _cat_features_setup_context(ctx, inputs, output):
+    ctx.widths = [p.shape[-1] for p in inputs[0]]
+
+
+def _cat_features_backward(ctx, grad):
+    """Each part's gradient is its slice of the features: a view, no copy."""
+    return list(grad.split(ctx.widths, -1))
 
 
 def _pad_rows_fake(data, index, rows):

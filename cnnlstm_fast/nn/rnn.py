@@ -233,6 +233,12 @@ def _rows_ops():
     return _ROWS_OPS[0]
 
 
+def _cat_features(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, -1)``, on CPU into a buffer of the cpu backend's cache."""
+    ops = _rows_ops() if parts[0].device.type == "cpu" and not transforms_active() else None
+    return torch.cat(parts, -1) if ops is None else ops.cat_features(parts)
+
+
 class _PackedLayout:
     """Moves packed rows (N, F) to the padded time-major layout (T, B, F) and back.
 
@@ -511,7 +517,7 @@ class _SequenceMixin(_BackendMixin):
                 outputs.append(y if layout is None else layout.to_packed(y))
                 h_n.append(h_t)
                 c_n.append(c_t)
-            x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+            x = outputs[0] if directions == 1 else _cat_features(outputs)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, True)
         return x, torch.stack(h_n), None if c0 is None else torch.stack(c_n)

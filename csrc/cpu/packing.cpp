@@ -2,7 +2,8 @@
 // their flat positions of the padded (T * B, F) layout, zeros elsewhere: the module's
 // packed-to-padded step before each recurrence (cnnlstm_fast/nn/rnn.py, _PackedLayout).
 // cnnlstm_fast::pack_rows is its inverse (the rows at those positions gathered): each
-// is the other's gradient.
+// is the other's gradient. cnnlstm_fast::cat_features joins a bidirectional layer's two
+// outputs along the features (torch.cat(dim=-1)) into a cached buffer likewise.
 //
 // Why an op: in PyTorch ops it is new_zeros + index_copy_, whose (T * B, F) output is
 // fresh memory on every call, which glibc hands over unmapped above its mmap threshold:
@@ -84,14 +85,54 @@ Tensor pack_rows(const Tensor& padded, const Tensor& index) {
   return out;
 }
 
+Tensor cat_features(at::TensorList parts) {
+  TORCH_CHECK(!parts.empty(), "cnnlstm_fast::cat_features: no tensors");
+  const Tensor& first = parts[0];
+  TORCH_CHECK(first.dim() >= 1, "cnnlstm_fast::cat_features: tensors must have a feature dimension");
+  std::vector<Tensor> src;
+  std::vector<size_t> width_bytes;
+  int64_t features = 0;
+  for (const Tensor& part : parts) {
+    TORCH_CHECK(part.dim() == first.dim() &&
+                    part.sizes().slice(0, part.dim() - 1) == first.sizes().slice(0, first.dim() - 1) &&
+                    part.scalar_type() == first.scalar_type() && part.device() == first.device(),
+                "cnnlstm_fast::cat_features: tensors must match in dtype, device and all but the "
+                "last dimension, got ", first.sizes(), " ", first.scalar_type(), " and ",
+                part.sizes(), " ", part.scalar_type());
+    src.push_back(part.contiguous());
+    width_bytes.push_back(static_cast<size_t>(part.size(-1)) * part.element_size());
+    features += part.size(-1);
+  }
+  std::vector<int64_t> shape(first.sizes().begin(), first.sizes().end());
+  shape.back() = features;
+  Tensor out = empty_large(shape, first.options());
+  const int64_t rows = features == 0 ? 0 : out.numel() / features;
+  const size_t out_row = static_cast<size_t>(features) * first.element_size();
+  auto* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      size_t offset = 0;
+      for (size_t p = 0; p < src.size(); ++p) {
+        std::memcpy(dst + r * out_row + offset,
+                    static_cast<const char*>(src[p].const_data_ptr()) + r * width_bytes[p],
+                    width_bytes[p]);
+        offset += width_bytes[p];
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace cnnlstm_fast::cpu
 
 TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
   m.def("pad_rows(Tensor data, Tensor index, int rows) -> Tensor");
   m.def("pack_rows(Tensor padded, Tensor index) -> Tensor");
+  m.def("cat_features(Tensor[] parts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cnnlstm_fast, CPU, m) {
   m.impl("pad_rows", &cnnlstm_fast::cpu::pad_rows);
   m.impl("pack_rows", &cnnlstm_fast::cpu::pack_rows);
+  m.impl("cat_features", &cnnlstm_fast::cpu::cat_features);
 }
