@@ -149,9 +149,10 @@ def test_registry_and_auto_resolution():
     assert backends.resolve("reference", _spec()).name == "reference"
 
 
-def _cpu(cell, hidden, batch, steps, needs_grad=False, dtype=torch.float32, proj=0):
+def _cpu(cell, hidden, batch, steps, needs_grad=False, dtype=torch.float32, proj=0,
+         packed=False):
     return RecurrenceSpec(cell, hidden, proj, False, torch.device("cpu"), dtype, batch, steps,
-                          False, needs_grad)
+                          packed, needs_grad)
 
 
 def test_auto_follows_the_measured_rules(monkeypatch):
@@ -210,6 +211,11 @@ def test_auto_follows_the_measured_rules(monkeypatch):
     assert not picks(_cpu("lstm", 512, 16, 32, needs_grad=True))  # 0.94x-1.43x: torch.nn
     assert picks(_cpu("lstm", 256, 64, 128, needs_grad=True))  # 32 MiB of activations
     assert not picks(_cpu("lstm", 256, 128, 32, needs_grad=True))  # 16 MiB: not above
+    # packed (unequal lengths): torch.nn's step loop, not oneDNN
+    assert picks(_cpu("lstm", 256, 32, 32, packed=True))
+    assert picks(_cpu("lstm", 128, 64, 64, needs_grad=True, packed=True))
+    assert not picks(_cpu("lstm", 64, 1, 32, packed=True))  # one length: oneDNN runs it
+    assert not picks(_cpu("lstm", 2048, 16, 32, needs_grad=True, packed=True))  # unmeasured
     # A malloc that keeps freed memory spares torch.nn its page faults: only the small
     # batches stay with the cpu backend.
     for keeps in [("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1073741824"),

@@ -162,6 +162,12 @@ def _cpu_avx512_beats_torch(spec: RecurrenceSpec) -> bool:
         return spec.batch <= 256 and spec.hidden_size <= 2048
     if spec.cell != "lstm" or spec.proj_size:
         return False
+    if spec.variable_lengths and 2 <= spec.batch <= 128 and spec.hidden_size <= 1024:
+        # packed: torch.nn takes oneDNN only where all lengths are equal, else ATen's step
+        # loop, as for every GRU; against that loop 1.32x-8.1x in inference and training
+        # (benchmarks/results/cpu-amd-epyc/packed-lstm.txt: unequal lengths, batch 2-128,
+        # hidden 64-1024). A packed batch of equal lengths, which oneDNN runs, counts here.
+        return True
     small_batch = spec.batch <= 8 and spec.steps >= 256
     if not spec.needs_grad:
         return small_batch or (spec.batch <= 16 and spec.hidden_size >= 128)
