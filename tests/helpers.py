@@ -117,3 +117,19 @@ def clone_inputs(inputs):
         return x.detach().clone().requires_grad_(True)
 
     return tuple(one(x) for x in inputs)
+
+
+def spy_on_rows_ops(monkeypatch) -> list[str]:
+    """Routes the module's cached-buffer ops (pad_rows, pack_rows, cat_features) through
+    a recorder; returns the list their names are appended to, one per call."""
+    import cnnlstm_fast.nn.rnn as rnn_module
+    from cnnlstm_fast.backends import compiled
+
+    ops, calls = compiled.ops(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *a: calls.append(name) or getattr(ops, name)(*a)
+
+    monkeypatch.setattr(rnn_module, "_ROWS_OPS", [Spy()])
+    return calls

@@ -8,6 +8,7 @@ import torch
 
 import cnnlstm_fast.nn.rnn as rnn_module
 from cnnlstm_fast.backends import compiled
+from helpers import spy_on_rows_ops
 
 ops = compiled.ops()
 pytestmark = pytest.mark.skipif(ops is None or not hasattr(ops, "cat_features"),
@@ -34,13 +35,7 @@ def test_cat_features_gradient_and_errors():
 
 
 def test_a_bidirectional_stack_joins_its_directions_through_the_op(monkeypatch):
-    calls = []
-
-    class Spy:
-        def __getattr__(self, name):
-            return lambda *a: calls.append(name) or getattr(ops, name)(*a)
-
-    monkeypatch.setattr(rnn_module, "_ROWS_OPS", [Spy()])
+    calls = spy_on_rows_ops(monkeypatch)
     m = rnn_module.LSTM(3, 4, num_layers=2, bidirectional=True, backend="reference")
     m(torch.randn(5, 2, 3))
     assert calls == ["cat_features"] * 2, calls

@@ -10,6 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import cnnlstm_fast.nn.rnn as rnn_module
 from cnnlstm_fast.backends import compiled
+from helpers import spy_on_rows_ops
 
 ops = compiled.ops()
 pytestmark = pytest.mark.skipif(ops is None or not hasattr(ops, "pad_rows"),
@@ -52,13 +53,7 @@ def test_pack_rows_gathers_and_both_gradients_are_each_other():
 
 
 def test_a_packed_layer_pads_and_packs_through_the_ops(monkeypatch):
-    calls = []
-
-    class Spy:
-        def __getattr__(self, name):
-            return lambda *a: calls.append(name) or getattr(ops, name)(*a)
-
-    monkeypatch.setattr(rnn_module, "_ROWS_OPS", [Spy()])
+    calls = spy_on_rows_ops(monkeypatch)
     m = rnn_module.GRU(3, 4, bidirectional=True, backend="reference")
     x = pack_padded_sequence(torch.randn(5, 3, 3), torch.tensor([5, 2, 4]), enforce_sorted=False)
     m(x)
