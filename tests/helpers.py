@@ -52,7 +52,7 @@ def errors_vs_exact(names, actual, exact) -> dict[str, float]:
 
 def assert_as_accurate_as(names, ours, reference, exact):
     """Each tensor of ``ours`` at most twice as far from ``exact`` (fp64) as the same
-    tensor of ``reference`` (the fp32 reference), plus DESIGN.md's fp32 rtol 1e-5: for
+    tensor of ``reference`` (the fp32 reference), plus the rtol 1e-5 of docs/design.md#testing: for
     sums over many steps and rows, two fp32 summation orders differ by more than any
     fixed tolerance between them allows."""
     for name, a in zip(names, ours):

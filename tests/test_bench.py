@@ -1,4 +1,4 @@
-"""The benchmark CLI, the pytest-benchmark suite and the README's generated section."""
+"""The benchmark CLI, the pytest-benchmark suite and the docs' generated tables."""
 
 import importlib.util
 import json
@@ -213,13 +213,85 @@ def test_pytest_benchmark_suite_smoke():
     assert " passed" in done.stdout
 
 
-def test_readme_performance_section_is_generated():
-    spec = importlib.util.spec_from_file_location("perf_report", ROOT / "benchmarks" / "report.py")
-    perf_report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(perf_report)
-    readme = (ROOT / "README.md").read_text()
-    assert perf_report.update(readme, perf_report.render()) == readme, (
-        "README.md performance section differs from benchmarks/results: run python benchmarks/report.py")
+def _report_script():
+    """benchmarks/report.py, the generator of the docs' tables (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("docs_report", ROOT / "benchmarks" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+needs_git = pytest.mark.skipif(not (ROOT / ".git").exists(),
+                               reason="report.py orders result files by git history")
+
+
+@needs_git
+def test_generated_docs_are_what_report_py_generates():
+    """README.md (support matrix, headline tables), docs/performance.md and docs/gpu.md
+    (kernel status) are regenerated from benchmarks/results by benchmarks/report.py."""
+    stale = [path.relative_to(ROOT).as_posix()
+             for path, (text, new) in _report_script().regenerate().items() if new != text]
+    assert not stale, (f"{stale} differ from what benchmarks/results generates: "
+                       "run python benchmarks/report.py")
+
+
+def _history(n):
+    done = subprocess.run(["git", "rev-list", "--topo-order", "-n", str(n), "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def _bench_file(path, commit, rows, suite="config", **cuda_settings):
+    """A result file as ``python -m cnnlstm_fast.bench --json`` writes it, reduced to what
+    report.py reads."""
+    full = [dict(dict(config=f"lstm B16 {r['dtype']} {r['mode']}", cell="lstm", batch=16,
+                      steps=1024, input_size=768, hidden_size=768, layers=1, directions=1,
+                      model="", device="cuda", median_ms=1.0), **r) for r in rows]
+    path.write_text(json.dumps(dict(
+        suite=suite, device="NVIDIA H100 80GB HBM3", threads=16, peak_tflops={}, notes=[],
+        environment=dict(git_commit=commit, torch="2.11.0+cu130", triton={"version": "3.6.0"},
+                         cnnlstm_fast="0.1.0", cuda_settings=cuda_settings),
+        results=full)))
+
+
+@needs_git
+def test_newest_file_of_a_suite_is_by_the_commit_it_records(tmp_path):
+    """Not by name: the newer commit's file sorts first whatever its suffix."""
+    new, old = _history(6)[1], _history(6)[5]
+    device = tmp_path / "gpu"
+    device.mkdir()
+    row = dict(provider="cuda", dtype="bfloat16", mode="forward", speedup=2.0)
+    _bench_file(device / f"canonical-{new[:7]}.json", new, [row])
+    _bench_file(device / f"canonical-{old[:7]}.json", old, [row])
+    report = _report_script()
+    files = report.load(tmp_path)["gpu"]
+    assert [r.stem for r in files] == ["canonical", "canonical"]
+    assert [r.path.name for r in report.newest(files)] == [f"canonical-{new[:7]}.json"]
+
+
+@needs_git
+def test_kernel_status_takes_the_newest_session_that_passed_and_timed_the_kernel(tmp_path):
+    """A session counts for a kernel when its log says every GPU test passed and its
+    result files time that kernel: an opt-in kernel only with its setting recorded."""
+    passed, failed = _history(4)[3], _history(4)[1]  # the failed session is newer
+    device = tmp_path / "gpu"
+    device.mkdir()
+    training = dict(provider="cuda", dtype="bfloat16", mode="forward_backward", speedup=2.0)
+    _bench_file(device / f"canonical-{passed[:7]}.json", passed, [training])
+    _bench_file(device / f"canonical-pb-{passed[:7]}.json", passed, [training],
+                CNNLSTM_FAST_CUDA_BACKWARD="persistent")
+    _bench_file(device / f"canonical-{failed[:7]}.json", failed, [training])
+    (device / f"gpu-session-{passed[:7]}.log").write_text("60s gpu tests rc=0 (9 passed)\n")
+    (device / f"gpu-session-{failed[:7]}.log").write_text("60s gpu tests rc=1 (1 failed)\n")
+    report = _report_script()
+    status = {s.kernel.key: s for s in report.kernel_status(report.load(tmp_path))}
+    assert status["cuda-backward"].file.name == f"canonical-{passed[:7]}.json"
+    assert status["cuda-forward"].commit == passed[:7]
+    assert status["cuda-persistent-backward"].file.name == f"canonical-pb-{passed[:7]}.json"
+    assert not status["cuda-mma-cluster"].verified and not status["triton-forward"].verified
+    text = report.render_kernels(list(status.values()))
+    assert "not yet run on a GPU" in text and f"`{passed[:7]}`" in text
 
 
 def test_console_script_entry_point():

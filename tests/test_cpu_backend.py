@@ -131,7 +131,7 @@ def test_forward_backward_match_reference(cell, proj, with_b_hn, shape, reverse,
     # float32: the weight gradients are sums over all steps and rows, whose rounding
     # depends on the summation order (rnn_relu T6B5H13var-rev: dW_hh 2.7e-5 apart), so
     # every gradient is judged against the fp64 reference on the same inputs: its error
-    # at most twice the fp32 reference's, plus the fp32 rtol of DESIGN.md (1e-5).
+    # at most twice the fp32 reference's, plus the fp32 rtol of docs/design.md#testing (1e-5).
     spec64 = dataclasses.replace(spec, dtype=torch.float64)
     a64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in a.items()}
     exact = REF.backward(spec64, call_forward(REF, spec64, a64)[3], a["batch_sizes"], d_y.double(),

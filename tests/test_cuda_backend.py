@@ -3,7 +3,7 @@
 On a machine without a GPU only the reporting runs (the kernels are compiled by nvcc
 during the build, which fails if a kernel does not compile). With a GPU every kernel
 path (per-step and persistent) is compared with the reference backend, forward and
-backward, fp32 (IEEE) and fp16/bf16 by the tolerance rule of DESIGN.md."""
+backward, fp32 (IEEE) and fp16/bf16 by the tolerance rule of docs/design.md#testing."""
 
 from __future__ import annotations
 

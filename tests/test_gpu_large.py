@@ -3,7 +3,7 @@ to 2048, 4096 steps, batch 1 to 256, forward and backward through the modules.
 
 Each output and gradient is compared with the reference backend in float64 on the GPU,
 and its error must be at most twice torch.nn's (cuDNN's) in the same dtype plus a floor
-(DESIGN.md's rule; the floor is 1e-5 in float32, one eps of the dtype otherwise). A fixed
+(docs/design.md#testing; the floor is 1e-5 in float32, one eps of the dtype otherwise). A fixed
 tolerance would not do: after thousands of steps every float32 implementation is
 further from float64 than 1e-5. conftest.py switches cuDNN's TF32 off, so that
 torch.nn's float32 error is a float32 one. Errors are relative to max(1, max |exact|)

@@ -3,8 +3,8 @@ mixed precision (autocast) training, torch.compile with the cuda ops, a swapped
 CNN-LSTM's training step. GPU only (the CPU versions are in test_rnn_api.py,
 test_compile.py and test_models.py).
 
-Reduced precision follows DESIGN.md: each output's and gradient's error against float64
-at most twice torch.nn's in the same run (plus 1e-3 relative: bf16's eps is 7.8e-3, and
+Reduced precision follows docs/design.md#testing: each output's and gradient's error against
+float64 at most twice torch.nn's in the same run (plus 1e-3 relative: bf16's eps is 7.8e-3, and
 a tensor where cuDNN happens to land very close must not make a correct kernel fail)."""
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ from helpers import module_backends
 BACKENDS = module_backends()
 
 # Our error against float64 may exceed twice torch.nn's by up to this fraction of the
-# tensor's scale (its max |float64 value|). float32: DESIGN.md's rtol (~84 units in the
-# last place). bfloat16, for everything under autocast: one unit in the last place
+# tensor's scale (its max |float64 value|). float32: the rtol of docs/design.md#testing (~84 ulp
+# in float32). bfloat16, for everything under autocast: one unit in the last place
 # (bfloat16 keeps 8 significant bits), which a 16-bit output's rounding alone may cost.
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}
 COTANGENT_SEED = 1234

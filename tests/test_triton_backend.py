@@ -372,7 +372,7 @@ def test_lstm_module_matches_torch_nn():
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 def test_gru_module_low_precision_within_twice_torch_error(dtype):
-    """DESIGN.md's rule: error vs fp64 at most twice torch.nn's error in that dtype."""
+    """docs/design.md#testing: error vs fp64 at most twice torch.nn's error in that dtype."""
     torch.manual_seed(2)
     ours, theirs = make_pair("GRU", "triton", dtype=dtype, input_size=4, hidden_size=5)
     exact = make_pair("GRU", "reference", dtype=torch.float64, input_size=4, hidden_size=5)[1]
@@ -409,7 +409,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 def test_gpu_kernels_match_reference_fp32(case, mode):
     """Against the fp64 reference: each output and gradient's error (relative to its
-    largest value) at most twice the fp32 reference's own, plus DESIGN.md's fp32 rtol
+    largest value) at most twice the fp32 reference's own, plus the rtol of docs/design.md#testing
     (1e-5; measured kernel errors are ~2e-6, the reference's ~3e-7). A fixed rtol/atol
     against the fp32 reference failed on correct kernels at H=2048 (rnn_relu dW_hh: sums
     of 512 products of unbounded states, two fp32 summation orders 1.9e-4 apart)."""

@@ -1,5 +1,5 @@
 """What the benchmark times: one :class:`Config` per shape, dtype and mode, grouped in
-named suites. Shapes follow DESIGN.md (canonical B=16, T=1024, I=H=768 and the
+named suites. Shapes follow docs/design.md#measuring (canonical B=16, T=1024, I=H=768 and the
 batch/hidden/sequence sweeps); on CPU the base shape is smaller so suites finish.
 """
 
@@ -15,7 +15,7 @@ MODES = ("forward", "forward_backward")
 DTYPES_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPES = tuple(DTYPES_TORCH)
 
-#: The swept values of DESIGN.md.
+#: The swept values of docs/design.md#measuring.
 BATCHES = (1, 2, 8, 16, 32, 64, 128, 256)
 HIDDENS = (128, 256, 512, 1024, 2048)
 STEPS = (256, 512, 1024, 2048, 4096)

@@ -1,4 +1,4 @@
-"""How steps are timed (DESIGN.md, Measuring): warm-up first, then on CUDA
+"""How steps are timed (docs/design.md#measuring): warm-up first, then on CUDA
 ``triton.testing.do_bench`` (CUDA events, median and p20/p80), on CPU the providers
 interleaved repetition by repetition (so load from other processes hits all alike),
 ``time.perf_counter``, median and p20/p80. Plus the device's measured matmul peak.
