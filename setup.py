@@ -179,7 +179,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "numpy", "onnx", "onnxscript", "onnxruntime",
                  "hypothesis"],
         "bench": ["rich", "matplotlib", "pytest-benchmark"],
-        "examples": ["scikit-learn", "matplotlib", "rich"],
+        # sktime: the search example's datasets ship inside its wheel (nothing downloaded)
+        "examples": ["scikit-learn", "matplotlib", "rich", "optuna", "sktime"],
     },
     entry_points={"console_scripts": ["cnnlstm-fast-bench = cnnlstm_fast.bench:main"]},
     ext_modules=[EXTENSION],
