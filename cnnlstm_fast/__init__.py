@@ -9,6 +9,7 @@ from .backends import available_backends, get_default, set_backend, use_backend
 from . import models
 from .nn import GRU, LSTM, RNN, ConvToSequence, GRUCell, LSTMCell, RNNCell
 from .nn.swap import swap, unswap
+from .tune import explain, get_tuning, set_tuning, tune
 
 __all__ = [
     "ConvToSequence",
@@ -20,9 +21,13 @@ __all__ = [
     "RNNCell",
     "__version__",
     "available_backends",
+    "explain",
     "get_default",
+    "get_tuning",
     "set_backend",
+    "set_tuning",
     "swap",
+    "tune",
     "unswap",
     "use_backend",
 ]

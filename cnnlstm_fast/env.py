@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, _ext, backends
+from .backends import tuned
 
 
 def cpu_name() -> str:
@@ -118,6 +119,15 @@ def _torch_cuda() -> dict:
     return info
 
 
+def _tuning() -> dict:
+    """The tuning record ``auto`` consults (docs/tuning.md): where, how many signatures,
+    and whether tuning on first use is on."""
+    from .tune import ENV_VAR, get_tuning  # (cnnlstm_fast.tune is the function)
+
+    return {"record": str(tuned.cache_path()), "signatures": len(tuned.entries()),
+            "on_first_use": get_tuning(), ENV_VAR: os.environ.get(ENV_VAR)}
+
+
 def _default_backend() -> str:
     """The process default, or why it has none: a bad CNNLSTM_FAST_BACKEND is reported,
     not raised (every module with backend="auto" raises it at its first call)."""
@@ -161,6 +171,7 @@ def collect() -> dict:
         "backends": backends.backend_report(),
         "available_backends": backends.available_backends(),
         "default_backend": _default_backend(),
+        "tuning": _tuning(),
         "warnings": warnings,
     }
 
@@ -242,6 +253,9 @@ def format_report(info: dict) -> str:
     source = f"from CNNLSTM_FAST_BACKEND={info['CNNLSTM_FAST_BACKEND']}" if info[
         "CNNLSTM_FAST_BACKEND"] else "CNNLSTM_FAST_BACKEND unset"
     row("default", f"{default} ({source})")
+    tuning = info["tuning"]
+    row("tuning record", f"{tuning['signatures']} signature(s) in {tuning['record']}")
+    row("tuning on first use", "on" if tuning["on_first_use"] else "off")
 
     for warning in info["warnings"]:
         lines.append(f"WARNING: {warning}")

@@ -5,6 +5,8 @@ must be set before anything is jitted, so before any test module is imported.
 """
 
 import os
+import shutil
+import tempfile
 
 
 def _cuda_present() -> bool:
@@ -19,6 +21,12 @@ def _cuda_present() -> bool:
 if not _cuda_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# auto consults the tuning record under $XDG_CACHE_HOME: the tests (and the processes
+# they start) get an empty one of their own, and no tuning on first use.
+_CACHE = tempfile.mkdtemp(prefix="cnnlstm_fast-tests-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+os.environ.pop("CNNLSTM_FAST_TUNE", None)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -26,6 +34,10 @@ import torch  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,10 @@ torch.jit.trace and ONNX export run torch.nn's forward, whatever was named:
 1. the module's own ``backend=`` if it is not ``"auto"``;
 2. the process default (``set_backend``/``use_backend``, initialised from the
    environment variable ``CNNLSTM_FAST_BACKEND``) if it is not ``"auto"``;
-3. ``auto``: torch.nn for calls of fewer steps than :data:`AUTO_MIN_STEPS` gives the
+3. ``auto``: the backend the tuning record holds for the call's signature, measured
+   fastest on this machine by :func:`cnnlstm_fast.tune` (``tuned.py``; not under
+   ``torch.use_deterministic_algorithms(True)``), where it is available and supports the
+   input; else torch.nn for calls of fewer steps than :data:`AUTO_MIN_STEPS` gives the
    device (the cells among them), else the first backend of :data:`AUTO_PREFERENCE` for
    the input's device that is available and supports the input. ``torch`` ends every
    list.
@@ -14,7 +17,8 @@ torch.jit.trace and ONNX export run torch.nn's forward, whatever was named:
 A backend reached through 1 or 2 is used as named: if it cannot run the input, an
 error says what it supports. Only ``auto`` falls back, silently; each choice is logged
 at DEBUG on the ``cnnlstm_fast.backends`` logger (the record's ``requested`` and
-``backend`` attributes hold the two names), outside torch.compile's tracing.
+``backend`` attributes hold the two names, ``why`` the reason), outside torch.compile's
+tracing; :func:`cnnlstm_fast.explain` shows them per layer of a model.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .torch_nn import TorchBackend
 from .triton import TritonBackend
+from . import tuned
 
 __all__ = [
     "AUTO_PREFERENCE",
@@ -193,6 +198,7 @@ def _cpu_avx512_beats_torch(spec: RecurrenceSpec) -> bool:
 #: layer's, and the LSTM cell measured 0.19x-0.71x. CUDA: the range measured on the H100
 #: (:func:`_cuda_beats_torch`). Other device types have no rules: torch.nn.
 AUTO_MIN_STEPS: dict[str, int] = {"cpu": 8, "cuda": 256}
+tuned._min_steps = AUTO_MIN_STEPS
 
 
 def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
@@ -348,13 +354,13 @@ def use_backend(name: str) -> Iterator[None]:
 
 def resolve(requested: str, spec: RecurrenceSpec) -> Backend:
     """The backend that runs ``spec`` for a module that asked for ``requested``."""
-    backend = _resolve(requested, spec)
+    backend, why = _resolve(requested, spec)
     if spec.batch == 0 and not backend.whole_module:
         # An empty batch has nothing to compute: the reference gives the empty outputs
         # and the zero weight gradients torch.nn gives, and no kernel is asked for a
         # zero-size launch.
-        backend = _REGISTRY["reference"]
-    log_choice(requested, backend, spec)
+        backend, why = _REGISTRY["reference"], "an empty batch: nothing to compute"
+    log_choice(requested, backend, spec, why)
     return backend
 
 
@@ -364,7 +370,8 @@ def resolve_early(requested: str, data: torch.Tensor, steps: int) -> Backend | N
     whatever was named, shapes only (the meta device), torch.jit.trace and ONNX export,
     which then record torch.nn's operator (aten::lstm, ONNX's LSTM), runnable without
     our extension; then ``auto`` with fewer steps than any other backend's rule takes on
-    ``data``'s device (:data:`AUTO_MIN_STEPS`).
+    ``data``'s device (:data:`AUTO_MIN_STEPS`), unless the tuning record took another
+    backend for such calls on that device type (then its lookup decides).
 
     Every call of a module runs this, so it does as little as it can: on a short call
     torch.nn's own work is a few microseconds, and each Python step here adds a share of
@@ -381,13 +388,23 @@ def resolve_early(requested: str, data: torch.Tensor, steps: int) -> Backend | N
     # would warn.
     elif torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()):
         why = "tracing or ONNX export"
-    elif name == "auto" and steps < AUTO_MIN_STEPS.get(_device_type(data), sys.maxsize):
+    elif name == "auto" and steps < AUTO_MIN_STEPS.get(_device_type(data), sys.maxsize) and not (
+            tuned.short_calls if tuned.short_calls is not None else _tuned_short_calls()):
         why = _ShortCall(steps, data)
     else:
         return None
     backend = _REGISTRY["torch"]
     log_choice(requested, backend, why)
     return backend
+
+
+@torch.compiler.assume_constant_result
+def _tuned_short_calls() -> bool:
+    """``tuned.short_calls``, the record read first. Under torch.compile it runs eagerly
+    at trace time (Dynamo cannot trace the file's reading) and its answer is a constant
+    of the graph."""
+    tuned.load()
+    return bool(tuned.short_calls)
 
 
 def _device_type(data: torch.Tensor) -> str:
@@ -408,35 +425,61 @@ class _ShortCall:
         return f"auto: {self.steps} step(s) on {device}, fewer than any other backend's rule takes"
 
 
-def log_choice(requested: str, backend: Backend, what: RecurrenceSpec | object) -> None:
-    """Logs a resolution at DEBUG (the module docstring), for ``what`` (a spec or why)."""
+def log_choice(requested: str, backend: Backend, what: RecurrenceSpec | object,
+               why: object = None) -> None:
+    """Logs a resolution at DEBUG (the module docstring), for ``what`` (a spec, or why
+    where there is none) and ``why`` (as :func:`_resolve` gives it)."""
     # Dynamo cannot trace a logging call (fullgraph=True would fail): not while compiling
     if torch.compiler.is_compiling() or not _log.isEnabledFor(logging.DEBUG):
         return
-    if isinstance(what, RecurrenceSpec):
-        what = (f"{what.cell} hidden {what.hidden_size}, batch {what.batch}, {what.steps} steps, "
-                f"{what.dtype} on {what.device}, {'training' if what.needs_grad else 'inference'}"
-                f"{', packed' if what.variable_lengths else ''}")
+    spec = what if isinstance(what, RecurrenceSpec) else None
+    if spec is not None:
+        what = (f"{spec.cell} hidden {spec.hidden_size}, batch {spec.batch}, {spec.steps} steps, "
+                f"{spec.dtype} on {spec.device}, {'training' if spec.needs_grad else 'inference'}"
+                f"{', packed' if spec.variable_lengths else ''}")
+        why = _why_text(why, spec, backend)
     else:
-        what = str(what)
+        what = why = str(what)
     _log.debug("backend %r -> %r: %s", requested, backend.name, what,
-               extra={"requested": requested, "backend": backend.name})
+               extra={"requested": requested, "backend": backend.name, "why": why, "spec": spec})
 
 
-def _resolve(requested: str, spec: RecurrenceSpec) -> Backend:
-    name = requested if requested != "auto" else _process_default()
+def _why_text(why: object, spec: RecurrenceSpec, backend: Backend) -> str:
+    """The reason :func:`_resolve` gave, as text: a string as it is; ``auto``'s rule that
+    took the backend; for torch.nn as the last fallback, why each other candidate did not."""
+    if why is None or isinstance(why, str):
+        return why or ""
+    if callable(why):
+        return f"auto's rule {why.__name__}: measured faster than torch.nn here"
+    declined = []
+    for candidate, faster in AUTO_PREFERENCE.get(spec.device.type, ()):
+        if candidate == backend.name or candidate not in _REGISTRY:
+            continue
+        reason = (_unavailable(candidate) or _REGISTRY[candidate].unsupported_reason(spec)
+                  or (f"its rule {faster.__name__} does not take this input" if faster else None))
+        declined.append(f"{candidate}: {reason}")
+    return "auto's rules: torch.nn" + (f" ({'; '.join(declined)})" if declined else "")
+
+
+#: The reason :func:`_resolve` gives where ``auto`` falls back to torch.nn.
+_FALLBACK = object()
+
+
+def _resolve(requested: str, spec: RecurrenceSpec, record: bool = True) -> tuple[Backend, object]:
+    """(backend, why): why is a string, the rule that took the backend, or
+    :data:`_FALLBACK`; formatted by :func:`_why_text` only when logged. Without
+    ``record``, ``auto``'s rules alone (what ``tune`` compares its measurements with)."""
+    if requested != "auto":
+        return _named(requested, spec), "named by the module"
+    name = _process_default()
     if name != "auto":
-        backend = get_backend(name)
-        why = _unavailable(name)
-        if why is not None:
-            raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
-        why = backend.unsupported_reason(spec)
-        if why is not None:
-            raise BackendUnavailableError(
-                f"backend {name!r} cannot run this input ({why}); "
-                f"it supports {backend.supports}"
-            )
-        return backend
+        return _named(name, spec), "the process default (set_backend, CNNLSTM_FAST_BACKEND)"
+    tuned_choice = tuned.lookup(spec) if record else None
+    if tuned_choice is not None:
+        backend = _REGISTRY.get(tuned_choice[0])
+        if (backend is not None and _unavailable(backend.name) is None
+                and backend.unsupported_reason(spec) is None):
+            return backend, tuned_choice[1]
     for candidate, faster in AUTO_PREFERENCE.get(spec.device.type, ()):
         backend = _REGISTRY.get(candidate)
         if (
@@ -445,8 +488,23 @@ def _resolve(requested: str, spec: RecurrenceSpec) -> Backend:
             and backend.unsupported_reason(spec) is None
             and (faster is None or faster(spec))
         ):
-            return backend
-    return _REGISTRY["torch"]
+            return backend, _FALLBACK if faster is None else faster
+    return _REGISTRY["torch"], _FALLBACK
+
+
+def _named(name: str, spec: RecurrenceSpec) -> Backend:
+    """A backend named by the module or the process default, which must run ``spec``."""
+    backend = get_backend(name)
+    why = _unavailable(name)
+    if why is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
+    why = backend.unsupported_reason(spec)
+    if why is not None:
+        raise BackendUnavailableError(
+            f"backend {name!r} cannot run this input ({why}); "
+            f"it supports {backend.supports}"
+        )
+    return backend
 
 
 register(TorchBackend())

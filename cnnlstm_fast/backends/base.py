@@ -51,6 +51,10 @@ class RecurrenceSpec:
     #: whether autograd will need the backward (grad mode on and the input or a weight
     #: requires grad); ``auto`` rules may differ for inference and training.
     needs_grad: bool = False
+    #: the module the call belongs to, as the tuning record keys it (``backends/tuned.py``):
+    #: ``(kind, input_size, layers, directions)``, kind "seq" for LSTM/GRU/RNN and "cell"
+    #: for the cells; empty where no module asked (the record is not consulted then).
+    layer: tuple = ()
 
     @property
     def gates(self) -> int:

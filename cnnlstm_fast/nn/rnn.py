@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends
+from ..backends import tuned
 from ..backends.base import RecurrenceSpec
 from ..ops.recurrence import ProjectionSource, recurrence, transforms_active
 
@@ -312,14 +313,23 @@ class _BackendMixin:
         return False
 
     def _resolve(self, data: torch.Tensor, batch: int, steps: int, packed: bool, hx=None,
-                 ragged: bool = False):
+                 ragged: bool = False, resolve: bool = True, watched: bool = False):
         """(backend, spec, dtypes) for a call that :func:`backends.resolve_early` did not
-        settle (the forwards ask it first: the cheap path of short calls)."""
+        settle (the forwards ask it first: the cheap path of short calls); the backend
+        None without ``resolve``. ``watched``: the forward showed the call to
+        ``tuned.on_call`` already (ConvToSequence's fused path resolves here directly)."""
+        if resolve and not watched and tuned.on_call is not None:
+            tuned.on_call(self, data, hx)
         device = data.device
         cell = _cell_of(self)
         needs_grad = self._needs_grad(data, hx)
         proj = getattr(self, "proj_size", 0)
-        kind = "seq" if isinstance(self, nn.RNNBase) else "cell"
+        if isinstance(self, nn.RNNBase):
+            kind = "seq"
+            layer = (kind, self.input_size, self.num_layers, 2 if self.bidirectional else 1)
+        else:
+            kind = "cell"
+            layer = (kind, self.input_size, 1, 1)
         dtypes = _plan_dtypes(kind, cell, data, *_state_dtypes(hx, data.dtype), ragged, proj, steps)
         spec = RecurrenceSpec(
             cell=cell,
@@ -332,8 +342,9 @@ class _BackendMixin:
             steps=steps,
             variable_lengths=packed,
             needs_grad=needs_grad,
+            layer=layer,
         )
-        return backends.resolve(self.backend, spec), spec, dtypes
+        return backends.resolve(self.backend, spec) if resolve else None, spec, dtypes
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -368,20 +379,15 @@ class _SequenceMixin(_BackendMixin):
     """forward() of LSTM/GRU/RNN on the recurrence op of the resolved backend."""
 
     def forward(self, input, hx=None):
-        packed = isinstance(input, PackedSequence)
-        data = input.data if packed else input
-        if packed:
-            batch, steps = int(input.batch_sizes[0]), len(input.batch_sizes)
-        elif data.dim() == 3:
-            batch = data.size(0 if self.batch_first else 1)
-            steps = data.size(1 if self.batch_first else 0)
-        else:
-            batch, steps = 1, data.size(0) if data.dim() else 0
+        if tuned.on_call is not None:  # tune, explain or tuning on first use watch the calls
+            tuned.on_call(self, input, hx)
+        data, packed, batch, steps = self._shape(input)
         if backends.resolve_early(self.backend, data, steps) is not None:
             return super().forward(input, hx)
         try:
             ragged = packed and bool(input.batch_sizes[0] != input.batch_sizes[-1])
-            backend, spec, dtypes = self._resolve(data, batch, steps, packed, hx, ragged)
+            backend, spec, dtypes = self._resolve(data, batch, steps, packed, hx, ragged,
+                                                  watched=True)
         except backends.BackendUnavailableError:
             # an input torch.nn refuses as well (an integer one, a dtype other than the
             # weights'): torch.nn's error, as its forward raises it, before ours
@@ -395,6 +401,25 @@ class _SequenceMixin(_BackendMixin):
         if backend.whole_module:
             return super().forward(input, hx)
         return self._forward_recurrence(backend, spec, dtypes, input, hx)
+
+    def _shape(self, input):
+        """(data, packed, batch, steps) of a call's input."""
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        if packed:
+            batch, steps = int(input.batch_sizes[0]), len(input.batch_sizes)
+        elif data.dim() == 3:
+            batch = data.size(0 if self.batch_first else 1)
+            steps = data.size(1 if self.batch_first else 0)
+        else:
+            batch, steps = 1, data.size(0) if data.dim() else 0
+        return data, packed, batch, steps
+
+    def _call_spec(self, input, hx=None) -> RecurrenceSpec:
+        """The spec ``auto`` resolves for ``forward(input, hx)`` (what ``tune`` keys)."""
+        data, packed, batch, steps = self._shape(input)
+        ragged = packed and bool(input.batch_sizes[0] != input.batch_sizes[-1])
+        return self._resolve(data, batch, steps, packed, hx, ragged, resolve=False)[1]
 
     def _zeros_state(self, batch: int, like: torch.Tensor):
         directions = 2 if self.bidirectional else 1
@@ -417,7 +442,10 @@ class _SequenceMixin(_BackendMixin):
                 f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor"
             )
 
-    def _forward_recurrence(self, backend, spec, dtypes, input, hx):
+    def _forward_recurrence(self, backend, spec, dtypes, input, hx, first_gx=None):
+        """The module's forward on ``backend``. ``first_gx`` (D tensors (T, B, G)), when
+        given, is the first layer's G_x of each direction, computed by the caller
+        (ConvToSequence); ``input`` then only gives the shapes and dtype."""
         is_lstm = self.mode == "LSTM"
         sorted_indices = unsorted_indices = batch_sizes = None
         is_batched = True
@@ -465,7 +493,8 @@ class _SequenceMixin(_BackendMixin):
 
         layout = None if batch_sizes is None else _PackedLayout(batch_sizes, x.device)
         with torch.autocast(x.device.type, enabled=False):
-            output, h_n, c_n = self._run_layers(backend, spec, x, h0, c0, batch_sizes, layout)
+            output, h_n, c_n = self._run_layers(backend, spec, x, h0, c0, batch_sizes, layout,
+                                                first_gx)
         output, h_n, c_n = _as_dtype(output, dtypes.h), _as_dtype(h_n, dtypes.h), _as_dtype(c_n, dtypes.c)
         hidden = (h_n, c_n) if is_lstm else h_n
         if batch_sizes is not None:
@@ -478,7 +507,7 @@ class _SequenceMixin(_BackendMixin):
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
 
-    def _run_layers(self, backend, spec, x, h0, c0, batch_sizes, layout):
+    def _run_layers(self, backend, spec, x, h0, c0, batch_sizes, layout, first_gx=None):
         directions = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
@@ -493,11 +522,12 @@ class _SequenceMixin(_BackendMixin):
                 layer_spec = dataclasses.replace(spec, reverse=direction == 1)
                 c0_k = None if c0 is None else c0[k]
                 fused = None
+                given = first_gx is not None and layer == 0
                 # the fused inference path has no backward and no forward-mode AD: only
                 # where nothing this layer reads requires grad (spec.needs_grad says so for
                 # the module; this checks the tensors themselves) and no torch.func
                 # transform or dual level is active, so no derivative is ever lost to it
-                if layout is None and not spec.needs_grad and not transforms_active() and not (
+                if not given and layout is None and not spec.needs_grad and not transforms_active() and not (
                         torch.is_grad_enabled() and any(
                             t is not None and t.requires_grad
                             for t in (x, h0, c0, w_ih, w_hh, w_hr, gx_bias, b_hn))):
@@ -506,6 +536,9 @@ class _SequenceMixin(_BackendMixin):
                     )
                 if fused is not None:
                     y, h_t, c_t = fused
+                elif given:
+                    y, h_t, c_t = recurrence(backend, layer_spec, first_gx[direction], h0[k], c0_k,
+                                             w_hh, w_hr, b_hn, batch_sizes)
                 else:
                     gx = backend.input_projection(x, w_ih, gx_bias)
                     if layout is not None:
@@ -527,11 +560,13 @@ class _CellMixin(_BackendMixin):
     """forward() of the cells: one step of the recurrence op (T = 1)."""
 
     def forward(self, input, hx=None):
+        if tuned.on_call is not None:  # tune, explain or tuning on first use watch the calls
+            tuned.on_call(self, input, hx)
         if backends.resolve_early(self.backend, input, 1) is not None:
             return super().forward(input, hx)
         batch = input.size(0) if input.dim() == 2 else 1
         try:
-            backend, spec, dtypes = self._resolve(input, batch, 1, False, hx)
+            backend, spec, dtypes = self._resolve(input, batch, 1, False, hx, watched=True)
         except backends.BackendUnavailableError:
             self._check_input_dtype(input)  # torch.nn's error first, as its matmul raises it
             raise
@@ -587,6 +622,11 @@ class _CellMixin(_BackendMixin):
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
         return (h, c) if is_lstm else h
+
+    def _call_spec(self, input, hx=None) -> RecurrenceSpec:
+        """The spec ``auto`` resolves for ``forward(input, hx)`` (what ``tune`` keys)."""
+        batch = input.size(0) if input.dim() == 2 else 1
+        return self._resolve(input, batch, 1, False, hx, resolve=False)[1]
 
     def _check_cell_args(self, input, states) -> None:
         if input.size(1) != self.input_size:
