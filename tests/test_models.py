@@ -86,3 +86,41 @@ def test_empty_batch(conv, shape):
     for backend in ("torch", "auto"):
         out = CNNLSTM(3, 4, conv=conv, backend=backend).eval()(torch.randn(*shape))
         assert out.shape == (0, 4), backend
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_conv1d_hands_off_through_the_fused_conv_to_sequence(monkeypatch, backend, rnn, train):
+    """conv="1d": the last block's norm and ReLU run fused with the first projection
+    (ConvToSequence); the same outputs, gradients and running statistics as the plain
+    features() -> rnn path, and the state_dict keys as built."""
+    import copy
+
+    from cnnlstm_fast.ops import conv2seq
+
+    calls = []
+    real = conv2seq.projection
+    # with the norm's scale: the block's call (the cpu layers' own calls on a strided
+    # input have none)
+    monkeypatch.setattr(conv2seq, "projection",
+                        lambda *a: (a[1] is not None and calls.append(1)) or real(*a))
+    torch.manual_seed(0)
+    model = CNNLSTM(6, 3, conv_channels=(8, 11), rnn=rnn, hidden_size=13, backend=backend,
+                    dropout=0.0).train(train)
+    keys = set(model.state_dict())
+    plain = copy.deepcopy(model)
+    plain._handoff = lambda: None  # features() -> rnn, in plain ops
+    x = torch.randn(4, 19, 6)
+    outs = []
+    for m in (model, plain):
+        xx = x.clone().requires_grad_()
+        out = m(xx)
+        out.sum().backward()
+        outs.append((out, xx.grad, [p.grad for p in m.parameters()],
+                     [b.clone() for b in m.buffers()]))
+    assert calls == [1]
+    assert set(model.state_dict()) == keys
+    (o1, g1, p1, b1), (o2, g2, p2, b2) = outs
+    for a, e in zip([o1, g1, *p1, *b1], [o2, g2, *p2, *b2]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)

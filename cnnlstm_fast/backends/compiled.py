@@ -60,6 +60,9 @@ def _ops():
         torch.library.register_autograd(
             "cnnlstm_fast::cat_features", _cat_features_backward,
             setup_context=_cat_features_setup_context)
+    from ..ops import conv2seq  # here, not at the top: ops.conv2seq imports this module
+
+    conv2seq.register(namespace)
     return namespace
 
 

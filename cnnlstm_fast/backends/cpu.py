@@ -47,6 +47,10 @@ class CpuBackend(CompiledOpsBackend):
         return None
 
     def forward_from_input(self, spec, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn):
+        if not x.is_contiguous():
+            # a strided view (a conv's output transposed): the op would copy it; the
+            # projection reads it in place instead (input_projection), then the recurrence
+            return None
         # G_x a chunk of steps at a time into one reused buffer, never (T, B, gates*H)
         # whole: fresh memory that size cost more in page faults than its GEMM.
         y, h_t, c_t = torch.ops.cnnlstm_fast.recurrence_forward_from_input(
@@ -63,6 +67,14 @@ class CpuBackend(CompiledOpsBackend):
                 torch._C._functorch.peek_interpreter_stack() is not None
                 or torch.autograd.forward_ad._current_level >= 0):
             return torch.nn.functional.linear(x, weight, bias)
+        if x.dim() == 3 and not x.is_contiguous() and x.dtype == torch.float32:
+            # a view the rows of which are not one stride apart (a batch_first input, a
+            # conv's (B, C, T) output transposed): read in place by the conv-to-sequence
+            # projection, never copied (linear would reshape it into a copy)
+            from ..ops import conv2seq
+
+            return conv2seq.projection(x.permute(1, 2, 0), None, None, None, None, weight,
+                                       bias, 1)[0]
         # torch.ops directly, as in forward(): ops() has registered the autograd formula.
         return torch.ops.cnnlstm_fast.linear(x, weight, bias)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import GRU, LSTM
+from ..nn import GRU, LSTM, ConvToSequence
 
 __all__ = ["CNNLSTM"]
 
@@ -106,9 +106,33 @@ class CNNLSTM(nn.Module):
         # the feature size named, not -1: an empty batch or sequence has no size to infer
         return self.cnn(x.flatten(0, 1)).view(batch, steps, self.rnn.input_size)
 
+    def _handoff(self) -> ConvToSequence | None:
+        """With conv="1d", the last block's BatchNorm1d and ReLU and the recurrent layers
+        as one ConvToSequence (fused: the activated features are never written). Kept
+        outside the module tree, so the state_dict and the module list stay as built; made
+        again if ``cnn`` or ``rnn`` was replaced since."""
+        # (unswapped, the rnn is torch.nn's again: the block would swap it back)
+        if self.conv != "1d" or len(self.cnn) < 3 or not isinstance(self.rnn, (LSTM, GRU)):
+            return None
+        norm, act = self.cnn[-2], self.cnn[-1]
+        if type(norm) is not nn.BatchNorm1d or type(act) is not nn.ReLU or act.inplace:
+            return None
+        block = self.__dict__.get("_conv2seq")
+        if block is None or block.rnn is not self.rnn or block.norm is not norm:
+            block = ConvToSequence(self.rnn, norm=norm, activation="relu")
+            self.__dict__["_conv2seq"] = block  # not a submodule: no new state_dict keys
+        return block
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, num_outputs) from ``x`` (B, T, C) for conv="1d" or (B, T, C, H, W) for "2d"."""
-        seq, hidden = self.rnn(self.features(x))
+        block = self._handoff()
+        if block is not None and x.dim() == 3:
+            raw = x.transpose(1, 2)
+            for layer in list(self.cnn)[:-2]:  # the convolutions up to the last one's output
+                raw = layer(raw)
+            seq, hidden = block(raw)
+        else:
+            seq, hidden = self.rnn(self.features(x))
         if self.attention is not None:
             weights = torch.softmax(self.attention(seq), dim=1)  # (B, T, 1)
             pooled = (weights * seq).sum(1)
