@@ -1,6 +1,6 @@
 """Benchmark suites: our layers against torch.nn and the alternatives, in one run.
 
-    python -m cnnlstm_fast.bench [--suite quick|flashrnn|batch-sweep|hidden-sweep|seq-sweep|cnnlstm|models]
+    python -m cnnlstm_fast.bench [--suite quick|flashrnn|batch-sweep|hidden-sweep|seq-sweep|cnnlstm|models|conv2seq]
                                  [--config B=16,T=32,I=128,H=128] [--json PATH] [--csv PATH]
                                  [--plot DIR] [--compare OLD.json] ...
 
@@ -28,7 +28,7 @@ import cnnlstm_fast
 
 from .. import env
 from . import providers as prov
-from . import report, suites, timing
+from . import conv2seq, report, suites, timing
 from .providers import AUTO, BASELINE, COMPILED, FLASHRNN
 from .suites import CELLS, MODES, SUITES, Config
 
@@ -95,8 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(str(error))
     if args.config:
         args.suite = "config"
-    known = prov.known_providers()
-    requested = args.providers or prov.default_providers(device_type)
+    conv = args.suite == "conv2seq"  # its providers are the plain ops and the fused block
+    known = list(conv2seq.PROVIDERS) if conv else prov.known_providers()
+    requested = args.providers or (known if conv else prov.default_providers(device_type))
     unknown = [p for p in requested if p not in known]
     if unknown:
         parser.error(f"--providers must be from {known}, got {unknown}")
@@ -174,16 +175,22 @@ def run(args: argparse.Namespace) -> dict:
     run stopped by a time limit keeps what it measured."""
     from rich.progress import Progress
 
-    configs = suites.make_configs(args.shapes, args.cells, args.dtypes, args.modes, args.device)
     peaks = {d: timing.matmul_peak_tflops(args.device, suites.DTYPES_TORCH[d]) for d in args.dtypes}
+    if args.suite == "conv2seq":
+        configs = conv2seq.make_configs(args.shapes, args.cells, args.dtypes, args.modes, args.device)
+        run_one = lambda cfg: conv2seq.run_config(cfg, args.providers, args.reps, peaks,  # noqa: E731
+                                                  CPU_BUDGET_S)
+    else:
+        configs = suites.make_configs(args.shapes, args.cells, args.dtypes, args.modes, args.device)
+        run_one = lambda cfg: run_config(cfg, args.suite, args.providers, args.limits,  # noqa: E731
+                                         args.reps, peaks)
     environment = env.collect()
     rows, skipped = [], []
     with Progress(transient=True, disable=args.no_progress) as progress:
         task = progress.add_task(f"{args.suite} on {args.device}", total=len(configs))
         for done, cfg in enumerate(configs, 1):
             progress.update(task, description=cfg.name)
-            new_rows, new_skips = run_config(cfg, args.suite, args.providers, args.limits,
-                                             args.reps, peaks)
+            new_rows, new_skips = run_one(cfg)
             rows += new_rows
             skipped += new_skips
             progress.advance(task)
@@ -196,12 +203,14 @@ def run(args: argparse.Namespace) -> dict:
 def _report(args: argparse.Namespace, peaks: dict, environment: dict, rows: list[dict],
             skipped: list[dict], done: int, total: int) -> dict:
     notes = report.auto_notes(rows) + report.skip_notes(skipped)
+    if args.suite == "conv2seq":
+        notes = conv2seq.slower_notes(rows) + notes + list(conv2seq.METHOD_NOTES)
     if done < total:
         notes.insert(0, f"incomplete: {done} of {total} configurations (the run was stopped)")
     if not args.device.startswith("cuda"):
         notes.append("peak memory is measured on CUDA only (torch.cuda.max_memory_allocated); "
                      "blank on CPU")
-    if COMPILED not in args.providers and not args.device.startswith("cuda"):
+    if COMPILED not in args.providers and not args.device.startswith("cuda") and args.suite != "conv2seq":
         notes.append(f"{COMPILED} is not a default provider on CPU (compiling the unrolled "
                      f"recurrence takes ~40 s per shape); add it with --providers")
     return {
@@ -235,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         + ", ".join(f"{d} {p:.3f} TFLOP/s" for d, p in result["peak_tflops"].items()),
         result["notes"],
     )
+    if args.suite == "conv2seq":
+        conv2seq.print_summary(result["results"])
     if args.compare:
         old = report.json.loads(open(args.compare).read())
         report.print_compare(report.compare(old, result["results"]), old)

@@ -93,7 +93,7 @@ class Config:
 
 
 SUITES = ("quick", "flashrnn", "batch-sweep", "hidden-sweep", "seq-sweep", "short-seq", "cnnlstm",
-          "models")
+          "models", "conv2seq")
 
 
 def _sweep(base: dict, key: str, values, **extra) -> list[dict]:
@@ -130,6 +130,10 @@ def shapes(suite: str, device_type: str) -> list[dict]:
         from . import zoo
 
         return [dict(shape) for shape in zoo.SHAPES[device_type]]
+    if suite == "conv2seq":  # ConvToSequence against the plain ops (conv2seq.py): its own configs
+        from . import conv2seq
+
+        return conv2seq.shapes(device_type)
     raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
 
 

@@ -1,0 +1,96 @@
+"""Peak memory of the whole-model suite's models on CPU: torch.nn layers against swapped.
+
+Each (model, cell, mode, provider) runs in a fresh process: build the model and its
+input, read the resident-set high-water mark (``ru_maxrss``), run four steps (forward,
+or forward + backward + SGD step), and report how far the high-water mark rose (the
+peak memory the steps need beyond the model and its input). ``torch`` keeps the
+model's torch.nn layers; ``auto`` swaps them (``cnnlstm_fast.swap``, backend auto).
+The cpu backend keeps freed large buffers in its block cache (alloc.h), which counts
+as resident here, as it does for the user.
+
+    python benchmarks/peak_memory.py [--json PATH]
+
+Prints one row per configuration: the rise of each provider in MiB and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+CHILD = r"""
+import resource, sys, types, torch
+import cnnlstm_fast as clf
+from cnnlstm_fast.bench import zoo
+spec, provider, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+fields = dict(kv.split("=") for kv in spec.split(","))
+cfg = types.SimpleNamespace(**{"device": "cpu", "directions": 1, **{
+    k: (v if k in ("model", "cell") else int(v)) for k, v in fields.items()}})
+torch.manual_seed(0)
+model = zoo.build(cfg, torch.float32)
+if provider == "auto":
+    clf.swap(model, backend="auto")
+x = zoo.example_input(cfg, torch.float32)
+train = mode == "training"
+model.train(train)
+opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+def step():
+    if train:
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        out.float().square().mean().backward()
+        opt.step()
+    else:
+        with torch.no_grad():
+            model(x)
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(4):
+    step()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024.0, after / 1024.0)
+"""
+
+
+def configs():
+    from cnnlstm_fast.bench import zoo
+
+    for shape in zoo.SHAPES["cpu"]:
+        for cell in ("lstm", "gru"):
+            fields = {k: v for k, v in shape.items()}
+            fields["cell"] = cell
+            yield ",".join(f"{k}={v}" for k, v in fields.items())
+
+
+def measure(spec: str, provider: str, mode: str) -> tuple[float, float]:
+    out = subprocess.run([sys.executable, "-c", CHILD, spec, provider, mode], check=True,
+                         capture_output=True, text=True).stdout.split()
+    return float(out[0]), float(out[1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = []
+    print(f"{'configuration':72s} {'mode':9s} {'torch MiB':>9s} {'auto MiB':>9s} "
+          f"{'total t/a':>15s}")
+    for spec in configs():
+        for mode in ("inference", "training"):
+            (rise_t, total_t), (rise_a, total_a) = (measure(spec, p, mode) for p in ("torch", "auto"))
+            rows.append(dict(config=spec, mode=mode, torch_rise_mib=rise_t, auto_rise_mib=rise_a,
+                             torch_peak_mib=total_t, auto_peak_mib=total_a))
+            print(f"{spec:72s} {mode:9s} {rise_t:9.1f} {rise_a:9.1f} "
+                  f"{total_t:7.0f}/{total_a:<7.0f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"what": "ru_maxrss rise over 4 steps from the built model and input, and "
+                               "the process peak, per provider (fresh process each)",
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
