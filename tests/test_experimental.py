@@ -1,7 +1,7 @@
 """cnnlstm_fast.experimental: the default path runs only GPU-verified kernels; the
 per-kernel settings reach an experimental kernel only with CNNLSTM_FAST_EXPERIMENTAL=1.
-On CPU: the selection the cuda backend passes to the ops and the ops' schema that
-carries it."""
+On CPU: the selection the cuda backend passes to the ops, the triton backward's mode
+and launch options, and the ops' schema that carries the selection."""
 
 from __future__ import annotations
 
@@ -113,6 +113,21 @@ def test_the_cuda_backend_passes_the_selection_to_the_ops(monkeypatch):
     assert get_backend("cpu").kernel_arguments(backward=False) == {}
 
 
+def test_triton_backward_mode_needs_the_switch_for_the_persistent_backward(monkeypatch):
+    pytest.importorskip("triton")
+    from cnnlstm_fast.kernels.triton import launch
+
+    assert launch.backward_mode() == "step"
+    for mode in ("auto", "persistent"):
+        monkeypatch.setenv("CNNLSTM_FAST_TRITON_BACKWARD", mode)
+        with pytest.warns(UserWarning, match="ignored without CNNLSTM_FAST_EXPERIMENTAL=1"):
+            assert launch.backward_mode() == "step"
+        monkeypatch.setenv("CNNLSTM_FAST_EXPERIMENTAL", "1")
+        assert launch.backward_mode() == mode
+        monkeypatch.delenv("CNNLSTM_FAST_EXPERIMENTAL")
+    assert launch.persistent_launch_options() == {}
+
+
 def test_op_schemas_carry_the_selection_with_the_verified_defaults():
     from cnnlstm_fast.backends.compiled import ops
 
@@ -133,3 +148,4 @@ def test_every_experimental_kernel_is_listed_once():
     for variable, values in EXPERIMENTAL_PINS.items():
         for value in values:
             assert f"{variable}={value}" in pins
+    assert "CNNLSTM_FAST_TRITON_BACKWARD=persistent" in pins
