@@ -149,3 +149,39 @@ def test_every_experimental_kernel_is_listed_once():
         for value in values:
             assert f"{variable}={value}" in pins
     assert "CNNLSTM_FAST_TRITON_BACKWARD=persistent" in pins
+
+
+def test_the_gpu_sessions_report_attributes_each_test_to_its_kernels(tmp_path):
+    """``--experimental-report`` (tests/conftest.py), as benchmarks/gpu_session.sh runs
+    it under the switch: a marked test counts for the kernels it names, an unmarked one
+    for the default kernels' newer versions; a failure fails only its kernels."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_kernels.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.experimental('cuda-streamed')\n"
+        "def test_streamed():\n    pass\n"
+        "@pytest.mark.experimental('cuda-pdl')\n"
+        "def test_pdl():\n    assert False\n"
+        "def test_default_path():\n    pass\n")
+    out = tmp_path / "report.json"
+    env = {**os.environ, "CNNLSTM_FAST_EXPERIMENTAL": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    str(tmp_path), "--experimental-report", str(out)],
+                   cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["switch"] and report["complete"] and report["exitstatus"] == 1
+    kernels = report["kernels"]
+    assert kernels["cuda-streamed"]["result"] == "pass"
+    assert kernels["cuda-pdl"]["result"] == "fail"
+    assert kernels["cuda-pdl"]["failures"] == ["test_kernels.py::test_pdl"]
+    assert kernels["cuda-mma-pass-start-loads"]["result"] == "pass"  # test_default_path
+    assert kernels["cuda-mma-cluster"]["result"] == "not run"
