@@ -113,7 +113,7 @@ def choice(setting: Setting, experimental: bool | None = None) -> str:
 
 @dataclass(frozen=True)
 class CudaKernels:
-    """The cuda backend's kernels for a call, the ops' ``kernel``, ``pdl`` and
+    """The cuda backend's kernels for a call, the ops' ``kernel_name``, ``pdl`` and
     ``experimental`` arguments (csrc/recurrence_cuda.cpp)."""
 
     forward: str = "auto"
@@ -122,7 +122,7 @@ class CudaKernels:
     experimental: bool = False
 
     def op_arguments(self, backward: bool) -> dict:
-        return dict(kernel=self.backward if backward else self.forward, pdl=self.pdl,
+        return dict(kernel_name=self.backward if backward else self.forward, pdl=self.pdl,
                     experimental=self.experimental)
 
 

@@ -10,12 +10,12 @@
 // one ATen GEMM each after the loop. Compiled only when setup.py found nvcc
 // (CNNLSTM_FAST_WITH_CUDA).
 //
-// Which kernels run is the ops' `kernel`, `pdl` and `experimental` arguments, read from
+// Which kernels run is the ops' `kernel_name`, `pdl` and `experimental` arguments, read from
 // the environment in Python (cnnlstm_fast/experimental.py). With `experimental` false
 // (the default) only the kernels verified on a GPU run, as they were verified; with it
 // true the kernels of csrc/cuda/experimental/ may run too: the default kernels' newer
 // versions (the tensor-core forward's loads at the pass start, packed row counts written
-// on the device) and the opt-in ones that `kernel` and `pdl` name.
+// on the device) and the opt-in ones that `kernel_name` and `pdl` name.
 #ifdef CNNLSTM_FAST_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -162,7 +162,7 @@ void check_kernel(std::string_view kernel, const char* what,
               ", got '", kernel, "'");
 }
 
-// The forward kernels (the op's `kernel`): "auto" (the tensor-core persistent kernel where
+// The forward kernels (the op's `kernel_name`): "auto" (the tensor-core persistent kernel where
 // it fits, else the CUDA-core persistent kernel where it fits, else the per-step kernels),
 // "step", "persistent" (CUDA cores), "mma" (tensor cores); experimental: "mma-pipelined"
 // (each pass's G_x, c and h loaded during the previous pass's barrier), "mma-cluster" (one

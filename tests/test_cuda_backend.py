@@ -352,11 +352,11 @@ def test_cuda_ops_refuse_experimental_kernels_without_the_switch():
     forward = torch.ops.cnnlstm_fast.recurrence_forward
     for kernel in ("mma-pipelined", "mma-cluster", "streamed"):
         with pytest.raises(RuntimeError, match=f"'{kernel}' is experimental"):
-            forward(*args, kernel=kernel)
+            forward(*args, kernel_name=kernel)
     with pytest.raises(RuntimeError, match="pdl=True .* is experimental"):
         forward(*args, pdl=True)
     with pytest.raises(RuntimeError, match="forward kernel must be one of"):
-        forward(*args, kernel="fast")
+        forward(*args, kernel_name="fast")
     assert layer(x)[0].shape == (3, 2, 8)
 
 

@@ -39,7 +39,7 @@ def _pin(monkeypatch, variable, value):
 
 def test_default_path_is_the_verified_kernels():
     assert cuda_kernels() == CudaKernels("auto", "auto", False, False)
-    assert cuda_kernels().op_arguments(backward=False) == dict(kernel="auto", pdl=False,
+    assert cuda_kernels().op_arguments(backward=False) == dict(kernel_name="auto", pdl=False,
                                                                 experimental=False)
 
 
@@ -69,7 +69,7 @@ def test_the_switch_alone_selects_the_default_kernels_newer_versions(monkeypatch
     (csrc/recurrence_cuda.cpp then runs their unverified versions)."""
     monkeypatch.setenv("CNNLSTM_FAST_EXPERIMENTAL", "1")
     assert cuda_kernels() == CudaKernels("auto", "auto", False, True)
-    assert cuda_kernels().op_arguments(backward=True) == dict(kernel="auto", pdl=False,
+    assert cuda_kernels().op_arguments(backward=True) == dict(kernel_name="auto", pdl=False,
                                                                experimental=True)
 
 
@@ -103,12 +103,12 @@ def test_the_cuda_backend_passes_the_selection_to_the_ops(monkeypatch):
     backend = get_backend("cuda")
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "streamed")
     with pytest.warns(UserWarning):
-        assert backend.kernel_arguments(backward=False) == dict(kernel="auto", pdl=False,
+        assert backend.kernel_arguments(backward=False) == dict(kernel_name="auto", pdl=False,
                                                                 experimental=False)
     monkeypatch.setenv("CNNLSTM_FAST_EXPERIMENTAL", "1")
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
-    assert backend.kernel_arguments(backward=False)["kernel"] == "streamed"
-    assert backend.kernel_arguments(backward=True) == dict(kernel="persistent", pdl=False,
+    assert backend.kernel_arguments(backward=False)["kernel_name"] == "streamed"
+    assert backend.kernel_arguments(backward=True) == dict(kernel_name="persistent", pdl=False,
                                                            experimental=True)
     assert get_backend("cpu").kernel_arguments(backward=False) == {}
 
@@ -136,7 +136,7 @@ def test_op_schemas_carry_the_selection_with_the_verified_defaults():
     for op in (torch.ops.cnnlstm_fast.recurrence_forward,
                torch.ops.cnnlstm_fast.recurrence_backward):
         arguments = {a.name: a for a in op.default._schema.arguments}
-        assert arguments["kernel"].default_value == "auto"
+        assert arguments["kernel_name"].default_value == "auto"
         assert arguments["pdl"].default_value is False
         assert arguments["experimental"].default_value is False
 

@@ -142,7 +142,7 @@ def _linear_backward(ctx, grad):
 
 
 def _forward_fake(cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, reverse, need_saved,
-                  kernel="auto", pdl=False, experimental=False):
+                  kernel_name="auto", pdl=False, experimental=False):
     steps, batch, gate_width = gx.shape
     hidden = gate_width // GATES[cell]
     out = h0.shape[1]
@@ -162,7 +162,7 @@ def _forward_fake(cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, reverse, need
 
 
 def _backward_fake(cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, reverse, d_y, d_hT, d_cT,
-                   kernel="auto", pdl=False, experimental=False):
+                   kernel_name="auto", pdl=False, experimental=False):
     steps, batch, gate_width = act.shape
     hidden = gate_width // GATES[cell]
     acc = compute_dtype(d_y.dtype)
@@ -187,7 +187,7 @@ class CompiledOpsBackend(Backend):
         return None
 
     def kernel_arguments(self, backward: bool) -> dict:
-        """The ops' kernel selection (``kernel``, ``pdl``, ``experimental``) for a call:
+        """The ops' kernel selection (``kernel_name``, ``pdl``, ``experimental``) for a call:
         none here, the ops' defaults; the cuda backend's come from the environment."""
         return {}
 
