@@ -1,7 +1,8 @@
 """Builds the one extension, ``cnnlstm_fast._C``.
 
 C++ sources (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) go through torch's CppExtension with
-ninja. CUDA sources (``csrc/cuda/*.cu``) include no torch headers, so nvcc compiles
+ninja. CUDA sources (``csrc/cuda/*.cu`` and the experimental kernels,
+``csrc/cuda/experimental/*.cu``) include no torch headers, so nvcc compiles
 them to objects on any machine that has nvcc, CPU-only torch included (its CUDA_HOME
 is None and it cannot build a CUDAExtension); the objects are linked into the
 extension together with the static CUDA runtime, so the .so loads without libcudart.
@@ -89,7 +90,7 @@ def nvcc_flags(archs: list[str]) -> list[str]:
 
 
 class BuildExtensionWithNvcc(BuildExtension):
-    """torch's BuildExtension, plus nvcc compiling csrc/cuda/*.cu to objects first.
+    """torch's BuildExtension, plus nvcc compiling the CUDA sources to objects first.
 
     An object is rebuilt when its .cu, any header under csrc/ or the nvcc flags changed.
     """
@@ -110,8 +111,10 @@ class BuildExtensionWithNvcc(BuildExtension):
         headers = [p for ext in ("h", "hpp", "cuh") for p in CSRC.rglob(f"*.{ext}")]
         newest_header = max((h.stat().st_mtime for h in headers), default=0.0)
         objects = []
-        for source in sorted(CSRC.glob("cuda/*.cu")):
-            obj = out_dir / (source.stem + ".o")
+        for source in cuda_sources():
+            # named by the path under csrc/cuda: experimental/persistent_mma.cu has its own
+            stem = "_".join(source.relative_to(CSRC / "cuda").with_suffix("").parts)
+            obj = out_dir / (stem + ".o")
             stale = (
                 flags_changed
                 or not obj.exists()
@@ -126,6 +129,12 @@ class BuildExtensionWithNvcc(BuildExtension):
         return objects
 
 
+def cuda_sources() -> list[Path]:
+    """The .cu files nvcc compiles: the default kernels and the experimental ones, which
+    every CUDA build compiles and only CNNLSTM_FAST_EXPERIMENTAL=1 runs (docs/gpu.md)."""
+    return sorted(CSRC.glob("cuda/*.cu")) + sorted(CSRC.glob("cuda/experimental/*.cu"))
+
+
 def make_extension():
     sources = sorted(glob.glob(str(CSRC / "*.cpp")) + glob.glob(str(CSRC / "cpu" / "*.cpp")))
     cxx_flags = ["-O3", "-fopenmp"]
@@ -138,7 +147,7 @@ def make_extension():
     if os.environ.get("CNNLSTM_FAST_NO_CUDA", "0") not in ("1", "true", "yes"):
         nvcc = find_nvcc()
     nvcc_config = {}
-    if nvcc and glob.glob(str(CSRC / "cuda" / "*.cu")):
+    if nvcc and cuda_sources():
         archs = cuda_archs()
         # A comma list, stringised in C++: no quotes or ';' to survive the shell.
         cxx_flags += ["-DCNNLSTM_FAST_WITH_CUDA", f"-DCNNLSTM_FAST_CUDA_ARCHS={','.join(archs)}"]

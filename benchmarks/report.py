@@ -44,6 +44,7 @@ MODES = ("forward", "forward_backward")
 _SUFFIX = re.compile(r"-[0-9a-f]{7,40}$")
 _SESSION_LOG = re.compile(r"gpu-session-([0-9a-f]{7,40})\.log$")
 _TESTS_RC = re.compile(r"\bgpu tests rc=(\d+)")
+_EXPERIMENTAL_FILE = re.compile(r"experimental-([0-9a-f]{7,40})\.json$")
 
 
 # --- the result files --------------------------------------------------------------------
@@ -331,51 +332,73 @@ def render_performance(devices: dict[str, list[Result]], doc: Path = PERFORMANCE
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """A GPU kernel (or the default set of one backend): how a result row shows that it
-    ran (its backend's provider, the mode that runs it, the setting that selects it) and
-    the sources whose change after a verification makes that verification stale."""
+    ran (its backend's provider, the mode that runs it, the settings that select it:
+    none for a default kernel; CNNLSTM_FAST_EXPERIMENTAL=1, alone or with a pin, for an
+    experimental one) and the sources whose change after a verification makes that
+    verification stale. ``key``: for an experimental kernel, its key in
+    cnnlstm_fast/experimental.py and in a session's experimental verification."""
 
     key: str
     name: str
     provider: str
     modes: tuple[str, ...]
-    setting: tuple[str, str] | None
+    settings: tuple[tuple[str, str], ...]
     sources: tuple[str, ...]
+
+    @property
+    def experimental(self) -> bool:
+        return bool(self.settings)
 
     def ran_in(self, result: Result) -> bool:
         settings = result.report["environment"].get("cuda_settings") or {}
-        if self.setting is None:  # the default path: none of this backend's switches pinned
-            own = "CNNLSTM_FAST_TRITON" if self.provider == "triton" else "CNNLSTM_FAST_CUDA"
-            if any(v not in (None, "auto") for k, v in settings.items() if k.startswith(own)):
-                return False
-        elif settings.get(self.setting[0]) != self.setting[1]:
+        own = "CNNLSTM_FAST_TRITON" if self.provider == "triton" else "CNNLSTM_FAST_CUDA"
+        wanted = dict(self.settings)
+        if any(settings.get(k) != v for k, v in wanted.items()):
+            return False
+        # no other setting of this backend pinned, and the switch only where wanted
+        if any(v not in (None, "auto") and k not in wanted for k, v in settings.items()
+               if k.startswith(own)):
+            return False
+        if settings.get(_SWITCH) == "1" and _SWITCH not in wanted:
             return False
         return any(r["provider"] == self.provider and r["mode"] in self.modes
                    and r["speedup"] is not None for r in result.report["results"])
 
 
-_CUDA = ("csrc/cuda", "csrc/recurrence_cuda.cpp", "csrc/include")
+_SWITCH = "CNNLSTM_FAST_EXPERIMENTAL"
+_ON = ((_SWITCH, "1"),)
+# the default kernels' sources (the experimental ones' files changing leaves them as they are)
+_CUDA = ("csrc/cuda", ":(exclude)csrc/cuda/experimental", "csrc/recurrence_cuda.cpp",
+         "csrc/include")
+_CUDA_EXPERIMENTAL = ("csrc/cuda", "csrc/recurrence_cuda.cpp", "csrc/include")
 _TRITON = ("cnnlstm_fast/kernels/triton", "cnnlstm_fast/backends/triton.py")
 _BOTH = ("forward", "forward_backward")
 _TRAINING = ("forward_backward",)
 KERNELS = (
     Kernel("cuda-forward", "cuda forward: persistent (tensor cores for fp16/bf16, else CUDA "
-           "cores), per step where that does not fit", "cuda", _BOTH, None, _CUDA),
-    Kernel("cuda-backward", "cuda backward: per step, split-K d_h", "cuda", _TRAINING, None, _CUDA),
+           "cores), per step where that does not fit", "cuda", _BOTH, (), _CUDA),
+    Kernel("cuda-backward", "cuda backward: per step, split-K d_h", "cuda", _TRAINING, (), _CUDA),
+    Kernel("cuda-mma-pass-start-loads", "cuda forward: tensor-core kernel loading each pass's "
+           "G_x, c and h at the pass start", "cuda", _BOTH, _ON, _CUDA_EXPERIMENTAL),
+    Kernel("cuda-device-row-counts", "cuda: packed row counts written on the device",
+           "cuda", _BOTH, _ON, _CUDA_EXPERIMENTAL),
     Kernel("cuda-mma-pipelined", "cuda forward: pipelined tensor-core", "cuda", _BOTH,
-           ("CNNLSTM_FAST_CUDA_KERNEL", "mma-pipelined"), _CUDA),
+           _ON + (("CNNLSTM_FAST_CUDA_KERNEL", "mma-pipelined"),), _CUDA_EXPERIMENTAL),
     Kernel("cuda-mma-cluster", "cuda forward: one thread-block cluster (sm_90)", "cuda", _BOTH,
-           ("CNNLSTM_FAST_CUDA_KERNEL", "mma-cluster"), _CUDA),
+           _ON + (("CNNLSTM_FAST_CUDA_KERNEL", "mma-cluster"),), _CUDA_EXPERIMENTAL),
     Kernel("cuda-streamed", "cuda forward: streamed (W_hh from L2)", "cuda", _BOTH,
-           ("CNNLSTM_FAST_CUDA_KERNEL", "streamed"), _CUDA),
+           _ON + (("CNNLSTM_FAST_CUDA_KERNEL", "streamed"),), _CUDA_EXPERIMENTAL),
     Kernel("cuda-persistent-backward", "cuda backward: persistent", "cuda", _TRAINING,
-           ("CNNLSTM_FAST_CUDA_BACKWARD", "persistent"), _CUDA),
+           _ON + (("CNNLSTM_FAST_CUDA_BACKWARD", "persistent"),), _CUDA_EXPERIMENTAL),
     Kernel("cuda-pdl", "cuda per-step kernels with programmatic dependent launch", "cuda",
-           _BOTH, ("CNNLSTM_FAST_CUDA_PDL", "1"), _CUDA),
+           _BOTH, _ON + (("CNNLSTM_FAST_CUDA_PDL", "1"),), _CUDA_EXPERIMENTAL),
     Kernel("triton-forward", "triton forward: persistent, per step where that does not fit",
-           "triton", _BOTH, None, _TRITON),
-    Kernel("triton-backward", "triton backward: per step", "triton", _TRAINING, None, _TRITON),
+           "triton", _BOTH, (), _TRITON),
+    Kernel("triton-backward", "triton backward: per step", "triton", _TRAINING, (), _TRITON),
+    Kernel("triton-cooperative-launch", "triton: persistent kernels as cooperative launches",
+           "triton", _BOTH, _ON, _TRITON),
     Kernel("triton-persistent-backward", "triton backward: persistent", "triton", _TRAINING,
-           ("CNNLSTM_FAST_TRITON_BACKWARD", "persistent"), _TRITON),
+           _ON + (("CNNLSTM_FAST_TRITON_BACKWARD", "persistent"),), _TRITON),
 )
 
 
@@ -404,24 +427,42 @@ def _passed_sessions(folder: Path) -> set[str]:
     return passed
 
 
+def _passed_experimental(folder: Path, key: str) -> set[str]:
+    """Commits whose experimental verification (benchmarks/gpu_session.sh's
+    experimental-verification.json, committed as ``experimental-<commit>.json``) ran to
+    the end and passed the kernel ``key``."""
+    passed = set()
+    for path in folder.iterdir():
+        match = _EXPERIMENTAL_FILE.search(path.name)
+        if match:
+            report = json.loads(path.read_text())
+            if report.get("complete") and report["kernels"].get(key, {}).get("result") == "pass":
+                passed.add(match.group(1))
+    return passed
+
+
 def _changed(commit: str, sources: tuple[str, ...]) -> bool:
     return bool(_git("diff", "--name-only", commit, "HEAD", "--", *sources).strip())
 
 
 def kernel_status(devices: dict[str, list[Result]]) -> list[Status]:
-    """Per kernel, the newest GPU session that passed its GPU tests and timed the kernel."""
-    sessions = []  # (age, folder, file name, result) of the result files of passed sessions
-    for folder, files in devices.items():
-        passed = _passed_sessions(files[0].path.parent)
-        sessions += [(age(r.commit), folder, r.path.name, r) for r in files if r.on_gpu and any(
-            r.commit.startswith(c) or c.startswith(r.commit) for c in passed)]
+    """Per kernel, the newest GPU session that passed its GPU tests (a default kernel:
+    the session's; an experimental one: its own, in the session's experimental
+    verification) and timed the kernel."""
     statuses = []
     for kernel in KERNELS:
-        found = sorted(s for s in sessions if kernel.ran_in(s[-1]))
+        found = []  # (age, folder, file name, result) of the result files of passed sessions
+        for folder, files in devices.items():
+            where = files[0].path.parent
+            passed = (_passed_experimental(where, kernel.key) if kernel.experimental
+                      else _passed_sessions(where))
+            found += [(age(r.commit), folder, r.path.name, r) for r in files
+                      if r.on_gpu and kernel.ran_in(r) and any(
+                          r.commit.startswith(c) or c.startswith(r.commit) for c in passed)]
         if not found:
             statuses.append(Status(kernel))
             continue
-        result = found[0][-1]
+        result = sorted(found)[0][-1]
         statuses.append(Status(kernel, result.report["device"], result.commit[:7], result.path,
                                _changed(result.commit, kernel.sources)))
     return statuses
@@ -430,13 +471,17 @@ def kernel_status(devices: dict[str, list[Result]]) -> list[Status]:
 def render_kernels(statuses: list[Status], doc: Path = GPU) -> str:
     lines = ["_Generated by `python benchmarks/report.py` from the GPU session logs and result "
              "files under `benchmarks/results/`; not edited by hand. Verified: the newest GPU "
-             "session whose GPU tests all passed (its log's `gpu tests rc=0`) and whose result "
-             "files time the kernel (rows of its backend, with its setting where it is opt-in). "
-             "Changed since: a commit after that one touched the kernel's sources._", "",
+             "session whose GPU tests passed and whose result files time the kernel (rows of "
+             "its backend, with its settings where it is experimental); for a default kernel "
+             "the session's tests (its log's `gpu tests rc=0`), for an experimental one its "
+             "own tests under the switch (`experimental-<commit>.json`). Changed since: a "
+             "commit after that one touched the kernel's sources (for a default kernel, "
+             "those outside `csrc/cuda/experimental/`)._", "",
              "| kernel | selected by | last GPU-verified commit | result file | changed since |",
              "|---|---|---|---|---|"]
     for s in statuses:
-        setting = "default" if s.kernel.setting is None else f"`{'='.join(s.kernel.setting)}`"
+        setting = (" ".join(f"`{k}={v}`" for k, v in s.kernel.settings) if s.kernel.settings
+                   else "default")
         if s.verified:
             lines.append(f"| {s.kernel.name} | {setting} | `{s.commit}` ({s.device}) | "
                          f"[`{s.file.name}`]({link(s.file, doc)}) | "

@@ -86,10 +86,11 @@ CPU_SETTINGS = ("CNNLSTM_FAST_CPU_GEMM", "CNNLSTM_FAST_CPU_CACHE_MB",
                 "THP_MEM_ALLOC_ENABLE")
 
 
-#: The GPU backends' kernel pins: cuda (csrc/recurrence_cuda.cpp) and triton's backward
-#: (cnnlstm_fast/kernels/triton/launch.py).
-CUDA_SETTINGS = ("CNNLSTM_FAST_CUDA_KERNEL", "CNNLSTM_FAST_CUDA_BACKWARD",
-                 "CNNLSTM_FAST_CUDA_PDL", "CNNLSTM_FAST_TRITON_BACKWARD")
+#: The GPU backends' kernel settings (cnnlstm_fast/experimental.py): the switch that lets
+#: experimental kernels run, and the pins of cuda and of triton's backward.
+CUDA_SETTINGS = ("CNNLSTM_FAST_EXPERIMENTAL", "CNNLSTM_FAST_CUDA_KERNEL",
+                 "CNNLSTM_FAST_CUDA_BACKWARD", "CNNLSTM_FAST_CUDA_PDL",
+                 "CNNLSTM_FAST_TRITON_BACKWARD")
 
 
 def _cpu_gemm(module) -> dict:

@@ -9,6 +9,13 @@
 // a step at B=16, H=768 and 50 us at H=128 (one block) on an H100. dW_hh and dW_hr are
 // one ATen GEMM each after the loop. Compiled only when setup.py found nvcc
 // (CNNLSTM_FAST_WITH_CUDA).
+//
+// Which kernels run is the ops' `kernel_name`, `pdl` and `experimental` arguments, read from
+// the environment in Python (cnnlstm_fast/experimental.py). With `experimental` false
+// (the default) only the kernels verified on a GPU run, as they were verified; with it
+// true the kernels of csrc/cuda/experimental/ may run too: the default kernels' newer
+// versions (the tensor-core forward's loads at the pass start, packed row counts written
+// on the device) and the opt-in ones that `kernel_name` and `pdl` name.
 #ifdef CNNLSTM_FAST_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -25,7 +32,8 @@
 #include <tuple>
 #include <vector>
 
-#include "cuda/floor.h"
+#include "cuda/experimental/experimental.h"
+#include "cuda/experimental/floor.h"
 #include "cuda/persistent.h"
 #include "cuda/recurrence.h"
 
@@ -81,15 +89,23 @@ std::vector<int64_t> active_rows(const std::optional<Tensor>& batch_sizes, int64
   return rows;
 }
 
-// The active rows of every step as a device int32 tensor, written by kernels that take
-// the values as arguments (write_row_runs): no host-to-device copy, so the forward and
-// backward stay capturable in a CUDA graph and never wait for the stream.
+// The active rows of every step as a device int32 tensor, for the kernels that read them
+// there (persistent, streamed). By default copied from the host (pageable: the host
+// waits for the stream, and a CUDA graph cannot capture it), as GPU-verified; with
+// `allow_experimental`, written by kernels that take the values as arguments
+// (experimental::write_row_runs): no host-to-device copy, so the forward and backward
+// stay capturable in a CUDA graph and never wait for the stream.
 Tensor device_rows(const std::vector<int64_t>& rows, const at::TensorOptions& options,
-                   void* stream) {
+                   void* stream, bool allow_experimental) {
+  if (!allow_experimental) {
+    return at::tensor(std::vector<int32_t>(rows.begin(), rows.end()), options.dtype(at::kInt));
+  }
+  using experimental::kMaxRowRuns;
   Tensor out = at::empty({static_cast<int64_t>(rows.size())}, options.dtype(at::kInt));
-  RowRuns runs;
+  experimental::RowRuns runs;
   auto flush = [&] {
-    check_launch(write_row_runs(runs, out.data_ptr<int32_t>(), stream), "write_row_runs");
+    check_launch(experimental::write_row_runs(runs, out.data_ptr<int32_t>(), stream),
+                 "write_row_runs");
     runs.start = runs.end[runs.count - 1], runs.count = 0;
   };
   for (size_t t = 0; t < rows.size(); ++t) {
@@ -124,46 +140,53 @@ void check_saved(const Tensor& t, const char* name, const at::Device& device,
               " must be float32 (as forward saves it), got ", t.scalar_type());
 }
 
-// The value of the environment variable `name`, unset or empty meaning the first of
-// `allowed`; anything not in `allowed` is an error naming the variable and the values.
-std::string env_choice(const char* name, std::initializer_list<const char*> allowed) {
-  const char* v = std::getenv(name);
-  const std::string choice = v && *v ? v : *allowed.begin();
-  std::string values;
-  size_t i = 0;
-  for (const char* a : allowed) {
-    if (choice == a) return choice;
-    values += (i == 0 ? "" : i + 1 == allowed.size() ? " or " : ", ") + std::string(a);
-    ++i;
+// Checks the kernel an op call names: one of `verified`, or with `allow_experimental` one
+// of `unverified` too; errors name the argument, what was expected and what was got.
+void check_kernel(std::string_view kernel, const char* what,
+                  std::initializer_list<const char*> verified,
+                  std::initializer_list<const char*> unverified, bool allow_experimental) {
+  for (const char* k : verified) {
+    if (kernel == k) return;
   }
-  TORCH_CHECK(false, name, " must be ", values, ", got '", choice, "'");
-  return choice;  // not reached
+  std::string values;
+  for (const char* k : verified) values += std::string(values.empty() ? "" : ", ") + k;
+  for (const char* k : unverified) {
+    TORCH_CHECK(kernel != k || allow_experimental, "cnnlstm_fast cuda backend: the ", what,
+                " kernel '", kernel, "' is experimental (not yet verified on a GPU) and runs "
+                "only with experimental=True (CNNLSTM_FAST_EXPERIMENTAL=1); without it kernel "
+                "must be ", values);
+    if (kernel == k) return;
+    values += std::string(", ") + k;
+  }
+  TORCH_CHECK(false, "cnnlstm_fast cuda backend: the ", what, " kernel must be one of ", values,
+              ", got '", kernel, "'");
 }
 
-// CNNLSTM_FAST_CUDA_KERNEL: "auto" (default: the tensor-core persistent kernel where it
-// fits, else the CUDA-core persistent kernel where it fits, else the per-step kernels),
-// "step", "persistent" (CUDA cores), "mma" (tensor cores), "mma-pipelined" (the same with
-// each pass's G_x, c and h loaded during the previous pass's barrier), "mma-cluster" (the
-// same as one thread-block cluster on sm_90: h through distributed shared memory, the
-// cluster's barrier) or "streamed" (one cooperative launch reading W_hh from L2 each
-// step); auto picks none of the last three: they have not run on a GPU. A pinned kernel
-// is an error where it cannot run. Lets tests and benchmarks pin a path.
-std::string kernel_choice() {
-  return env_choice("CNNLSTM_FAST_CUDA_KERNEL", {"auto", "step", "persistent", "mma",
-                                                 "mma-pipelined", "mma-cluster", "streamed"});
+// The forward kernels (the op's `kernel_name`): "auto" (the tensor-core persistent kernel where
+// it fits, else the CUDA-core persistent kernel where it fits, else the per-step kernels),
+// "step", "persistent" (CUDA cores), "mma" (tensor cores); experimental: "mma-pipelined"
+// (each pass's G_x, c and h loaded during the previous pass's barrier), "mma-cluster" (one
+// thread-block cluster on sm_90: h through distributed shared memory, the cluster's
+// barrier) or "streamed" (one cooperative launch reading W_hh from L2 each step). A named
+// kernel is an error where it cannot run.
+void check_forward_kernel(std::string_view kernel, bool allow_experimental) {
+  check_kernel(kernel, "forward", {"auto", "step", "persistent", "mma"},
+               {"mma-pipelined", "mma-cluster", "streamed"}, allow_experimental);
 }
 
-// CNNLSTM_FAST_CUDA_BACKWARD: "auto" (default: the per-step kernels), "step", or
+// The backward kernels: "auto" (= "step", the per-step kernels), "step"; experimental:
 // "persistent" (one cooperative launch for the sequence, no projection; an error where it
-// cannot run). auto does not pick the persistent backward yet: it has not run on a GPU.
-std::string backward_choice() {
-  return env_choice("CNNLSTM_FAST_CUDA_BACKWARD", {"auto", "step", "persistent"});
+// cannot run).
+void check_backward_kernel(std::string_view kernel, bool allow_experimental) {
+  check_kernel(kernel, "backward", {"auto", "step"}, {"persistent"}, allow_experimental);
 }
 
-// CNNLSTM_FAST_CUDA_PDL: "1" launches the per-step kernels (forward, backward, rowmat)
-// with programmatic dependent launch on sm_90 (csrc/cuda/common.cuh), "0" (default)
-// without. Opt-in until a GPU run shows it correct and faster.
-bool pdl_choice() { return env_choice("CNNLSTM_FAST_CUDA_PDL", {"0", "1"}) == "1"; }
+// pdl: the per-step kernels with programmatic dependent launch (experimental/pdl.cu).
+void check_pdl(bool pdl, bool allow_experimental) {
+  TORCH_CHECK(!pdl || allow_experimental, "cnnlstm_fast cuda backend: pdl=True (programmatic "
+              "dependent launch) is experimental and runs only with experimental=True "
+              "(CNNLSTM_FAST_EXPERIMENTAL=1)");
+}
 
 template <typename T>
 T* ptr(const Tensor& t) {
@@ -193,11 +216,14 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
                             const std::optional<Tensor>& c0, const Tensor& w_hh,
                             const std::optional<Tensor>& w_hr, const std::optional<Tensor>& b_hn,
                             const std::optional<Tensor>& batch_sizes, bool reverse,
-                            bool need_saved) {
+                            bool need_saved, std::string_view kernel, bool pdl,
+                            bool allow_experimental) {
   TORCH_CHECK(gx_in.is_cuda() && gx_in.dim() == 3,
               "cnnlstm_fast cuda backend: gx must be a 3-D CUDA tensor, got ", gx_in.dim(),
               "-D on ", gx_in.device());
   const c10::DeviceGuard guard(gx_in.device());
+  check_forward_kernel(kernel, allow_experimental);
+  check_pdl(pdl, allow_experimental);
   const Cell cell = parse_cell(cell_name);
   const DType dtype = dtype_of(gx_in, "gx");
   const Tensor gx = gx_in.contiguous();
@@ -234,22 +260,28 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
   const auto rows = active_rows(batch_sizes, steps, batch);
   void* stream = current_stream(gx.device());
 
-  const std::string choice = kernel_choice();
-  const bool pdl = pdl_choice();
+  const std::string choice(kernel);
   PersistentPlan plan;
   if (!proj && (choice == "auto" || choice.rfind("mma", 0) == 0)) {
-    const MmaVariant variant = choice == "mma-pipelined" ? MmaVariant::kPipelined
-                               : choice == "mma-cluster" ? MmaVariant::kCluster
-                                                         : MmaVariant::kPlain;
-    check_launch(persistent_mma_forward_plan(cell, dtype, batch, hidden, variant, &plan),
-                 "persistent tensor-core plan");
+    if (allow_experimental) {  // under the switch, auto and mma run the newer loads
+      const MmaVariant variant = choice == "mma-pipelined" ? MmaVariant::kPipelined
+                                 : choice == "mma-cluster" ? MmaVariant::kCluster
+                                                           : MmaVariant::kPassStartLoads;
+      check_launch(experimental::persistent_mma_forward_plan(cell, dtype, batch, hidden, variant,
+                                                             &plan),
+                   "experimental persistent tensor-core plan");
+    } else {
+      check_launch(persistent_mma_forward_plan(cell, dtype, batch, hidden, &plan),
+                   "persistent tensor-core plan");
+    }
   }
   if (!proj && !plan.usable && (choice == "auto" || choice == "persistent")) {
     check_launch(persistent_forward_plan(cell, dtype, batch, hidden, &plan), "persistent plan");
   }
-  StreamedPlan streamed;
+  experimental::StreamedPlan streamed;
   if (!proj && choice == "streamed") {
-    check_launch(streamed_forward_plan(cell, dtype, batch, hidden, &streamed), "streamed plan");
+    check_launch(experimental::streamed_forward_plan(cell, dtype, batch, hidden, &streamed),
+                 "streamed plan");
   }
   // an empty batch has nothing to launch: the step loop returns h0 and c0 as they are
   TORCH_CHECK(plan.usable || streamed.usable || choice == "auto" || choice == "step" ||
@@ -269,7 +301,8 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
                                  : w_hh.to(gx.scalar_type()).t().contiguous();
   if (plan.usable || streamed.usable) {
     const Tensor rows_dev =
-        batch_sizes.has_value() ? device_rows(rows, gx.options(), stream) : Tensor();
+        batch_sizes.has_value() ? device_rows(rows, gx.options(), stream, allow_experimental)
+                                : Tensor();
     // Double-buffered h, [0] = h0. The tensor-core kernel exchanges h in the input dtype
     // (its MMA operand), so each step reads h rounded to T, as torch.nn's (cuDNN's)
     // fp16/bf16 LSTM does; the CUDA-core kernel keeps it in float32.
@@ -290,12 +323,16 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
     a.extra = need_saved ? ptr<float>(extra) : nullptr;
     if (streamed.usable) {
       const Tensor partial = at::empty({static_cast<int64_t>(streamed.partial_floats)}, f32);
-      a.w_hh_t = w_hh_c.data_ptr(), a.h_buf = ptr<float>(h_buf), a.partial = ptr<float>(partial);
-      check_launch(streamed_forward(a, streamed, stream), "streamed_forward");
+      a.w_hh_t = w_hh_c.data_ptr(), a.h_buf = ptr<float>(h_buf);
+      check_launch(experimental::streamed_forward(a, streamed, ptr<float>(partial), stream),
+                   "streamed_forward");
     } else if (plan.mma) {
       a.w_hh = w_hh_c.data_ptr(), a.h_exchange = h_buf.data_ptr();
       a.barrier = counter ? reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>()) : nullptr;
-      check_launch(persistent_mma_forward(a, plan, stream), "persistent_mma_forward");
+      check_launch(plan.variant == MmaVariant::kDefault
+                       ? persistent_mma_forward(a, plan, stream)
+                       : experimental::persistent_mma_forward(a, plan, stream),
+                   "persistent_mma_forward");
     } else {
       a.w_hh_t = w_hh_c.data_ptr(), a.h_buf = ptr<float>(h_buf);
       check_launch(persistent_forward(a, plan, stream), "persistent_forward");
@@ -313,7 +350,6 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
     const int64_t t = reverse ? steps - 1 - s : s;
     if (need_saved) h_prev[t].copy_(h[cur]);
     StepForwardArgs a{};
-    a.pdl = pdl;
     a.cell = cell, a.dtype = dtype;
     a.batch = batch, a.active = rows[t], a.hidden = hidden, a.out_size = out;
     a.gx_t = gx[t].data_ptr(), a.h_prev = ptr<float>(h[cur]), a.w_hh_t = w_hh_c.data_ptr();
@@ -323,15 +359,16 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
     a.m_out = proj ? ptr<float>(m) : nullptr;
     a.act_t = need_saved ? ptr<float>(act[t]) : nullptr;
     a.extra_t = need_saved && extra.numel() ? ptr<float>(extra[t]) : nullptr;
-    check_launch(step_forward(a, stream), "step_forward");
+    check_launch(pdl ? experimental::step_forward_pdl(a, stream) : step_forward(a, stream),
+                 "step_forward");
     if (proj) {  // h = m W_hr^T for active rows; inactive rows keep h
       RowMatArgs r{};
-      r.pdl = pdl;
       r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
       r.batch = batch, r.active = rows[t], r.p = hidden, r.q = out;
       r.a = m.data_ptr(), r.mat = w_hr_t.data_ptr(), r.passthrough = ptr<float>(h[cur]);
       r.out = ptr<float>(h[1 - cur]), r.y = y[t].data_ptr(), r.workspace = ptr<float>(proj_ws);
-      check_launch(rowmat(r, stream), "rowmat (projection)");
+      check_launch(pdl ? experimental::rowmat_pdl(r, stream) : rowmat(r, stream),
+                   "rowmat (projection)");
     }
     cur = 1 - cur;
   }
@@ -345,11 +382,14 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
                              const std::optional<Tensor>& w_hr,
                              const std::optional<Tensor>& batch_sizes, bool reverse,
                              const Tensor& d_y_in, const Tensor& d_hT,
-                             const std::optional<Tensor>& d_cT) {
+                             const std::optional<Tensor>& d_cT, std::string_view kernel,
+                             bool pdl, bool allow_experimental) {
   TORCH_CHECK(act_in.is_cuda() && act_in.dim() == 3,
               "cnnlstm_fast cuda backend: act must be a 3-D CUDA tensor, got ", act_in.dim(),
               "-D on ", act_in.device());
   const c10::DeviceGuard guard(act_in.device());
+  check_backward_kernel(kernel, allow_experimental);
+  check_pdl(pdl, allow_experimental);
   const Cell cell = parse_cell(cell_name);
   const DType dtype = dtype_of(d_y_in, "d_y");
   const int64_t steps = act_in.size(0), batch = act_in.size(1), gate_width = act_in.size(2);
@@ -390,14 +430,13 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   const Tensor extra_c = extra.has_value() && extra->numel() ? extra->contiguous() : Tensor();
   const auto rows = active_rows(batch_sizes, steps, batch);
   void* stream = current_stream(act.device());
-  StreamedPlan plan;
-  const bool pdl = pdl_choice();
-  if (backward_choice() == "persistent") {
+  experimental::StreamedPlan plan;
+  if (kernel == "persistent") {
     // an empty batch or hidden size has nothing to launch: the step loop handles it
     const bool empty = batch == 0 || hidden == 0;
     TORCH_CHECK(!proj || empty, "CNNLSTM_FAST_CUDA_BACKWARD=persistent, but the persistent "
                 "backward has no projection (proj_size)");
-    check_launch(persistent_backward_plan(cell, dtype, batch, hidden, &plan),
+    check_launch(experimental::persistent_backward_plan(cell, dtype, batch, hidden, &plan),
                  "persistent backward plan");
     TORCH_CHECK(plan.usable || empty, "CNNLSTM_FAST_CUDA_BACKWARD=persistent, but this device "
                 "cannot launch it (no cooperative launch, or no block of it fits on an SM)");
@@ -407,9 +446,10 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   const Tensor d_m_ws = step_loop && proj ? rowmat_buffer(batch, out, hidden, f32) : Tensor();
   if (plan.usable) {
     const Tensor rows_dev =
-        batch_sizes.has_value() ? device_rows(rows, act.options(), stream) : Tensor();
+        batch_sizes.has_value() ? device_rows(rows, act.options(), stream, allow_experimental)
+                                : Tensor();
     const Tensor partial = at::empty({static_cast<int64_t>(plan.partial_floats)}, f32);
-    PersistentBackwardArgs a{};
+    experimental::PersistentBackwardArgs a{};
     a.cell = cell, a.dtype = dtype;
     a.steps = steps, a.batch = batch, a.hidden = hidden, a.reverse = reverse;
     a.active_rows = rows_dev.defined() ? rows_dev.data_ptr<int32_t>() : nullptr;
@@ -419,7 +459,7 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
     a.d_gx = ptr<float>(d_gx), a.d_gh = ptr<float>(d_gh);
     a.d_h_direct = gru ? ptr<float>(d_h_direct) : nullptr;
     a.partial = ptr<float>(partial);
-    check_launch(persistent_backward(a, plan, stream), "persistent_backward");
+    check_launch(experimental::persistent_backward(a, plan, stream), "persistent_backward");
   }
 
   int cur = 0;
@@ -431,15 +471,14 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
                                    step_ptr<void>(d_y, t), step_ptr<float>(g_all, t), stream),
                    "add_output_grad");
       RowMatArgs r{};
-      r.pdl = pdl;
       r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
       r.batch = batch, r.active = active, r.p = out, r.q = hidden;
       r.a = step_ptr<void>(g_all, t), r.mat = w_hr_c.data_ptr(), r.out = ptr<float>(d_m);
       r.workspace = ptr<float>(d_m_ws);
-      check_launch(rowmat(r, stream), "rowmat (projection backward)");
+      check_launch(pdl ? experimental::rowmat_pdl(r, stream) : rowmat(r, stream),
+                   "rowmat (projection backward)");
     }
     StepBackwardArgs a{};
-    a.pdl = pdl;
     a.cell = cell, a.dtype = dtype;
     a.batch = batch, a.active = active, a.hidden = hidden, a.out_size = out;
     a.act_t = step_ptr<float>(act, t);
@@ -452,17 +491,17 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
     a.d_gh_t = gru ? step_ptr<float>(d_gh, t) : nullptr;
     a.d_h_direct = gru ? ptr<float>(d_h_direct) : nullptr;
     a.m_t = proj ? step_ptr<float>(m_all, t) : nullptr;
-    check_launch(step_backward(a, stream), "step_backward");
+    check_launch(pdl ? experimental::step_backward_pdl(a, stream) : step_backward(a, stream),
+                 "step_backward");
     // d_h for the previous step: d_gh W_hh (+ d_h z for GRU); inactive rows carry d_h
     RowMatArgs r{};
-    r.pdl = pdl;
     r.a_dtype = DType::kFloat32, r.mat_dtype = dtype;
     r.batch = batch, r.active = active, r.p = gate_width, r.q = out;
     r.a = step_ptr<void>(d_gh, t), r.mat = w_hh_c.data_ptr();
     r.addend = gru ? ptr<float>(d_h_direct) : nullptr;
     r.passthrough = ptr<float>(dh[cur]), r.out = ptr<float>(dh[1 - cur]);
     r.workspace = ptr<float>(d_h_ws);
-    check_launch(rowmat(r, stream), "rowmat (d_h)");
+    check_launch(pdl ? experimental::rowmat_pdl(r, stream) : rowmat(r, stream), "rowmat (d_h)");
     cur = 1 - cur;
   }
   const Tensor none = at::empty({0}, f32);

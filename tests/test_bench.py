@@ -272,26 +272,37 @@ def test_newest_file_of_a_suite_is_by_the_commit_it_records(tmp_path):
 
 @needs_git
 def test_kernel_status_takes_the_newest_session_that_passed_and_timed_the_kernel(tmp_path):
-    """A session counts for a kernel when its log says every GPU test passed and its
-    result files time that kernel: an opt-in kernel only with its setting recorded."""
+    """A session counts for a default kernel when its log says every GPU test passed and
+    its result files time that kernel; for an experimental kernel when its experimental
+    verification ran to the end and passed that kernel, and its result files time it
+    with the switch and its setting recorded."""
     passed, failed = _history(4)[3], _history(4)[1]  # the failed session is newer
     device = tmp_path / "gpu"
     device.mkdir()
     training = dict(provider="cuda", dtype="bfloat16", mode="forward_backward", speedup=2.0)
     _bench_file(device / f"canonical-{passed[:7]}.json", passed, [training])
     _bench_file(device / f"canonical-pb-{passed[:7]}.json", passed, [training],
-                CNNLSTM_FAST_CUDA_BACKWARD="persistent")
+                CNNLSTM_FAST_EXPERIMENTAL="1", CNNLSTM_FAST_CUDA_BACKWARD="persistent")
+    _bench_file(device / f"canonical-mp-{passed[:7]}.json", passed, [training],
+                CNNLSTM_FAST_EXPERIMENTAL="1", CNNLSTM_FAST_CUDA_KERNEL="mma-pipelined")
     _bench_file(device / f"canonical-{failed[:7]}.json", failed, [training])
-    (device / f"gpu-session-{passed[:7]}.log").write_text("60s gpu tests rc=0 (9 passed)\n")
+    (device / f"gpu-session-{passed[:7]}.log").write_text("60s gpu tests rc=0 (9 passed)\n"
+                                                          "30s experimental tests rc=1\n")
     (device / f"gpu-session-{failed[:7]}.log").write_text("60s gpu tests rc=1 (1 failed)\n")
+    kernels = {"cuda-persistent-backward": {"result": "pass"},
+               "cuda-mma-pipelined": {"result": "fail"}}
+    (device / f"experimental-{passed[:7]}.json").write_text(
+        json.dumps({"switch": True, "complete": True, "kernels": kernels}))
     report = _report_script()
     status = {s.kernel.key: s for s in report.kernel_status(report.load(tmp_path))}
     assert status["cuda-backward"].file.name == f"canonical-{passed[:7]}.json"
     assert status["cuda-forward"].commit == passed[:7]
     assert status["cuda-persistent-backward"].file.name == f"canonical-pb-{passed[:7]}.json"
+    assert not status["cuda-mma-pipelined"].verified  # timed, but its tests failed
     assert not status["cuda-mma-cluster"].verified and not status["triton-forward"].verified
     text = report.render_kernels(list(status.values()))
     assert "not yet run on a GPU" in text and f"`{passed[:7]}`" in text
+    assert "`CNNLSTM_FAST_EXPERIMENTAL=1` `CNNLSTM_FAST_CUDA_BACKWARD=persistent`" in text
 
 
 def test_console_script_entry_point():

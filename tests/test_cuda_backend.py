@@ -21,6 +21,9 @@ from cnnlstm_fast.ops.recurrence import recurrence
 from helpers import errors_vs_exact
 from test_reference import make_args
 
+experimental = pytest.mark.experimental  # tests/conftest.py: runs only with the switch
+STREAMED = pytest.param("streamed", marks=experimental("cuda-streamed"))
+
 
 def test_cuda_backend_reports_why_not_without_a_gpu():
     report = backends.backend_report()
@@ -117,7 +120,7 @@ def _assert_matches_reference_fp32(case, steps=6):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["step", "persistent", "streamed", "auto"])
+@pytest.mark.parametrize("kernel", ["step", "persistent", STREAMED, "auto"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_cuda_matches_reference_fp32(case, kernel, monkeypatch):
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
@@ -127,6 +130,7 @@ def test_cuda_matches_reference_fp32(case, kernel, monkeypatch):
 
 
 @pytest.mark.gpu
+@experimental("cuda-persistent-backward")
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if not c[2]], ids=str)
 def test_cuda_persistent_backward_matches_reference_fp32(case, monkeypatch):
     """CNNLSTM_FAST_CUDA_BACKWARD=persistent (auto does not pick it yet): the reverse-time
@@ -137,7 +141,8 @@ def test_cuda_persistent_backward_matches_reference_fp32(case, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["auto", "streamed"])
+@experimental("cuda-device-row-counts", "cuda-persistent-backward")
+@pytest.mark.parametrize("kernel", ["auto", STREAMED])
 def test_cuda_packed_rows_written_by_several_launches(kernel, monkeypatch):
     """125 distinct lengths: the kernels that read the row counts from device memory get
     them from two launches of write_row_runs (at most 120 runs each)."""
@@ -154,6 +159,7 @@ STREAMED_LARGE_CASES = [("lstm", 1024, 0, False, None, 136), ("rnn_tanh", 2048, 
 
 
 @pytest.mark.gpu
+@experimental("cuda-streamed", "cuda-persistent-backward")
 @pytest.mark.parametrize("case", STREAMED_LARGE_CASES, ids=str)
 def test_cuda_streamed_kernels_several_items_per_block(case, monkeypatch):
     """The streamed forward and the persistent backward where each block loops over
@@ -165,7 +171,8 @@ def test_cuda_streamed_kernels_several_items_per_block(case, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["streamed", "auto"])
+@experimental("cuda-persistent-backward")
+@pytest.mark.parametrize("kernel", [STREAMED, "auto"])
 @pytest.mark.parametrize("case", [("gru", 301, 0, False, None, 100),
                                   ("lstm", 301, 0, True, [40, 40, 31, 17, 17, 2], 40)], ids=str)
 def test_cuda_streamed_kernels_are_deterministic(case, kernel, monkeypatch):
@@ -185,7 +192,7 @@ def test_cuda_streamed_kernels_are_deterministic(case, kernel, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["streamed", "persistent", "mma"])
+@pytest.mark.parametrize("kernel", [STREAMED, "persistent", "mma"])
 def test_cuda_inference_matches_reference(kernel, monkeypatch):
     """Forward without saving for backward (act, h_prev and extra are null in the
     kernels), packed and reverse, against the reference: y, h_T, c_T."""
@@ -231,7 +238,8 @@ def _graph_check(make_model, run, new_input, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl", ["0", "1"], ids=["plain", "pdl"])
+@pytest.mark.parametrize("pdl", ["0", pytest.param("1", marks=experimental("cuda-pdl"))],
+                         ids=["plain", "pdl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype, pdl, monkeypatch):
@@ -271,14 +279,16 @@ def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype, pdl, monke
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["auto", "step", "streamed"])
+@experimental("cuda-device-row-counts")
+@pytest.mark.parametrize("kernel", ["auto", "step", STREAMED])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_packed_inference_is_capturable_in_a_cuda_graph(dtype, kernel, monkeypatch):
     """Packed sequences in inference, captured and replayed on fresh data: the module
     builds its packed index on the device while capturing (nn/rnn.py, _packed_index)
     and the row counts reach the kernels through write_row_runs, whose arguments the
-    graph keeps. (Packed training is not captured here: make_graphed_callables takes
-    tensors, not PackedSequences.)"""
+    graph keeps (experimental: by default the counts are copied from the host, which a
+    capture refuses). (Packed training is not captured here: make_graphed_callables
+    takes tensors, not PackedSequences.)"""
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
     lengths = torch.tensor([9, 7, 7, 4, 1])
 
@@ -297,6 +307,7 @@ def test_cuda_packed_inference_is_capturable_in_a_cuda_graph(dtype, kernel, monk
 
 
 @pytest.mark.gpu
+@experimental("cuda-pdl")
 @pytest.mark.parametrize("case", GPU_CASES + [("lstm", 768, 0, False, None, 16)], ids=str)
 def test_cuda_pdl_gives_the_same_bits(case, monkeypatch):
     """CNNLSTM_FAST_CUDA_PDL=1 (programmatic dependent launch of the per-step kernels,
@@ -324,11 +335,33 @@ def test_cuda_pdl_gives_the_same_bits(case, monkeypatch):
 @pytest.mark.gpu
 def test_cuda_pdl_setting_is_checked(monkeypatch):
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_PDL", "yes")
-    with pytest.raises(RuntimeError, match="CNNLSTM_FAST_CUDA_PDL must be 0 or 1, got 'yes'"):
+    with pytest.raises(ValueError, match="CNNLSTM_FAST_CUDA_PDL must be one of 0, 1, got 'yes'"):
         clf.LSTM(4, 8, backend="cuda").cuda()(torch.randn(3, 2, 4, device="cuda"))
 
 
 @pytest.mark.gpu
+def test_cuda_ops_refuse_experimental_kernels_without_the_switch():
+    """The ops themselves (not only the environment's reading) keep the default path to
+    the verified kernels: an experimental kernel named with experimental=False is an
+    error, before anything runs."""
+    layer = clf.LSTM(4, 8, backend="cuda").cuda()
+    x = torch.randn(3, 2, 4, device="cuda")
+    gx = torch.randn(3, 2, 32, device="cuda")
+    h0, c0 = torch.zeros(2, 8, device="cuda"), torch.zeros(2, 8, device="cuda")
+    args = ("lstm", gx, h0, c0, layer.weight_hh_l0.detach(), None, None, None, False, False)
+    forward = torch.ops.cnnlstm_fast.recurrence_forward
+    for kernel in ("mma-pipelined", "mma-cluster", "streamed"):
+        with pytest.raises(RuntimeError, match=f"'{kernel}' is experimental"):
+            forward(*args, kernel_name=kernel)
+    with pytest.raises(RuntimeError, match="pdl=True .* is experimental"):
+        forward(*args, pdl=True)
+    with pytest.raises(RuntimeError, match="forward kernel must be one of"):
+        forward(*args, kernel_name="fast")
+    assert layer(x)[0].shape == (3, 2, 8)
+
+
+@pytest.mark.gpu
+@experimental("cuda-persistent-backward")
 def test_cuda_persistent_backward_pinned_with_projection_is_an_error(monkeypatch):
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
     layer = clf.LSTM(8, 16, proj_size=4, backend="cuda").cuda()
@@ -338,7 +371,7 @@ def test_cuda_persistent_backward_pinned_with_projection_is_an_error(monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["step", "persistent", "streamed"])
+@pytest.mark.parametrize("kernel", ["step", "persistent", STREAMED])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_cuda_saved_state_matches_reference(case, kernel, monkeypatch):
     """What forward saves (activations, state before each step, LSTM cell state / GRU
@@ -397,14 +430,16 @@ def _assert_low_precision_within_12_eps(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", ["step", "persistent"])
-@pytest.mark.parametrize("kernel", ["mma", "mma-pipelined"])
+@pytest.mark.parametrize("backward", [
+    "step", pytest.param("persistent", marks=experimental("cuda-persistent-backward"))])
+@pytest.mark.parametrize("kernel", [
+    "mma", pytest.param("mma-pipelined", marks=experimental("cuda-mma-pipelined"))])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", MMA_CASES, ids=str)
 def test_cuda_tensor_core_kernel_low_precision(case, dtype, kernel, backward, monkeypatch):
     """The tensor-core persistent kernel (pinned, so an unusable plan fails instead of
     passing on another path; "mma-pipelined" loads each pass's G_x, c and h during the
-    previous pass, not yet run on a GPU), forward and backward (per-step or persistent)
+    previous pass, experimental), forward and backward (per-step or persistent)
     against the fp64 reference: h is rounded to the dtype at each of the 12 steps, so the
     bound is 12 eps. The cases include several passes of rows and packed sequences."""
     monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
@@ -413,6 +448,7 @@ def test_cuda_tensor_core_kernel_low_precision(case, dtype, kernel, backward, mo
 
 
 @pytest.mark.gpu
+@experimental("cuda-streamed", "cuda-persistent-backward")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", MMA_CASES + [("lstm", 2048, 0, False, [16] * 6 + [9] * 6, 16)],
                          ids=str)
@@ -442,6 +478,7 @@ CLUSTER_CASES = [
 
 
 @pytest.mark.gpu
+@experimental("cuda-mma-cluster")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CLUSTER_CASES, ids=str)
 def test_cuda_tensor_core_cluster_low_precision(case, dtype, monkeypatch):
@@ -456,6 +493,7 @@ def test_cuda_tensor_core_cluster_low_precision(case, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
+@experimental("cuda-mma-cluster")
 @pytest.mark.parametrize("case", CLUSTER_CASES, ids=str)
 def test_cuda_tensor_core_cluster_equals_grid_variant(case, monkeypatch):
     """The cluster variant splits K over the warps as the grid variant does (the split
@@ -487,7 +525,8 @@ def test_cuda_tensor_core_cluster_equals_grid_variant(case, monkeypatch):
     # kernel is left out: its size depends on m_tiles, a template argument, so two
     # sizes are two kernels and there is no shared limit to lower.
     ("persistent", torch.float32, [(4, 64), (4, 512)]),
-    ("mma-cluster", torch.bfloat16, [(1, 128), (64, 128)]),
+    pytest.param("mma-cluster", torch.bfloat16, [(1, 128), (64, 128)],
+                 marks=experimental("cuda-mma-cluster")),
 ])
 def test_cuda_concurrent_forwards_of_different_sizes(kernel, dtype, shapes, monkeypatch):
     """Host threads planning and launching one persistent kernel at different sizes at
@@ -531,9 +570,11 @@ def test_cuda_concurrent_forwards_of_different_sizes(kernel, dtype, shapes, monk
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel, layer, dtype, why, runs_at", [
     ("mma", "LSTM(8, 16)", "float32", "no tensor-core kernel in float32", None),
-    ("mma-cluster", "LSTM(8, 768)", "bfloat16", "W_hh in more than 16 blocks", None),
+    pytest.param("mma-cluster", "LSTM(8, 768)", "bfloat16", "W_hh in more than 16 blocks", None,
+                 marks=experimental("cuda-mma-cluster")),
     # the control: at batch 16 the same layer runs, so batch 256 is what it refuses
-    ("mma-cluster", "LSTM(8, 256)", "float16", "h of batch 256 over the shared memory", 16),
+    pytest.param("mma-cluster", "LSTM(8, 256)", "float16", "h of batch 256 over the shared "
+                 "memory", 16, marks=experimental("cuda-mma-cluster")),
 ], ids=lambda v: str(v))
 def test_cuda_tensor_core_kernel_pinned_where_it_cannot_run_is_an_error(kernel, layer, dtype,
                                                                          why, runs_at):

@@ -164,6 +164,7 @@ def _gpu_floor_op():
 
 
 @pytest.mark.gpu
+@pytest.mark.experimental("cuda-step-floor")  # tests/conftest.py
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch, hidden, blocks", [(1, 1, 1), (3, 67, 7), (16, 768, 0),
                                                     (5, 131, 300)])
@@ -204,6 +205,7 @@ def test_gpu_floor_kernel_exchanges_every_step(batch, hidden, blocks, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.experimental("cuda-step-floor")  # tests/conftest.py
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch, hidden, blocks", [(1, 1, 1), (3, 67, 7), (16, 768, 16),
                                                     (5, 13, 16)])
@@ -232,6 +234,7 @@ def test_gpu_cluster_floor_kernel_exchanges_every_step(batch, hidden, blocks, dt
 
 
 @pytest.mark.gpu
+@pytest.mark.experimental("cuda-step-floor")  # tests/conftest.py
 def test_gpu_floor_op_checks_its_arguments():
     ops = _gpu_floor_op()
     counter = torch.zeros(1, device="cuda", dtype=torch.int32)
@@ -253,6 +256,7 @@ def test_gpu_floor_op_checks_its_arguments():
 
 
 @pytest.mark.gpu
+@pytest.mark.experimental("cuda-step-floor")  # tests/conftest.py
 def test_gpu_floor_measures_and_the_cli_writes_json(tmp_path):
     _gpu_floor_op()
     f = floor.measure(16, 768, 4, torch.float16, "cuda", 700.0, steps=256)

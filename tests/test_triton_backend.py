@@ -264,6 +264,7 @@ def test_backward_mode_errors(monkeypatch):
     with torch.no_grad():
         clf.GRU(3, 5, backend="triton")(torch.randn(2, 1, 3))  # inference never reads it
     monkeypatch.setenv("CNNLSTM_FAST_TRITON_BACKWARD", "auto")
+    monkeypatch.setenv("CNNLSTM_FAST_EXPERIMENTAL", "1")  # else auto is ignored: per step
     spec, args, cot = make_case("gru", 3, 5, 2)
     _, _, _, saved = launch.forward(spec, **args, need_saved=True)
     launch.backward(spec, saved, None, **cot)  # auto in the interpreter: per step
@@ -308,15 +309,24 @@ def test_step_kernels_low_precision(case, dtype):
     assert max(errs.values()) <= bound, f"errors {errs} exceed {bound:.2e}"
 
 
-def test_persistent_launches_are_cooperative_and_a_refused_one_falls_back(monkeypatch):
-    """The persistent kernels ask the driver for a cooperative launch (all programs
-    co-resident or an error) wherever this Triton can; a launch the GPU refuses
-    (cooperative grid too large, shared memory) falls back to the per-step kernels
-    under "auto" and raises under "persistent"; a barrier timeout always raises. The
-    launch itself needs a GPU (tests/test_gpu_large.py and the GPU tests here run it)."""
+def test_persistent_launches_are_cooperative_only_with_the_switch(monkeypatch):
+    """The persistent kernels are plain launches, as verified on a GPU; with
+    CNNLSTM_FAST_EXPERIMENTAL=1 they ask the driver for a cooperative launch (all
+    programs co-resident or an error) wherever this Triton can (not yet run on a GPU)."""
     assert launch._cooperative_supported()  # the pinned Triton has the option
-    assert launch.PERSISTENT_LAUNCH == ({} if launch.INTERPRETING
-                                        else {"launch_cooperative_grid": True})
+    monkeypatch.delenv("CNNLSTM_FAST_EXPERIMENTAL", raising=False)
+    assert launch.persistent_launch_options() == {}
+    monkeypatch.setenv("CNNLSTM_FAST_EXPERIMENTAL", "1")
+    assert launch.persistent_launch_options() == ({} if launch.INTERPRETING
+                                                  else {"launch_cooperative_grid": True})
+    assert launch.persistent_launch_options(cooperative=False) == {}
+
+
+def test_a_refused_persistent_launch_falls_back(monkeypatch):
+    """A launch the GPU refuses (cooperative grid too large, shared memory) falls back
+    to the per-step kernels under "auto" and raises under "persistent"; a barrier
+    timeout always raises. The launch itself needs a GPU (tests/test_gpu_large.py and
+    the GPU tests here run it)."""
     refused = set()
     monkeypatch.setattr(launch, "_persistent_out_of_resources", refused)
 
@@ -405,7 +415,8 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["step", "auto"])
+@pytest.mark.parametrize("mode", [
+    "step", pytest.param("auto", marks=pytest.mark.experimental("triton-persistent-backward"))])
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 def test_gpu_kernels_match_reference_fp32(case, mode):
     """Against the fp64 reference: each output and gradient's error (relative to its
@@ -428,6 +439,7 @@ def test_gpu_kernels_match_reference_fp32(case, mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.experimental("triton-persistent-backward")
 def test_gpu_auto_mode_runs_persistent_where_it_fits():
     """Guards the "auto" GPU tests above against passing vacuously on the per-step path
     (no fallback for lack of shared memory either)."""
@@ -441,6 +453,7 @@ def test_gpu_auto_mode_runs_persistent_where_it_fits():
 
 
 @pytest.mark.gpu
+@pytest.mark.experimental("triton-persistent-backward")
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_gpu_persistent_backward_repeatable_and_as_per_step(cell):
     """Many programs (hidden 256: 16 column blocks; batch 96: two row blocks) and 300
@@ -464,7 +477,9 @@ def test_gpu_persistent_backward_repeatable_and_as_per_step(cell):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mode", ["step", "persistent"])
+@pytest.mark.parametrize("mode", [
+    "step",
+    pytest.param("persistent", marks=pytest.mark.experimental("triton-persistent-backward"))])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("hidden", [256, 768])
 def test_gpu_low_precision(cell, mode, dtype, hidden):

@@ -144,7 +144,8 @@ def _linear_backward(ctx, grad):
     return d_x, d_w, d_b
 
 
-def _forward_fake(cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, reverse, need_saved):
+def _forward_fake(cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, reverse, need_saved,
+                  kernel_name="auto", pdl=False, experimental=False):
     steps, batch, gate_width = gx.shape
     hidden = gate_width // GATES[cell]
     out = h0.shape[1]
@@ -163,7 +164,8 @@ def _forward_fake(cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, reverse, need
     )
 
 
-def _backward_fake(cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, reverse, d_y, d_hT, d_cT):
+def _backward_fake(cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, reverse, d_y, d_hT, d_cT,
+                   kernel_name="auto", pdl=False, experimental=False):
     steps, batch, gate_width = act.shape
     hidden = gate_width // GATES[cell]
     acc = compute_dtype(d_y.dtype)
@@ -187,11 +189,17 @@ class CompiledOpsBackend(Backend):
             return _ext.load_error() or "cnnlstm_fast._C has no recurrence ops"
         return None
 
+    def kernel_arguments(self, backward: bool) -> dict:
+        """The ops' kernel selection (``kernel_name``, ``pdl``, ``experimental``) for a call:
+        none here, the ops' defaults; the cuda backend's come from the environment."""
+        return {}
+
     def forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
         # torch.ops directly (not ops()): Dynamo traces this call, and unavailable_reason()
         # has loaded the extension and registered the fakes before any forward.
         y, h_t, c_t, act, h_prev, extra = torch.ops.cnnlstm_fast.recurrence_forward(
-            spec.cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, spec.reverse, need_saved
+            spec.cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, spec.reverse, need_saved,
+            **self.kernel_arguments(backward=False),
         )
         saved = ()
         if need_saved:
@@ -202,7 +210,7 @@ class CompiledOpsBackend(Backend):
         act, h_prev, extra, w_hh, w_hr = saved
         d_gx, dh0, dc0, d_w_hh, d_w_hr, d_b_hn = torch.ops.cnnlstm_fast.recurrence_backward(
             spec.cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, spec.reverse,
-            d_y, d_hT, d_cT,
+            d_y, d_hT, d_cT, **self.kernel_arguments(backward=True),
         )
         return (
             d_gx,

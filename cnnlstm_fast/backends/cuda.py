@@ -5,19 +5,20 @@ the ``cpu`` backend (CUDA dispatch key, ``csrc/recurrence_cuda.cpp``).
 Forward runs a persistent kernel (one cooperative launch for the sequence, one grid
 barrier per step; for fp16/bf16 on tensor cores with W_hh in registers, else W_hh in
 shared memory) where the shape fits co-resident on the device, else the fused per-step
-kernels; backward runs per-step kernels in reverse time and one GEMM for dW_hh.
-``CNNLSTM_FAST_CUDA_KERNEL=auto|step|persistent|mma|mma-pipelined|mma-cluster|streamed``
-and ``CNNLSTM_FAST_CUDA_BACKWARD=auto|step|persistent`` pin a path
-(csrc/recurrence_cuda.cpp; ``mma-pipelined``, ``mma-cluster`` (the tensor-core forward
-as one sm_90 thread-block cluster, h through distributed shared memory), ``streamed``
-and the persistent backward have not run on a GPU yet, so ``auto`` does not pick them).
+kernels; backward runs per-step kernels in reverse time and one GEMM for dW_hh. These
+are the kernels as verified on a GPU. ``CNNLSTM_FAST_CUDA_KERNEL=auto|step|persistent|mma``
+pins a forward path; the experimental kernels (csrc/cuda/experimental/: ``mma-pipelined``,
+``mma-cluster``, ``streamed``, ``CNNLSTM_FAST_CUDA_BACKWARD=persistent``,
+``CNNLSTM_FAST_CUDA_PDL=1``, and the default kernels' newer versions) run only with
+``CNNLSTM_FAST_EXPERIMENTAL=1`` (``cnnlstm_fast/experimental.py``, which reads the
+settings and passes them to the ops as arguments).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _ext
+from .. import _ext, experimental
 from .base import RecurrenceSpec
 from .compiled import CompiledOpsBackend
 
@@ -40,6 +41,9 @@ class CudaBackend(CompiledOpsBackend):
         if not torch.cuda.is_available():
             return "no CUDA device is visible to torch (torch.cuda.is_available() is False)"
         return None
+
+    def kernel_arguments(self, backward: bool) -> dict:
+        return experimental.cuda_kernels().op_arguments(backward)
 
     def unsupported_reason(self, spec: RecurrenceSpec) -> str | None:
         if spec.device.type != "cuda":

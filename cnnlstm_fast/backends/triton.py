@@ -5,14 +5,15 @@ Kernels and launchers live in ``cnnlstm_fast/kernels/triton/`` (per-step kernels
 and block size tables in ``launch.py``); they are imported on first use, so the
 package imports without Triton. On CUDA tensors the forward uses the persistent kernel
 where its co-residency assumptions hold (grid <= SM count, W_hh slice on chip, no
-proj_size) and the per-step kernels otherwise. The backward runs per step unless
-``CNNLSTM_FAST_TRITON_BACKWARD`` is ``auto`` (persistent where it fits) or
-``persistent``: the persistent backward has not run on a GPU yet. Both persistent
+proj_size) and the per-step kernels otherwise; the backward runs per step. These are
+the kernels as verified on a GPU. With ``CNNLSTM_FAST_EXPERIMENTAL=1``
+(``cnnlstm_fast/experimental.py``; not yet run on a GPU) ``CNNLSTM_FAST_TRITON_BACKWARD``
+may be ``auto`` (persistent where it fits) or ``persistent``, and both persistent
 kernels are cooperative launches (where Triton has ``launch_cooperative_grid``): the
 driver starts all their programs together, also beside other kernels (with
 DistributedDataParallel, NCCL's all-reduce runs beside the backward), and refuses a
-grid the GPU could never hold at once, where "auto" then runs per step; a barrier that
-still waits too long raises a RuntimeError instead of returning wrong values. With
+grid the GPU could never hold at once, where "auto" then runs per step. A barrier that
+waits too long raises a RuntimeError instead of returning wrong values. With
 ``TRITON_INTERPRET=1`` the same kernels run in Triton's interpreter on CPU tensors
 (per step only; that is how they are tested without a GPU).
 """

@@ -709,7 +709,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     c10::string_view cell_name, const Tensor& gx_in, const Tensor& h0,
     const c10::optional<Tensor>& c0, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
     const c10::optional<Tensor>& b_hn, const c10::optional<Tensor>& batch_sizes, bool reverse,
-    bool need_saved) {
+    bool need_saved, c10::string_view /*kernel_name*/, bool /*pdl*/, bool /*experimental*/) {
   const Cell cell = parse_cell(cell_name);
   TORCH_CHECK(gx_in.dim() == 3, "cnnlstm_fast cpu backend: gx must be 3-D (T, B, gates*H), got ",
               gx_in.dim(), "-D");
@@ -869,7 +869,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     c10::string_view cell_name, const Tensor& act_in, const Tensor& h_prev_in,
     const c10::optional<Tensor>& extra_in, const Tensor& w_hh_in,
     const c10::optional<Tensor>& w_hr_in, const c10::optional<Tensor>& batch_sizes,
-    bool reverse, const Tensor& d_y_in, const Tensor& d_hT, const c10::optional<Tensor>& d_cT) {
+    bool reverse, const Tensor& d_y_in, const Tensor& d_hT, const c10::optional<Tensor>& d_cT,
+    c10::string_view /*kernel_name*/, bool /*pdl*/, bool /*experimental*/) {
   const Cell cell = parse_cell(cell_name);
   TORCH_CHECK(act_in.dim() == 3, "cnnlstm_fast cpu backend: act must be 3-D, got ",
               act_in.dim(), "-D");
@@ -929,10 +930,15 @@ PersistentRuns persistent_runs() {
 
 }  // namespace cnnlstm_fast::cpu
 
+// kernel_name, pdl and experimental select among the cuda kernels (csrc/recurrence_cuda.cpp;
+// the cuda backend passes what cnnlstm_fast/experimental.py reads from the environment);
+// the cpu kernels take them and have no such choice. Not `kernel`: inductor passes an
+// op's arguments by keyword to a function whose first parameter is `kernel`.
 TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
   m.def(
       "recurrence_forward(str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, "
-      "Tensor? w_hr, Tensor? b_hn, Tensor? batch_sizes, bool reverse, bool need_saved) "
+      "Tensor? w_hr, Tensor? b_hn, Tensor? batch_sizes, bool reverse, bool need_saved, "
+      "str kernel_name=\"auto\", bool pdl=False, bool experimental=False) "
       "-> (Tensor y, Tensor h_T, Tensor c_T, Tensor act, Tensor h_prev, Tensor extra)");
   m.def(
       "recurrence_forward_from_input(str cell, Tensor x, Tensor w_ih, Tensor? gx_bias, "
@@ -941,8 +947,8 @@ TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
   m.def(
       "recurrence_backward(str cell, Tensor act, Tensor h_prev, Tensor? extra, Tensor w_hh, "
       "Tensor? w_hr, Tensor? batch_sizes, bool reverse, Tensor d_y, Tensor d_hT, "
-      "Tensor? d_cT) -> (Tensor d_gx, Tensor dh0, Tensor dc0, Tensor d_w_hh, Tensor d_w_hr, "
-      "Tensor d_b_hn)");
+      "Tensor? d_cT, str kernel_name=\"auto\", bool pdl=False, bool experimental=False) "
+      "-> (Tensor d_gx, Tensor dh0, Tensor dc0, Tensor d_w_hh, Tensor d_w_hr, Tensor d_b_hn)");
 }
 
 TORCH_LIBRARY_IMPL(cnnlstm_fast, CPU, m) {

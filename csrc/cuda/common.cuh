@@ -1,7 +1,7 @@
 // What the .cu files share: dtype conversions, the gate count of a cell, dispatch from
 // the runtime cell and dtype to template arguments, the error return that clears
-// the runtime's sticky last error, the dynamic shared memory limit of a kernel, and
-// programmatic dependent launch (PDL) of the per-step kernels.
+// the runtime's sticky last error, what the host remembers per kernel and device, and
+// the dynamic shared memory limit of a kernel.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -76,70 +76,6 @@ struct PerKernel {
   std::mutex mutex;
   std::map<std::pair<const void*, int>, V> values;
 };
-
-// Programmatic dependent launch (sm_90), opt-in (CNNLSTM_FAST_CUDA_PDL=1): a per-step
-// kernel launched with it may start while the previous kernel in the stream still runs,
-// hiding the launch latency between the steps' small kernels. Every kernel that can be
-// launched so calls pdl_wait() before it touches global memory (it returns once the
-// previous kernel has completed and its writes are visible) and pdl_launch_dependents()
-// to let the next kernel launch once all of its own blocks run. Both are no-ops in a
-// kernel launched without it and on older GPUs.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// Whether `kernel` runs code built for sm_90 or later on the current device, where its
-// pdl_wait() is compiled in: an sm_80-only build JIT-compiles its PTX on an H100, and
-// that code has no wait, so launching it with PDL would let it read too early.
-inline cudaError_t runs_sm90_code(const void* kernel, bool* yes) {
-  static PerKernel<bool> known;
-  int device = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e) return reported(e);
-  std::lock_guard<std::mutex> lock(known.mutex);
-  const auto key = std::make_pair(kernel, device);
-  auto found = known.values.find(key);
-  if (found == known.values.end()) {
-    int major = 0;
-    cudaFuncAttributes attrs{};
-    e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    if (!e) e = cudaFuncGetAttributes(&attrs, kernel);
-    if (e) return reported(e);
-    found = known.values.emplace(key, major >= 9 && attrs.ptxVersion >= 90).first;
-  }
-  *yes = found->second;
-  return cudaSuccess;
-}
-
-// kernel<<<grid, block, 0, stream>>>(args...), with programmatic dependent launch where
-// `pdl` is set and the kernel runs sm_90 code on the current device (runs_sm90_code).
-template <typename... KernelArgs, typename... Args>
-cudaError_t launch(bool pdl, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
-                   cudaStream_t stream, Args&&... args) {
-  if (pdl) {
-    bool sm90 = false;
-    if (cudaError_t e = runs_sm90_code(reinterpret_cast<const void*>(kernel), &sm90)) return e;
-    if (sm90) {
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = grid, cfg.blockDim = block, cfg.stream = stream;
-      cudaLaunchAttribute attr{};
-      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr.val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = &attr, cfg.numAttrs = 1;
-      return reported(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
-    }
-  }
-  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
-  return cudaGetLastError();
-}
 
 // Lets `kernel` launch with `bytes` of dynamic shared memory on the current device by
 // raising its limit (cudaFuncAttributeMaxDynamicSharedMemorySize) where it is lower,

@@ -14,19 +14,8 @@
 // cudaLaunchCooperativeKernel refuses a grid that could not be co-resident, so the
 // spin-wait cannot deadlock.
 //
-// The cluster variant (sm_90, MmaVariant::kCluster) runs the same tiling as ONE
-// thread-block cluster (at most 16 blocks, so W_hh must fit in their registers: LSTM up
-// to hidden 256, GRU 336, RNN 512). Each block keeps the whole h of the step, double
-// buffered, in its own shared memory (rows padded against bank conflicts) and
-// reads its B fragments there; the thread that computes h[b, j] also stores it into
-// every block's next buffer through distributed shared memory (mapa), and the blocks
-// meet at the cluster's hardware barrier (barrier.cluster arrive.release /
-// wait.acquire), not at a counter in L2. Like the pipelined variant it loads each pass's
-// G_x, c and h during the previous pass. h is still written to h_exchange for the host
-// (the final state) and for the thread's own next step. A cluster is scheduled as a
-// whole, so co-residency holds by construction; the plan asks the occupancy API whether
-// the cluster fits on one GPC at all.
-#include <cooperative_groups.h>
+// This is the kernel as verified on a GPU; its variants (each pass's inputs loaded at the
+// pass start or a pass early, one thread-block cluster) are experimental/persistent_mma.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -37,6 +26,7 @@
 #include "barrier.cuh"
 #include "cnnlstm_fast/gate_math.h"
 #include "common.cuh"
+#include "mma.cuh"
 #include "persistent.h"
 
 namespace cnnlstm_fast::cuda {
@@ -45,102 +35,14 @@ namespace {
 namespace gm = cnnlstm_fast::gate_math;
 using Math = gm::ScalarMath<float>;
 
-constexpr int kWarps = 16;
-constexpr int kThreads = kWarps * 32;
-constexpr int kFragRegs = 16;  // W_hh fragments (4 registers each) a warp keeps: m_tiles * k_steps
-constexpr int kPassRows = 16;  // batch rows per pass: two n = 8 tiles
-// Cluster variant: a row of the shared h is hidden rounded up to 16 plus 8 elements, i.e.
-// 4 (mod 8) words, so the 8 rows of a B fragment start at 8 distinct multiples of 4 banks
-// and the fragment's 32 words hit 32 banks.
-constexpr int kHPad = 8;
-__host__ __device__ constexpr int shared_h_stride(int hidden) { return (hidden + 15) / 16 * 16 + kHPad; }
-constexpr int kMaxClusterBlocks = 16;  // sm_90's largest (non-portable) cluster
-// k-steps a warp can hold: W_hh fragments (4 registers each) and the h fragments of a
-// pass (4 each) must fit in the 128 registers of a 512-thread block.
-template <int kMTiles>
-inline constexpr int kMaxKSteps = kFragRegs / kMTiles < 8 ? kFragRegs / kMTiles : 8;
-
-// d += a * b: a 16x16 (row-major fragment), b 16x8 (column-major), fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Two consecutive elements [k, k+1] of a row as one register, 0 past `limit`. k is even
-// and rows start 4-byte aligned (the plan requires an even hidden size).
-template <typename T, bool kCoherent>
-__device__ __forceinline__ uint32_t load_pair(const T* row, int k, int limit) {
-  if (k >= limit) return 0u;
-  const auto* p = reinterpret_cast<const unsigned int*>(row + k);
-  return kCoherent ? __ldcg(p) : *p;
-}
-
-// What the pointwise of one (unit j, row b) pair reads at step s besides the matmul: G_x,
-// the cell state (LSTM) and the state before the step. A thread owns the same pairs at
-// every step, so each value was written by this thread (or before the launch) and may be
-// loaded as early as its last write.
-template <int kG, typename T>
-struct PairInputs {
-  float gx[kG];
-  float c;
-  T h;
-};
-
-template <int kCell, typename T>
-__device__ __forceinline__ PairInputs<kGates<kCell>, T> load_pair_inputs(
-    const PersistentForwardArgs& a, int s, int b, int j, bool mine) {
-  constexpr int kG = kGates<kCell>;
-  PairInputs<kG, T> in;
-  in.c = 0.f;
-  in.h = from_float<T>(0.f);
-#pragma unroll
-  for (int k = 0; k < kG; ++k) in.gx[k] = 0.f;
-  if (!mine) return in;
-  const int H = a.hidden, B = a.batch;
-  const int t = a.reverse ? a.steps - 1 - s : s;
-  const T* gx = static_cast<const T*>(a.gx) + ((size_t)t * B + b) * kG * H + j;
-#pragma unroll
-  for (int k = 0; k < kG; ++k) in.gx[k] = to_float(gx[(size_t)k * H]);
-  const size_t o = (size_t)b * H + j;
-  const T* hp = static_cast<const T*>(a.h_exchange) + (size_t)(s & 1) * B * H;
-  const unsigned short h_bits = __ldcg(reinterpret_cast<const unsigned short*>(hp + o));
-  in.h = *reinterpret_cast<const T*>(&h_bits);
-  if constexpr (kCell == 0) in.c = a.c_state[o];
-  return in;
-}
-
-// kVariant (MmaVariant): kPipelined, a thread loads the next pass's PairInputs at the end
-// of the current pass, so that their latency (G_x comes from HBM) overlaps the grid
-// barrier instead of lengthening the next step; otherwise it loads them at the start of
-// each pass, in parallel with the h fragments. kCluster: see the top of the file (it
-// loads the next pass's inputs early as kPipelined does).
-template <int kCell, typename T, int kMTiles, int kVariant>
+template <int kCell, typename T, int kMTiles>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_mma_forward_kernel(PersistentForwardArgs a, int units, int k_steps) {
   constexpr int kG = kGates<kCell>;
   constexpr int kMaxSteps = kMaxKSteps<kMTiles>;
   constexpr int kRows = kMTiles * 16;  // padded gate rows of the block
-  constexpr bool kCluster = kVariant == static_cast<int>(MmaVariant::kCluster);
-  // The cluster variant pipelines too: its B fragments come from shared memory and its
-  // barrier is short, which would leave G_x's load from HBM alone on each step's path.
-  constexpr bool kPipelined = kVariant == static_cast<int>(MmaVariant::kPipelined) || kCluster;
-  // [kWarps][kRows][kPassRows] partial sums; the cluster variant's h copy follows:
-  // T [2][batch][shared_h_stride(hidden)]
-  extern __shared__ __align__(16) float partial[];
+  extern __shared__ __align__(16) float partial[];  // [kWarps][kRows][kPassRows]
   const int H = a.hidden, gH = kG * H, B = a.batch;
-  const int hs = shared_h_stride(H);  // row stride of the shared h
-  T* const h_sm = reinterpret_cast<T*>(partial + kWarps * kRows * kPassRows);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int grp = lane / 4, quad = lane % 4;  // the MMA fragment layout's row / column pair
   const int j0 = blockIdx.x * units;
@@ -166,25 +68,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
+  const T* gx_all = static_cast<const T*>(a.gx);
   T* y_all = static_cast<T*>(a.y);
   const T* b_hn = static_cast<const T*>(a.b_hn);
   T* h_ex = static_cast<T*>(a.h_exchange);
   const int pairs = units * kPassRows;  // pointwise work of a pass: (unit, row)
-  // this thread's pointwise pair in the pass starting at row b0: (unit, row) of the block
-  const int u = threadIdx.x % units, j = j0 + u;
-  auto row_of = [&](int b0) { return b0 + (int)threadIdx.x / units; };
-  auto owns = [&](int b0) { return threadIdx.x < pairs && row_of(b0) < B && j < H; };
-  if constexpr (kCluster) {
-    // This block's copy of h0; then the cluster meets, because a block may store into a
-    // peer's shared memory only once the peer runs (step 0 stores into buffer 1, so it
-    // cannot overwrite a peer's h0).
-    for (int e = threadIdx.x; e < B * H; e += kThreads) h_sm[(e / H) * hs + e % H] = h_ex[e];
-    cluster_barrier();
-  }
-  PairInputs<kG, T> next;
-  if constexpr (kPipelined) {
-    if (a.steps > 0) next = load_pair_inputs<kCell, T>(a, 0, row_of(0), j, owns(0));
-  }
 
   for (int s = 0; s < a.steps; ++s) {
     const int t = a.reverse ? a.steps - 1 - s : s;
@@ -192,14 +80,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T* hp = h_ex + (size_t)(s & 1) * B * H;
     T* hn = h_ex + (size_t)((s + 1) & 1) * B * H;
     for (int b0 = 0; b0 < B; b0 += kPassRows) {
-      const int b = row_of(b0);
-      const bool mine = owns(b0);
+      // this thread's pointwise pair; its G_x loads are issued before the matmul
+      const int u = threadIdx.x % units, b = b0 + threadIdx.x / units, j = j0 + u;
+      const bool mine = threadIdx.x < pairs && b < B && j < H;
       const bool live = mine && b < active;
-      PairInputs<kG, T> in;
-      if constexpr (kPipelined) {
-        in = next;
-      } else {
-        in = load_pair_inputs<kCell, T>(a, s, b, j, mine);
+      float gxv[kG];
+#pragma unroll
+      for (int k = 0; k < kG; ++k) {
+        gxv[k] = live ? to_float(gx_all[((size_t)t * B + b) * gH + k * H + j]) : 0.f;
       }
 
       uint32_t hf[kMaxSteps][2][2];
@@ -210,9 +98,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int n = b0 + nt * 8 + grp;
           const int k = k_base + ks * 16 + quad * 2;
           const bool real = ks < k_steps && n < B;
-          const T* row = kCluster ? h_sm + ((size_t)(s & 1) * B + n) * hs : hp + (size_t)n * H;
-          hf[ks][nt][0] = real ? load_pair<T, !kCluster>(row, k, H) : 0u;
-          hf[ks][nt][1] = real ? load_pair<T, !kCluster>(row, k + 8, H) : 0u;
+          const T* row = hp + (size_t)n * H;
+          hf[ks][nt][0] = real ? load_pair<T, true>(row, k, H) : 0u;
+          hf[ks][nt][1] = real ? load_pair<T, true>(row, k + 8, H) : 0u;
         }
       }
       float acc[kMTiles][2][4] = {};
@@ -248,27 +136,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();
 
-      // h[b, j] of step s + 1: into h_exchange and (cluster) every block's next buffer;
-      // not at the last step, so no block's shared memory is written after the last
-      // cluster barrier and a block may exit as soon as it is done.
-      auto store_h = [&](T v) {
-        hn[(size_t)b * H + j] = v;
-        if constexpr (kCluster) {
-          if (s + 1 < a.steps) store_in_every_block(h_sm + ((size_t)((s + 1) & 1) * B + b) * hs + j, v);
-        }
-      };
       if (mine) {
         const size_t o = (size_t)b * H + j;
-        const T h_old_t = in.h;
+        const unsigned short h_bits = __ldcg(reinterpret_cast<const unsigned short*>(hp + o));
+        const T h_old_t = *reinterpret_cast<const T*>(&h_bits);
         const float h_old = to_float(h_old_t);
-        const float* gxv = in.gx;
         const size_t ot = (size_t)t * B * H + o;
         if (a.h_prev_all) a.h_prev_all[ot] = h_old;
         if (!live) {  // inactive row: keep the state, output 0
-          store_h(h_old_t);
+          hn[o] = h_old_t;
           y_all[ot] = from_float<T>(0.f);
           if constexpr (kCell == 0) {
-            if (a.extra) a.extra[ot] = in.c;
+            if (a.extra) a.extra[ot] = a.c_state[o];
           }
         } else {
           float pre[kG];
@@ -277,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           float* act = a.act ? a.act + ((size_t)t * B + b) * gH : nullptr;
           float h_new;
           if constexpr (kCell == 0) {
-            const float c_prev = in.c;
+            const float c_prev = a.c_state[o];
             const auto r = gm::lstm_forward<Math>(pre[0] + gxv[0], pre[1] + gxv[1],
                                                   pre[2] + gxv[2], pre[3] + gxv[3], c_prev);
             a.c_state[o] = r.c;
@@ -299,30 +178,19 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (act) act[j] = h_new;
           }
           const T h_t = from_float<T>(h_new);
-          store_h(h_t);
+          hn[o] = h_t;
           y_all[ot] = h_t;
         }
       }
-      if constexpr (kPipelined) {  // the next pass: this step's next rows, or step s + 1
-        const bool last = b0 + kPassRows >= B;
-        const int s2 = last ? s + 1 : s, b2 = last ? 0 : b0 + kPassRows;
-        if (s2 < a.steps) next = load_pair_inputs<kCell, T>(a, s2, row_of(b2), j, owns(b2));
-      }
       __syncthreads();  // the partials are rewritten by the next pass
     }
-    if (s + 1 < a.steps) {
-      if constexpr (kCluster) {
-        cluster_barrier();
-      } else {
-        grid_barrier(a.barrier, (unsigned int)(s + 1) * gridDim.x);
-      }
-    }
+    if (s + 1 < a.steps) grid_barrier(a.barrier, (unsigned int)(s + 1) * gridDim.x);
   }
 }
 
-// f(kernel), the instantiation for cell, dtype (fp16/bf16 only), m_tiles and variant.
+// f(kernel), the instantiation for cell, dtype (fp16/bf16 only) and m_tiles.
 template <typename F>
-cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, MmaVariant variant, F&& f) {
+cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, F&& f) {
   return with_cell(cell, [&](auto cell_c) {
     return with_dtype(dtype, [&](auto type) -> cudaError_t {
       using T = decltype(type);
@@ -330,19 +198,10 @@ cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, MmaVariant vari
       if constexpr (std::is_same_v<T, float>) {
         return cudaErrorInvalidValue;
       } else {
-        auto pick = [&](auto var) -> cudaError_t {
-          constexpr int kVar = decltype(var)::value;
-          switch (m_tiles) {
-            case 1: return f(persistent_mma_forward_kernel<kCell, T, 1, kVar>);
-            case 2: return f(persistent_mma_forward_kernel<kCell, T, 2, kVar>);
-            case 4: return f(persistent_mma_forward_kernel<kCell, T, 4, kVar>);
-          }
-          return cudaErrorInvalidValue;
-        };
-        switch (variant) {
-          case MmaVariant::kPlain: return pick(std::integral_constant<int, 0>{});
-          case MmaVariant::kPipelined: return pick(std::integral_constant<int, 1>{});
-          case MmaVariant::kCluster: return pick(std::integral_constant<int, 2>{});
+        switch (m_tiles) {
+          case 1: return f(persistent_mma_forward_kernel<kCell, T, 1>);
+          case 2: return f(persistent_mma_forward_kernel<kCell, T, 2>);
+          case 4: return f(persistent_mma_forward_kernel<kCell, T, 4>);
         }
         return cudaErrorInvalidValue;
       }
@@ -352,51 +211,37 @@ cudaError_t with_mma_kernel(Cell cell, DType dtype, int m_tiles, MmaVariant vari
 
 }  // namespace
 
-int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, MmaVariant variant,
+int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden,
                                 PersistentPlan* plan) {
   *plan = PersistentPlan{};
   if (dtype == DType::kFloat32 || batch <= 0 || hidden <= 0 || hidden % 2) return cudaSuccess;
-  int device = 0, sms = 0, coop = 0, major = 0, smem_optin = 0;
+  int device = 0, sms = 0, coop = 0, major = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (!err) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
   if (!err) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (!err) {
-    err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  }
   if (err) return reported(err);
-  const bool cluster = variant == MmaVariant::kCluster;
-  if (cluster ? major < 9 : !coop || major < 8) return cudaSuccess;
+  if (!coop || major < 8) return cudaSuccess;
   const int gates = gates_of(cell);
   const int k_steps = ((hidden + 15) / 16 + kWarps - 1) / kWarps;
-  // The fewest gate rows per block (least work per step) whose grid fits on the SMs (in
-  // one cluster for the cluster variant).
+  // The fewest gate rows per block (least work per step) whose grid fits on the SMs.
   for (int m_tiles : {1, 2, 4}) {
     const int units = m_tiles * 16 / gates;
     const int blocks = (hidden + units - 1) / units;
     if (m_tiles * k_steps > kFragRegs || k_steps > 8) return cudaSuccess;  // more tiles need more
-    if (blocks > (cluster ? kMaxClusterBlocks : sms) || units * kPassRows > kThreads) continue;
-    size_t smem = (size_t)kWarps * m_tiles * 16 * kPassRows * sizeof(float);
-    if (cluster) smem += (size_t)2 * batch * shared_h_stride(hidden) * 2;  // T is 2 bytes
-    if (smem > (size_t)smem_optin) return cudaSuccess;  // a larger m_tiles needs more
-    const cudaError_t err2 = with_mma_kernel(cell, dtype, m_tiles, variant, [&](auto kernel) {
+    if (blocks > sms || units * kPassRows > kThreads) continue;
+    const size_t smem = (size_t)kWarps * m_tiles * 16 * kPassRows * sizeof(float);
+    return with_mma_kernel(cell, dtype, m_tiles, [&](auto kernel) {
       cudaError_t e = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
       if (e) return e;
-      bool fits = false;
-      if (cluster) {
-        e = cluster_fits(kernel, blocks, kThreads, smem, &fits);
-      } else {
-        int per_sm = 0;
-        e = reported(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-        fits = per_sm > 0 && blocks <= per_sm * sms;
+      int per_sm = 0;
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+      if (e) return reported(e);
+      if (per_sm > 0 && blocks <= per_sm * sms) {
+        *plan = PersistentPlan{true, units, blocks, 0, smem, true, m_tiles, k_steps};
       }
-      if (e) return e;
-      if (fits) *plan = PersistentPlan{true, units, blocks, 0, smem, true, m_tiles, k_steps, variant};
       return cudaSuccess;
     });
-    // A cluster too large for the device's GPCs (a MIG slice, fewer SMs per GPC) may fit
-    // with fewer, larger blocks; the grid variant's fit does not improve with m_tiles.
-    if (err2 || plan->usable || !cluster) return err2;
   }
   return cudaSuccess;
 }
@@ -404,15 +249,10 @@ int persistent_mma_forward_plan(Cell cell, DType dtype, int batch, int hidden, M
 int persistent_mma_forward(const PersistentForwardArgs& args, const PersistentPlan& plan,
                            void* stream) {
   if (!plan.usable || !plan.mma) return cudaErrorInvalidConfiguration;
-  return with_mma_kernel(args.cell, args.dtype, plan.m_tiles, plan.variant, [&](auto kernel) {
+  return with_mma_kernel(args.cell, args.dtype, plan.m_tiles, [&](auto kernel) {
     PersistentForwardArgs a = args;
     int units = plan.units, k_steps = plan.k_steps;
     void* params[] = {&a, &units, &k_steps};
-    if (plan.variant == MmaVariant::kCluster) {
-      cudaLaunchAttribute attr{};
-      const cudaLaunchConfig_t cfg = cluster_config(plan.blocks, kThreads, plan.smem_bytes, stream, &attr);
-      return reported(cudaLaunchKernelExC(&cfg, reinterpret_cast<const void*>(kernel), params));
-    }
     return reported(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel),
                                                 dim3(plan.blocks), dim3(kThreads), params,
                                                 plan.smem_bytes,

@@ -32,7 +32,6 @@ struct StepForwardArgs {
   float* m_out;          // (batch, hidden): non-null means LSTM with projection
   float* act_t;          // (batch, gates*hidden) saved activations, may be null
   float* extra_t;        // (batch, hidden) saved: LSTM c_prev, GRU a_n + b_hn; may be null
-  bool pdl;              // programmatic dependent launch (common.cuh), sm_90 only
 };
 int step_forward(const StepForwardArgs& args, void* stream);
 
@@ -52,7 +51,6 @@ struct RowMatArgs {
   float* out;               // (batch, q)
   void* y;                  // (batch, q) of mat_dtype, or null
   float* workspace;         // rowmat_workspace(batch, p, q) floats
-  bool pdl;                 // both kernels with programmatic dependent launch (sm_90)
 };
 int rowmat(const RowMatArgs& args, void* stream);
 // Floats of workspace rowmat needs for these sizes on the current device (*floats).
@@ -76,27 +74,12 @@ struct StepBackwardArgs {
   float* d_gh_t;         // (batch, gates*hidden), GRU only (recurrent part's gradient)
   float* d_h_direct;     // (batch, out_size), GRU only: d_h * z
   float* m_t;            // (batch, hidden) o*tanh(c) for dW_hr, projection only
-  bool pdl;              // programmatic dependent launch (common.cuh), sm_90 only
 };
 int step_backward(const StepBackwardArgs& args, void* stream);
 
 // out[b, p] = d_h[b, p] + d_y[b, p] for b < active, 0 otherwise (projection backward).
 int add_output_grad(DType dtype, int batch, int active, int width, const float* d_h,
                     const void* d_y_t, float* out, void* stream);
-
-// Runs of equal active-row counts (a step range [end of the previous run, end[r]) with
-// value[r] rows), passed to a kernel by value: a CUDA graph captures them, where a copy
-// from a host buffer would read that buffer again at every replay (and a pageable copy
-// blocks the host until the stream is idle).
-constexpr int kMaxRowRuns = 120;
-struct RowRuns {
-  int start = 0;  // the first step of run 0
-  int count = 0;
-  int end[kMaxRowRuns];
-  int value[kMaxRowRuns];
-};
-// out[t] = value of the run holding step t, for the steps the runs cover.
-int write_row_runs(const RowRuns& runs, int* out, void* stream);
 
 // cudaGetErrorString of an error returned above.
 const char* error_string(int error);

@@ -74,10 +74,10 @@ def compile_one(name: str, dtype: str, constexprs: dict, arch: int) -> tuple[int
     target = GPUTarget("cuda", arch, 32)
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     options = {"num_warps": 4}
-    if name.endswith("_persistent"):  # with the launch options the launcher passes
-        from .launch import PERSISTENT_LAUNCH
+    if name.endswith("_persistent"):  # with the launch options the launcher passes now
+        from .launch import persistent_launch_options
 
-        options.update(num_warps=8, **PERSISTENT_LAUNCH)
+        options.update(num_warps=8, **persistent_launch_options())
     compiled = triton.compile(src, target=target, options=options)
     if compiled.metadata.launch_cooperative_grid != options.get("launch_cooperative_grid", False):
         raise RuntimeError(f"{name}: the compiled kernel's launch_cooperative_grid differs "

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
+
+from ... import experimental
 
 from .persistent import recurrence_backward_persistent, recurrence_forward_persistent
 from .recurrence import (
@@ -41,6 +42,7 @@ PERSISTENT_ON_CHIP_BYTES = 160 * 1024
 PERSISTENT_SPIN_LIMIT = 1 << 24
 
 
+@functools.cache
 def _cooperative_supported() -> bool:
     """Whether this Triton launches CUDA kernels cooperatively on request (the
     ``launch_cooperative_grid`` option, present in the pinned Triton 3.9; the version that
@@ -54,15 +56,21 @@ def _cooperative_supported() -> bool:
     return any(f.name == "launch_cooperative_grid" for f in dataclasses.fields(CUDAOptions))
 
 
-#: Launch options of the persistent kernels on a GPU. A cooperative launch has the
-#: driver start every program of the grid together, once SMs that other kernels hold
-#: (NCCL's, beside DistributedDataParallel's backward) are free, instead of starting
-#: some programs that then spin at the grid barrier for the others; a grid the GPU could
-#: never hold at once fails at launch ("too many blocks in cooperative launch"). Without the option (an older Triton) the launch is plain and
-#: the bounded barrier is the only guard.
-PERSISTENT_LAUNCH = (
-    {} if INTERPRETING or not _cooperative_supported() else {"launch_cooperative_grid": True}
-)
+def persistent_launch_options(cooperative: bool | None = None) -> dict:
+    """Launch options of the persistent kernels on a GPU: a plain launch, as verified on
+    a GPU, or with ``cooperative`` (None: ``CNNLSTM_FAST_EXPERIMENTAL=1``; experimental,
+    not yet run on a GPU) a cooperative one where this Triton has the option. A
+    cooperative launch has the driver start every program of the grid together, once SMs
+    that other kernels hold (NCCL's, beside DistributedDataParallel's backward) are free,
+    instead of starting some programs that then spin at the grid barrier for the others;
+    a grid the GPU could never hold at once fails at launch ("too many blocks in
+    cooperative launch"). With a plain launch the bounded barrier is the only guard."""
+    if cooperative is None:
+        cooperative = experimental.enabled()
+    if INTERPRETING or not cooperative or not _cooperative_supported():
+        return {}
+    return {"launch_cooperative_grid": True}
+
 
 #: (cell, batch, hidden, dtype, device index, backward) whose persistent kernel the GPU
 #: refused: more shared memory than it has (the on-chip estimate above is rough: fp16
@@ -317,7 +325,7 @@ def _persistent_run(spec, gx, h_state, c, y, w_hh, b_hn, act, extra, batch_sizes
         CELL=CELL_IDS[spec.cell], NGATES=spec.gates, HAS_B_HN=b_hn is not None,
         SAVE=need_saved, REVERSE=spec.reverse, INTERPRET=INTERPRETING,
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        **PERSISTENT_LAUNCH,
+        **persistent_launch_options(),
     )
     _check_barrier(flags, grid, "forward")
 
@@ -332,7 +340,7 @@ def _persistent_backward_run(spec, act, h_prev, extra, w_hh, d_y, dh, dc, d_gx, 
         PERSISTENT_SPIN_LIMIT, CELL=CELL_IDS[spec.cell], NGATES=spec.gates,
         REVERSE=spec.reverse, INTERPRET=INTERPRETING,
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        **PERSISTENT_LAUNCH,
+        **persistent_launch_options(),
     )
     _check_barrier(flags, grid, "backward")
 
@@ -342,14 +350,10 @@ BACKWARD_MODES = ("step", "persistent", "auto")
 
 
 def backward_mode() -> str:
-    """CNNLSTM_FAST_TRITON_BACKWARD, default "step"."""
-    mode = os.environ.get("CNNLSTM_FAST_TRITON_BACKWARD", "step")
-    if mode not in BACKWARD_MODES:
-        raise ValueError(
-            f"CNNLSTM_FAST_TRITON_BACKWARD must be one of {', '.join(BACKWARD_MODES)}, "
-            f"got {mode!r}"
-        )
-    return mode
+    """CNNLSTM_FAST_TRITON_BACKWARD, default "step"; "auto" and "persistent" (the
+    persistent backward, not yet run on a GPU) only with CNNLSTM_FAST_EXPERIMENTAL=1
+    (cnnlstm_fast/experimental.py)."""
+    return experimental.choice(experimental.TRITON_BACKWARD)
 
 
 def backward(spec, saved, batch_sizes, d_y, d_hT, d_cT, mode=None):
@@ -357,7 +361,7 @@ def backward(spec, saved, batch_sizes, d_y, d_hT, d_cT, mode=None):
     (one launch for the layer; raises where it cannot run: projections, a grid larger
     than the SM count or a slice too large on chip; in the interpreter only a grid of
     one program), or "auto" (persistent where it fits, else per step). None reads
-    CNNLSTM_FAST_TRITON_BACKWARD, default "step": the persistent backward has not run
+    CNNLSTM_FAST_TRITON_BACKWARD (``backward_mode``): the persistent backward has not run
     on a GPU yet."""
     mode = backward_mode() if mode is None else mode
     if mode not in BACKWARD_MODES:

@@ -9,15 +9,16 @@ barrier per step: every program adds 1 to a counter (release) and spins until it
 reaches (step + 1) x programs (acquire).
 
 Co-residency: the barrier needs every program resident at once. The launcher keeps the
-grid <= the SM count and the slice within the on-chip budget, and launches
-cooperatively where Triton can (``launch_cooperative_grid``): the driver then starts
-every program together, waiting for SMs that other kernels hold (under
+grid <= the SM count and the slice within the on-chip budget, and assumes no other
+kernel occupies the SMs (a plain launch, as verified on a GPU). With
+CNNLSTM_FAST_EXPERIMENTAL=1 it launches cooperatively where Triton can
+(``launch_cooperative_grid``; not yet run on a GPU): the driver then starts every
+program together, waiting for SMs that other kernels hold (under
 DistributedDataParallel NCCL's all-reduce runs beside the backward on another stream)
-rather than starting some programs early, and refuses a grid the GPU could never
-hold at once. A spin bounded by ``spin_limit`` stays as the guard of the plain launch (an
-older Triton) and of a kernel bug: it turns a barrier that never fills into a flag
-the launcher reports instead of a hang (about spin_limit atomic loads, a few seconds,
-whatever the number of steps). No projection (proj_size): the launcher uses the
+rather than starting some programs early, and refuses a grid the GPU could never hold
+at once. A spin bounded by ``spin_limit`` guards the plain launch and a kernel bug: it
+turns a barrier that never fills into a flag the launcher reports instead of a hang
+(about spin_limit atomic loads, a few seconds, whatever the number of steps). No projection (proj_size): the launcher uses the
 per-step kernels then. In Triton's interpreter, which runs programs one after
 another, only a grid of one program can pass the barrier.
 

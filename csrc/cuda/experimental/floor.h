@@ -1,9 +1,10 @@
 // The per-step floor of a persistent recurrence kernel that exchanges h through global
-// memory (L2) with one grid barrier per step, measured on the device: csrc/cuda/floor.cu.
-// Same conventions as recurrence.h: no CUDA or torch headers, errors as int cudaError_t.
+// memory (L2) with one grid barrier per step, measured on the device: floor.cu, a
+// measurement for the benchmark (cnnlstm_fast/bench/floor.py), on no recurrence path.
+// Same conventions as ../recurrence.h: no CUDA or torch headers, errors as int cudaError_t.
 #pragma once
 
-#include "recurrence.h"
+#include "../recurrence.h"
 
 namespace cnnlstm_fast::cuda {
 

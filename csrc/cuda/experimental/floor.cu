@@ -4,7 +4,7 @@
 // needs all of it) with the widest loads, through L2 (ld.global.cg, as the persistent
 // kernels read it), reduces it over the block (the kernels' warps meet in shared memory
 // too), writes its slice of the next h and meets the other blocks at the same grid
-// barrier as persistent_mma.cu. The arithmetic of the step (2 x batch x hidden x
+// barrier as ../persistent_mma.cu. The arithmetic of the step (2 x batch x hidden x
 // gates*hidden FLOPs) is not in it: cnnlstm_fast/bench/floor.py adds it at the measured
 // tensor-core peak. Timed from Python with CUDA events. The cluster variant (sm_90)
 // times the other design, one thread-block cluster exchanging h through distributed
@@ -13,8 +13,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
-#include "barrier.cuh"
-#include "common.cuh"
+#include "../barrier.cuh"
+#include "../common.cuh"
+#include "cluster.cuh"
 #include "floor.h"
 
 namespace cnnlstm_fast::cuda {
