@@ -2,7 +2,8 @@
 cnnlstm_fast's ``torch.backends.cudnn.benchmark`` (docs/tuning.md).
 
 - :func:`tune` runs a model once on example inputs and times every candidate backend
-  on each of its recurrent layers' calls, with that call's real inputs; ``auto``
+  on each of its recurrent layers' calls, on random inputs shaped and laid out as that
+  call's (its batch sizes too, where packed); ``auto``
   then takes the fastest for calls of the same signature (``backends/tuned.py``), in
   this process and, through the record on disk, in the next ones.
 - :func:`set_tuning` (or ``CNNLSTM_FAST_TUNE=1``) does the same on first use: the first
@@ -101,10 +102,10 @@ def candidates(spec: RecurrenceSpec) -> list[str]:
 
 def tune(model: nn.Module, *example_inputs, **example_kwargs) -> Table:
     """Runs ``model(*example_inputs, **example_kwargs)`` once and, at each call of its
-    layers and cells that use ``backend="auto"``, times every candidate backend on that
-    call's inputs (forward, and backward when grad is enabled at the call) and records
-    the fastest for the call's signature, which ``auto`` then follows; each signature is
-    timed once a run. The record is written to disk (``python -m cnnlstm_fast.tune
+    layers and cells that use ``backend="auto"``, times every candidate backend on
+    inputs like that call's (forward, and backward when grad is enabled at the call) and
+    records the fastest for the call's signature, which ``auto`` then follows; each
+    signature is timed once a run. The record is written to disk (``python -m cnnlstm_fast.tune
     --show``). Returns the table: layer, signature, the candidates' median times,
     choice, and what ``auto``'s rules alone would pick. The timing leaves no trace on
     the model: the parameters' ``.grad`` and the random number state are what the call
