@@ -222,13 +222,14 @@ def test_inference_from_input_matches_torch_nn(gemm, monkeypatch, cell, kwargs, 
     """Padded inference runs recurrence_forward_from_input (G_x in chunks of steps),
     against torch.nn in float64 and against the training path's fp32 result."""
     used = []
-    from_input = type(CPU).forward_from_input
+    # one direction at a time, or both at once (bidirectional: csrc/cpu/directions.cpp)
+    for name in ("forward_from_input", "forward_from_input_directions"):
+        def spy(self, *args, _method=getattr(type(CPU), name)):
+            result = _method(self, *args)
+            used.append(result is not None)
+            return result
 
-    def spy(self, *args):
-        used.append(True)
-        return from_input(self, *args)
-
-    monkeypatch.setattr(type(CPU), "forward_from_input", spy)
+        monkeypatch.setattr(type(CPU), name, spy)
     torch.manual_seed(steps + batch)
     exact = getattr(torch.nn, cell)(input_size=10, **kwargs).double()
     ours = getattr(clf, cell)(input_size=10, **kwargs, backend="cpu")
@@ -240,7 +241,7 @@ def test_inference_from_input_matches_torch_nn(gemm, monkeypatch, cell, kwargs, 
         got = ours(x.float())
         reference = theirs(x.float())
         wanted = exact(x)
-    assert used, "inference did not take forward_from_input"
+    assert used and all(used), "inference did not take forward_from_input"
     flat = lambda out: [out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))]  # noqa: E731
     assert_as_accurate_as(["y", "h_n", "c_n"], flat(got), flat(reference), flat(wanted))
 

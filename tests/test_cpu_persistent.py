@@ -19,6 +19,7 @@ import torch
 
 import cnnlstm_fast as clf
 from cnnlstm_fast import _ext
+from cnnlstm_fast.backends import cpu as cpu_backend
 from cnnlstm_fast.backends import get_backend
 
 from helpers import assert_as_accurate_as, make_packed
@@ -39,7 +40,11 @@ pytestmark = [
 
 
 @pytest.fixture
-def two_threads():
+def two_threads(monkeypatch):
+    """2 threads for each direction: the directions of a bidirectional layer run one
+    after the other here (side by side each would get one thread, and the persistent
+    path needs two; tests/test_directions.py tests them side by side)."""
+    monkeypatch.setattr(cpu_backend, "_CONCURRENT_DIRECTIONS", False)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield

@@ -60,6 +60,13 @@ def _ops():
         torch.library.register_autograd(
             "cnnlstm_fast::cat_features", _cat_features_backward,
             setup_context=_cat_features_setup_context)
+    if hasattr(namespace, "recurrence_forward_directions"):
+        torch.library.register_fake("cnnlstm_fast::recurrence_forward_directions")(
+            _forward_directions_fake)
+        torch.library.register_fake("cnnlstm_fast::recurrence_backward_directions")(
+            _backward_directions_fake)
+        torch.library.register_fake("cnnlstm_fast::recurrence_forward_from_input_directions")(
+            _forward_from_input_directions_fake)
     from ..ops import conv2seq  # here, not at the top: ops.conv2seq imports this module
 
     conv2seq.register(namespace)
@@ -179,6 +186,32 @@ def _backward_fake(cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, reverse, d
         w_hr.new_empty(w_hr.shape) if w_hr is not None else act.new_empty(0),
         act.new_empty(hidden, dtype=acc) if cell == "gru" else act.new_empty(0),
     )
+
+
+def _transposed(per_direction):
+    """D tuples of N tensors as N lists of D tensors (what the directions ops return)."""
+    return tuple(list(column) for column in zip(*per_direction))
+
+
+def _forward_directions_fake(cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, reverse,
+                             need_saved, kernel_name="auto"):
+    return _transposed(_forward_fake(cell, gx[d], h0[d], c0[d], w_hh[d], w_hr[d], b_hn[d],
+                                     batch_sizes, reverse[d], need_saved)
+                       for d in range(len(gx)))
+
+
+def _backward_directions_fake(cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, reverse, d_y,
+                              d_hT, d_cT, kernel_name="auto"):
+    return _transposed(_backward_fake(cell, act[d], h_prev[d], extra[d], w_hh[d], w_hr[d],
+                                      batch_sizes, reverse[d], d_y[d], d_hT[d], d_cT[d])
+                       for d in range(len(act)))
+
+
+def _forward_from_input_directions_fake(cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
+                                        reverse):
+    return _transposed(_forward_from_input_fake(cell, x, w_ih[d], gx_bias[d], h0[d], c0[d],
+                                                w_hh[d], w_hr[d], b_hn[d], reverse[d])
+                       for d in range(len(w_ih)))
 
 
 class CompiledOpsBackend(Backend):

@@ -27,9 +27,14 @@ import torch
 
 from .. import _ext
 from .base import RecurrenceSpec
-from .compiled import CompiledOpsBackend
+from .compiled import _SAVES_EXTRA, CompiledOpsBackend
 
 _DTYPES = (torch.float32, torch.float64)
+
+#: Whether bidirectional layers run their directions side by side (see
+#: CpuBackend.concurrent_directions); a module-level switch for measuring both ways
+#: (benchmarks/directions.py), not a user setting.
+_CONCURRENT_DIRECTIONS = True
 
 
 class CpuBackend(CompiledOpsBackend):
@@ -57,6 +62,53 @@ class CpuBackend(CompiledOpsBackend):
             spec.cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, spec.reverse
         )
         return y, h_t, c_t if spec.cell == "lstm" else None
+
+    def concurrent_directions(self, spec: RecurrenceSpec) -> bool:
+        """Whether the directions of a bidirectional layer run side by side, each on its
+        share of the threads (``csrc/cpu/directions.cpp``; with one thread they run one
+        after the other there)."""
+        return _CONCURRENT_DIRECTIONS
+
+    def forward_from_input_directions(self, specs, x, w_ih, gx_bias, h0, c0, w_hh, w_hr,
+                                      b_hn):
+        """forward_from_input for the directions of a layer at once (lists, one entry per
+        direction): a list of ``(Y, h_T, c_T | None)``, or None where the one-direction
+        path would not run either."""
+        if not x.is_contiguous():
+            return None
+        ys, hs, cs = torch.ops.cnnlstm_fast.recurrence_forward_from_input_directions(
+            specs[0].cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
+            [s.reverse for s in specs])
+        lstm = specs[0].cell == "lstm"
+        return [(y, h, c if lstm else None) for y, h, c in zip(ys, hs, cs)]
+
+    def forward_directions(self, specs, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
+        """forward for the directions of a layer at once (lists, one entry per direction):
+        a list of ``(Y, h_T, c_T | None, saved)``."""
+        cell = specs[0].cell
+        out = torch.ops.cnnlstm_fast.recurrence_forward_directions(
+            cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, [s.reverse for s in specs],
+            need_saved)
+        results = []
+        for d, (y, h_t, c_t, act, h_prev, extra) in enumerate(zip(*out)):
+            saved = ()
+            if need_saved:
+                saved = (act, h_prev, extra if cell in _SAVES_EXTRA else None, w_hh[d], w_hr[d])
+            results.append((y, h_t, c_t if cell == "lstm" else None, saved))
+        return results
+
+    def backward_directions(self, specs, saved, batch_sizes, d_y, d_hT, d_cT):
+        """backward for the directions of a layer at once: a list of backward's tuples."""
+        cell = specs[0].cell
+        act, h_prev, extra, w_hh, w_hr = (list(column) for column in zip(*saved))
+        out = torch.ops.cnnlstm_fast.recurrence_backward_directions(
+            cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, [s.reverse for s in specs],
+            d_y, d_hT, d_cT)
+        return [
+            (d_gx, dh0, dc0 if cell == "lstm" else None, d_w_hh,
+             d_w_hr if w_hr[d] is not None else None, d_b_hn if cell == "gru" else None)
+            for d, (d_gx, dh0, dc0, d_w_hh, d_w_hr, d_b_hn) in enumerate(zip(*out))
+        ]
 
     def input_projection(self, x, weight, bias):
         # Under torch.func's transforms and forward-mode AD F.linear: the autograd

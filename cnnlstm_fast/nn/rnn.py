@@ -22,7 +22,8 @@ from torch.nn.utils.rnn import PackedSequence
 from .. import backends
 from ..backends import tuned
 from ..backends.base import RecurrenceSpec
-from ..ops.recurrence import ProjectionSource, recurrence, transforms_active
+from ..ops.recurrence import (ProjectionSource, recurrence, recurrence_directions,
+                               transforms_active)
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
 
@@ -511,42 +512,54 @@ class _SequenceMixin(_BackendMixin):
         directions = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                k = layer * directions + direction
-                weights = [_as_dtype(getattr(self, name), spec.dtype) for name in self._all_weights[k]]
-                w_ih, w_hh = weights[0], weights[1]
-                b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
-                w_hr = weights[-1] if self.proj_size > 0 else None
-                gx_bias, b_hn = _split_bias(spec.cell, b_ih, b_hh, self.hidden_size)
-                layer_spec = dataclasses.replace(spec, reverse=direction == 1)
-                c0_k = None if c0 is None else c0[k]
-                fused = None
-                given = first_gx is not None and layer == 0
-                # the fused inference path has no backward and no forward-mode AD: only
-                # where nothing this layer reads requires grad (spec.needs_grad says so for
-                # the module; this checks the tensors themselves) and no torch.func
-                # transform or dual level is active, so no derivative is ever lost to it
-                if not given and layout is None and not spec.needs_grad and not transforms_active() and not (
-                        torch.is_grad_enabled() and any(
-                            t is not None and t.requires_grad
-                            for t in (x, h0, c0, w_ih, w_hh, w_hr, gx_bias, b_hn))):
-                    fused = backend.forward_from_input(
-                        layer_spec, x, w_ih, gx_bias, h0[k], c0_k, w_hh, w_hr, b_hn
-                    )
-                if fused is not None:
-                    y, h_t, c_t = fused
-                elif given:
-                    y, h_t, c_t = recurrence(backend, layer_spec, first_gx[direction], h0[k], c0_k,
-                                             w_hh, w_hr, b_hn, batch_sizes)
+            params = [self._layer_params(layer * directions + d, spec)
+                      for d in range(directions)]
+            specs = [dataclasses.replace(spec, reverse=d == 1) for d in range(directions)]
+            given = first_gx is not None and layer == 0
+            # the fused inference path has no backward and no forward-mode AD: only
+            # where nothing this layer reads requires grad (spec.needs_grad says so for
+            # the module; this checks the tensors themselves) and no torch.func
+            # transform or dual level is active, so no derivative is ever lost to it
+            from_input = not given and layout is None and not spec.needs_grad and not (
+                transforms_active()) and not (torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad
+                    for t in (x, h0, c0, *(v for p in params for v in p.values()))))
+            k0 = layer * directions
+            h0_l = [h0[k0 + d] for d in range(directions)]
+            c0_l = [None if c0 is None else c0[k0 + d] for d in range(directions)]
+            together = (directions > 1 and hasattr(backend, "concurrent_directions")
+                        and backend.concurrent_directions(spec) and not transforms_active())
+            results = None
+            if from_input and together:
+                results = backend.forward_from_input_directions(
+                    specs, x, *_columns(params, ("w_ih", "gx_bias")), h0_l, c0_l,
+                    *_columns(params, ("w_hh", "w_hr", "b_hn")))
+            elif from_input:
+                results = [backend.forward_from_input(specs[d], x, p["w_ih"], p["gx_bias"],
+                                                      h0_l[d], c0_l[d], p["w_hh"], p["w_hr"],
+                                                      p["b_hn"])
+                           for d, p in enumerate(params)]
+                results = None if any(r is None for r in results) else results
+            if results is None:
+                if given:
+                    gxs, sources = list(first_gx), [None] * directions
                 else:
-                    gx = backend.input_projection(x, w_ih, gx_bias)
-                    if layout is not None:
-                        gx = layout.to_padded(gx)
-                    source = ProjectionSource(x, w_ih, gx_bias, None if layout is None else layout.index)
-                    y, h_t, c_t = recurrence(
-                        backend, layer_spec, gx, h0[k], c0_k, w_hh, w_hr, b_hn, batch_sizes, source
-                    )
+                    gxs, sources = [], []
+                    for p in params:
+                        gx = backend.input_projection(x, p["w_ih"], p["gx_bias"])
+                        gxs.append(gx if layout is None else layout.to_padded(gx))
+                        sources.append(ProjectionSource(x, p["w_ih"], p["gx_bias"],
+                                                        None if layout is None else layout.index))
+                if together:
+                    results = recurrence_directions(
+                        backend, specs, gxs, h0_l, c0_l,
+                        *_columns(params, ("w_hh", "w_hr", "b_hn")), batch_sizes, sources)
+                else:
+                    results = [recurrence(backend, specs[d], gxs[d], h0_l[d], c0_l[d], p["w_hh"],
+                                          p["w_hr"], p["b_hn"], batch_sizes, sources[d])
+                               for d, p in enumerate(params)]
+            outputs = []
+            for y, h_t, c_t in results:
                 outputs.append(y if layout is None else layout.to_packed(y))
                 h_n.append(h_t)
                 c_n.append(c_t)
@@ -554,6 +567,21 @@ class _SequenceMixin(_BackendMixin):
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, True)
         return x, torch.stack(h_n), None if c0 is None else torch.stack(c_n)
+
+    def _layer_params(self, k: int, spec) -> dict:
+        """Layer-direction k's weights in the compute dtype, the bias split as the
+        recurrence takes it: w_ih, w_hh, w_hr (or None), gx_bias, b_hn (or None)."""
+        weights = [_as_dtype(getattr(self, name), spec.dtype) for name in self._all_weights[k]]
+        b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
+        gx_bias, b_hn = _split_bias(spec.cell, b_ih, b_hh, self.hidden_size)
+        return {"w_ih": weights[0], "w_hh": weights[1],
+                "w_hr": weights[-1] if self.proj_size > 0 else None,
+                "gx_bias": gx_bias, "b_hn": b_hn}
+
+
+def _columns(params: list[dict], names: tuple[str, ...]) -> list[list]:
+    """Per name, the list of that parameter over the directions."""
+    return [[p[name] for p in params] for name in names]
 
 
 class _CellMixin(_BackendMixin):

@@ -44,6 +44,72 @@ class ProjectionSource:
     index: torch.Tensor | None = None
 
 
+def _saved_as_views(saved, keep):
+    """A saved tensor that is an input or one of the outputs, as a view of it: autograd
+    refuses to save an input returned as an output, and marking an output
+    non-differentiable would mark the same tensor among y, h_T, c_T too."""
+    return tuple(
+        t.view_as(t) if isinstance(t, torch.Tensor) and any(t is k for k in keep) else t
+        for t in saved
+    )
+
+
+@dataclasses.dataclass
+class _DirectionContext:
+    """What one direction's backward needs besides its saved tensors."""
+
+    spec: RecurrenceSpec
+    input_dtypes: list
+    outputs_like: list
+    gx_shape: torch.Size
+    n_saved: int
+    n_kept: int
+
+
+def _direction_context(spec, tensors, outputs, saved, need_saved):
+    """Records one direction's context; returns it and the inputs kept for a second
+    derivative (G_x itself only where nothing to recompute it from was given: it would
+    keep a buffer as large as the activations)."""
+    gx, h0, c0, w_hh, w_hr, b_hn, x, w_ih, bias, index = tensors
+    kept = (None if x is not None else gx, h0, c0, w_hh, w_hr, b_hn, x, w_ih, bias, index)
+    kept = kept if need_saved else ()
+    ctx = _DirectionContext(
+        spec,
+        [None if v is None else v.dtype for v in (gx, h0, c0, w_hh, w_hr, b_hn)],
+        [None if v is None else (v.shape, v.dtype, v.device) for v in outputs],
+        gx.shape, len(saved), len(kept))
+    return ctx, kept
+
+
+def _materialized(grads, outputs_like):
+    """Zeros for an output whose gradient autograd left out (materialize_grads is off)."""
+    return tuple(
+        g if g is not None or like is None
+        else torch.zeros(like[0], dtype=like[1], device=like[2])
+        for g, like in zip(grads, outputs_like)
+    )
+
+
+def _input_gradients(direction, batch_sizes, grads, needs, kept, d_y, d_hT, d_cT):
+    """The backend's gradients of one direction (dG_x, dh0, dc0, dW_hh, dW_hr, db_hn) in
+    their inputs' dtypes, None where not needed; where a graph is being built around the
+    backward, they leave through a node that can be differentiated (by recomputation, only
+    if it is)."""
+    grads = [
+        None if (g is None or dt is None or not need) else g.to(dt)
+        for g, dt, need in zip(grads, direction.input_dtypes, needs)
+    ]
+    if torch.is_grad_enabled() and any(g is not None for g in grads):
+        present = [i for i, g in enumerate(grads) if g is not None]
+        fn = functools.partial(_recurrence_gradients, direction.spec, batch_sizes,
+                               direction.gx_shape, tuple(present))
+        values = _Recomputed.apply(fn, len(present), *(grads[i] for i in present),
+                                   *kept, d_y, d_hT, d_cT)
+        for i, v in zip(present, values):
+            grads[i] = v
+    return grads
+
+
 class _Recurrence(torch.autograd.Function):
     """forward / setup_context / backward in the form torch.func's transforms (grad,
     vmap through its generated rule, jacrev) take, as torch.nn's own layers do: what
@@ -58,62 +124,102 @@ class _Recurrence(torch.autograd.Function):
         y, h_t, c_t, saved = backend.forward(
             spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved
         )
-        # A saved tensor that is an input or one of the outputs is saved as a view of it:
-        # autograd refuses to save an input returned as an output, and marking an output
-        # non-differentiable would mark the same tensor among y, h_T, c_T too.
-        keep = (gx, h0, c0, w_hh, w_hr, b_hn, y, h_t, c_t)
-        saved = tuple(
-            t.view_as(t) if isinstance(t, torch.Tensor) and any(t is k for k in keep) else t
-            for t in saved
-        )
+        saved = _saved_as_views(saved, (gx, h0, c0, w_hh, w_hr, b_hn, y, h_t, c_t))
         return (y, h_t, c_t, *saved)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         backend, spec, batch_sizes, need_saved, *tensors = inputs
-        gx, h0, c0, w_hh, w_hr, b_hn, x, w_ih, bias, index = tensors
         y, h_t, c_t, *saved = output
-        ctx.backend, ctx.spec, ctx.batch_sizes = backend, spec, batch_sizes
-        ctx.input_dtypes = [None if v is None else v.dtype for v in (gx, h0, c0, w_hh, w_hr, b_hn)]
-        ctx.outputs_like = [None if v is None else (v.shape, v.dtype, v.device) for v in (y, h_t, c_t)]
-        ctx.gx_shape = gx.shape
-        ctx.n_saved = len(saved)
-        # the layer's inputs, for a second derivative: G_x itself only where nothing to
-        # recompute it from was given (it would keep a buffer as large as the activations)
-        inputs_kept = (None if x is not None else gx, h0, c0, w_hh, w_hr, b_hn, x, w_ih, bias, index)
-        ctx.save_for_backward(*saved, *(inputs_kept if need_saved else ()))
+        ctx.backend, ctx.batch_sizes = backend, batch_sizes
+        ctx.direction, kept = _direction_context(spec, tensors, (y, h_t, c_t), saved, need_saved)
+        ctx.save_for_backward(*saved, *kept)
         ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
         # the saved outputs get no gradient: no zeros the size of the activations for them
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, d_y, d_hT, d_cT, *_):
+        direction = ctx.direction
         tensors = ctx.saved_tensors
-        saved, kept = tensors[: ctx.n_saved], tensors[ctx.n_saved :]
-        # zeros for an output whose gradient autograd left out (materialize_grads is off)
-        d_y, d_hT, d_cT = (
-            g if g is not None or like is None
-            else torch.zeros(like[0], dtype=like[1], device=like[2])
-            for g, like in zip((d_y, d_hT, d_cT), ctx.outputs_like)
-        )
-        needs = ctx.needs_input_grad[4:10]
+        saved, kept = tensors[: direction.n_saved], tensors[direction.n_saved :]
+        d_y, d_hT, d_cT = _materialized((d_y, d_hT, d_cT), direction.outputs_like)
         with torch.no_grad():
-            grads = ctx.backend.backward(ctx.spec, saved, ctx.batch_sizes, d_y, d_hT, d_cT)
-            grads = [
-                None if (g is None or dt is None or not need) else g.to(dt)
-                for g, dt, need in zip(grads, ctx.input_dtypes, needs)
-            ]
-        if torch.is_grad_enabled() and any(g is not None for g in grads):
-            # a graph is being built around this backward: the gradients leave through a
-            # node that can be differentiated (by recomputation, only if it is)
-            present = [i for i, g in enumerate(grads) if g is not None]
-            fn = functools.partial(_recurrence_gradients, ctx.spec, ctx.batch_sizes,
-                                   ctx.gx_shape, tuple(present))
-            values = _Recomputed.apply(fn, len(present), *(grads[i] for i in present),
-                                       *kept, d_y, d_hT, d_cT)
-            for i, v in zip(present, values):
-                grads[i] = v
+            grads = ctx.backend.backward(direction.spec, saved, ctx.batch_sizes, d_y, d_hT, d_cT)
+        grads = _input_gradients(direction, ctx.batch_sizes, grads, ctx.needs_input_grad[4:10],
+                                 kept, d_y, d_hT, d_cT)
         return (None, None, None, None, *grads, None, None, None, None)
+
+
+class _Recurrences(torch.autograd.Function):
+    """The recurrence of D directions of one layer in one node, for a backend whose
+    ``forward_directions``/``backward_directions`` run them side by side (the ``cpu``
+    backend: ``csrc/cpu/directions.cpp``); per direction exactly :class:`_Recurrence`.
+    The inputs are the layer input ``x`` and packed ``index`` the directions share (each
+    passed once: Dynamo refuses a tensor passed twice), then 8 tensors per direction
+    (:class:`_Recurrence`'s without x and index); the outputs ``(y, h_T, c_T)`` of each
+    direction, then each direction's saved tensors."""
+
+    @staticmethod
+    def forward(backend, specs, batch_sizes, need_saved, x, index, *tensors):
+        per = _per_direction(len(specs), x, index, tensors)
+        results = backend.forward_directions(
+            specs, *([p[i] for p in per] for i in range(6)), batch_sizes, need_saved)
+        outputs, saved = [], []
+        for p, (y, h_t, c_t, s) in zip(per, results):
+            outputs += [y, h_t, c_t]
+            saved += _saved_as_views(s, (*p[:6], y, h_t, c_t))
+        return (*outputs, *saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        backend, specs, batch_sizes, need_saved, x, index, *tensors = inputs
+        D = len(specs)
+        per = _per_direction(D, x, index, tensors)
+        n_saved = (len(output) - 3 * D) // D
+        ctx.backend, ctx.batch_sizes = backend, batch_sizes
+        ctx.directions, all_saved, all_kept = [], [], []
+        for d, spec in enumerate(specs):
+            saved = output[3 * D + d * n_saved : 3 * D + (d + 1) * n_saved]
+            direction, kept = _direction_context(
+                spec, per[d], output[3 * d : 3 * d + 3], saved, need_saved)
+            ctx.directions.append(direction)
+            all_saved += saved
+            all_kept += kept
+        ctx.save_for_backward(*all_saved, *all_kept)
+        ctx.mark_non_differentiable(*(t for t in all_saved if isinstance(t, torch.Tensor)))
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        directions = ctx.directions
+        D = len(directions)
+        tensors = ctx.saved_tensors
+        n_saved = directions[0].n_saved
+        saved = [tensors[d * n_saved : (d + 1) * n_saved] for d in range(D)]
+        kept_at = D * n_saved
+        d_outputs = [_materialized(output_grads[3 * d : 3 * d + 3], directions[d].outputs_like)
+                     for d in range(D)]
+        with torch.no_grad():
+            all_grads = ctx.backend.backward_directions(
+                [d.spec for d in directions], saved, ctx.batch_sizes,
+                *([g[i] for g in d_outputs] for i in range(3)))
+        result = []
+        needs = ctx.needs_input_grad[6:]
+        for d, (direction, grads) in enumerate(zip(directions, all_grads)):
+            kept = tensors[kept_at : kept_at + direction.n_kept]
+            kept_at += direction.n_kept
+            grads = _input_gradients(direction, ctx.batch_sizes, grads,
+                                     needs[8 * d : 8 * d + 6], kept, *d_outputs[d])
+            result += [*grads, None, None]
+        return (None, None, None, None, None, None, *result)
+
+
+def _per_direction(D, x, index, tensors):
+    """Each direction's 10 tensors in :class:`_Recurrence`'s order, from the shared x and
+    index and the 8 tensors per direction."""
+    return [(*tensors[8 * d : 8 * d + 6], x, *tensors[8 * d + 6 : 8 * d + 8], index)
+            for d in range(D)]
 
 
 class _RecurrenceForwardAD(_Recurrence):
@@ -126,8 +232,9 @@ class _RecurrenceForwardAD(_Recurrence):
         # forward-mode AD (torch.func.jvp, jacfwd, hessian): the reference recurrence's
         # tangents, recomputed in recorded ops; the saved outputs have none
         tangent_y, tangent_h, tangent_c = _tangents(
-            functools.partial(_outputs, ctx.spec, ctx.batch_sizes), ctx.primals, tangents[4:10])
-        return (tangent_y, tangent_h, tangent_c, *([None] * ctx.n_saved))
+            functools.partial(_outputs, ctx.direction.spec, ctx.batch_sizes), ctx.primals,
+            tangents[4:10])
+        return (tangent_y, tangent_h, tangent_c, *([None] * ctx.direction.n_saved))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -294,8 +401,43 @@ def recurrence(
     return y, h_t, c_t
 
 
+def recurrence_directions(
+    backend: Backend,
+    specs: list[RecurrenceSpec],
+    gx: list[torch.Tensor],
+    h0: list[torch.Tensor],
+    c0: list[torch.Tensor | None],
+    w_hh: list[torch.Tensor],
+    w_hr: list[torch.Tensor | None],
+    b_hn: list[torch.Tensor | None],
+    batch_sizes: torch.Tensor | None,
+    sources: list[ProjectionSource | None],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """:func:`recurrence` for the directions of one layer at once (each list holds one
+    entry per direction, ``specs[d].reverse`` says which way direction d runs), on a
+    backend with ``forward_directions``: one autograd node, the directions side by side
+    in forward and backward. Not for torch.func transforms or forward-mode AD (use
+    :func:`recurrence` per direction there)."""
+    given = [s for s in sources if s is not None]
+    if given and (len(given) < len(sources) or any(
+            s.x is not given[0].x or s.index is not given[0].index for s in given)):
+        raise ValueError("recurrence_directions: the directions' sources must all be given "
+                         "and share x and index, or all be None")
+    x, index = (given[0].x, given[0].index) if given else (None, None)
+    per_direction = []
+    for d in range(len(specs)):
+        per_direction += [gx[d], h0[d], c0[d], w_hh[d], w_hr[d], b_hn[d],
+                          *((None, None) if not given else (sources[d].w_ih, sources[d].bias))]
+    need_saved = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for d in range(len(specs)) for t in per_direction[8 * d : 8 * d + 6])
+    outputs = _Recurrences.apply(backend, list(specs), batch_sizes, need_saved, x, index,
+                                 *per_direction)
+    return [tuple(outputs[3 * d : 3 * d + 3]) for d in range(len(specs))]
+
+
 # torch's Function.apply binds its arguments to forward's signature on every call (for
 # setup_context-style Functions); inspect.signature reads a function's __signature__
 # first, so the signature is built once instead of per call
-for _function in (_Recurrence, _Recomputed):
+for _function in (_Recurrence, _Recurrences, _Recomputed):
     _function.forward.__signature__ = inspect.signature(_function.forward)

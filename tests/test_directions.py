@@ -1,0 +1,246 @@
+"""The directions of a bidirectional layer side by side (csrc/cpu/directions.cpp): the
+*_directions ops give bit for bit what the one-direction ops give, with one thread and
+with two (then each direction runs on its own thread), for every cell, projection,
+packed batch sizes, float32 and float64; errors raised on the helper thread reach the
+caller; the caller's thread count is left as it was; the modules take the path in
+training and inference and still match torch.nn; a forked child can run them."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+import cnnlstm_fast as clf
+from cnnlstm_fast.backends import cpu as cpu_backend
+from cnnlstm_fast.backends import get_backend
+from cnnlstm_fast.backends.compiled import ops
+
+from helpers import assert_close
+
+CPU = get_backend("cpu")
+pytestmark = pytest.mark.skipif(CPU.unavailable_reason() is not None,
+                                reason=f"cpu backend: {CPU.unavailable_reason()}")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _layer(cell, T, B, H, proj, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    G, out = GATES[cell] * H, proj or H
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=dtype) * scale
+
+    return dict(
+        gx=[r(T, B, G) for _ in range(2)],
+        h0=[r(B, out) for _ in range(2)],
+        c0=[r(B, H) if cell == "lstm" else None for _ in range(2)],
+        w_hh=[r(G, out, scale=0.3) for _ in range(2)],
+        w_hr=[r(out, H, scale=0.3) if proj else None for _ in range(2)],
+        b_hn=[r(H) if cell == "gru" else None for _ in range(2)],
+    )
+
+
+CASES = [  # (cell, steps, batch, hidden, proj, lengths)
+    ("lstm", 7, 3, 33, 0, None),
+    ("lstm", 5, 4, 20, 7, [5, 5, 3, 1]),
+    ("gru", 1, 1, 1, 0, None),
+    ("gru", 9, 13, 65, 0, [9, 8, 8, 6, 6, 5, 4, 4, 3, 2, 2, 1, 1]),
+    ("rnn_tanh", 4, 2, 17, 0, None),
+    ("rnn_relu", 6, 5, 8, 0, [6, 4, 4, 2, 1]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("cell,T,B,H,proj,lengths", CASES, ids=str)
+def test_directions_ops_equal_the_one_direction_ops(threads, cell, T, B, H, proj, lengths,
+                                                    dtype):
+    ops()
+    op = torch.ops.cnnlstm_fast
+    p = _layer(cell, T, B, H, proj, dtype, seed=T * 100 + H)
+    batch_sizes = None
+    if lengths is not None:
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+    reverse = [False, True]
+    got = op.recurrence_forward_directions(cell, p["gx"], p["h0"], p["c0"], p["w_hh"],
+                                           p["w_hr"], p["b_hn"], batch_sizes, reverse, True)
+    want = [op.recurrence_forward(cell, p["gx"][d], p["h0"][d], p["c0"][d], p["w_hh"][d],
+                                  p["w_hr"][d], p["b_hn"][d], batch_sizes, reverse[d], True)
+            for d in range(2)]
+    for d in range(2):
+        for k in range(6):
+            assert torch.equal(got[k][d], want[d][k]), (d, k)
+    assert torch.get_num_threads() == threads
+    # backward from those saved activations
+    g = torch.Generator().manual_seed(7)
+    d_y = [torch.randn(w[0].shape, generator=g, dtype=dtype) for w in want]
+    d_hT = [torch.randn(w[1].shape, generator=g, dtype=dtype) for w in want]
+    d_cT = [torch.randn(w[2].shape, generator=g, dtype=dtype) if cell == "lstm" else None
+            for w in want]
+    extra = [w[5] if cell in ("lstm", "gru") else None for w in want]
+    got_b = op.recurrence_backward_directions(
+        cell, [w[3] for w in want], [w[4] for w in want], extra, p["w_hh"], p["w_hr"],
+        batch_sizes, reverse, d_y, d_hT, d_cT)
+    for d in range(2):
+        want_b = op.recurrence_backward(cell, want[d][3], want[d][4], extra[d], p["w_hh"][d],
+                                        p["w_hr"][d], batch_sizes, reverse[d], d_y[d], d_hT[d],
+                                        d_cT[d])
+        for k in range(6):
+            assert torch.equal(got_b[k][d], want_b[k]), (d, k)
+    # inference straight from a shared input
+    if lengths is None:
+        x = torch.randn(T, B, 11, generator=g, dtype=dtype)
+        w_ih = [torch.randn(GATES[cell] * H, 11, generator=g, dtype=dtype) for _ in range(2)]
+        bias = [torch.randn(GATES[cell] * H, generator=g, dtype=dtype), None]
+        got_i = op.recurrence_forward_from_input_directions(
+            cell, x, w_ih, bias, p["h0"], p["c0"], p["w_hh"], p["w_hr"], p["b_hn"], reverse)
+        for d in range(2):
+            want_i = op.recurrence_forward_from_input(cell, x, w_ih[d], bias[d], p["h0"][d],
+                                                      p["c0"][d], p["w_hh"][d], p["w_hr"][d],
+                                                      p["b_hn"][d], reverse[d])
+            for k in range(3):
+                assert torch.equal(got_i[k][d], want_i[k]), (d, k)
+
+
+def test_directions_ops_opcheck():
+    ops()
+    p = _layer("lstm", 4, 3, 6, 0, torch.float32, seed=0)
+    args = ("lstm", p["gx"], p["h0"], p["c0"], p["w_hh"], p["w_hr"], p["b_hn"], None,
+            [False, True], True)
+    torch.library.opcheck(torch.ops.cnnlstm_fast.recurrence_forward_directions, args)
+    y, h, c, act, h_prev, extra = torch.ops.cnnlstm_fast.recurrence_forward_directions(*args)
+    back = ("lstm", act, h_prev, extra, p["w_hh"], p["w_hr"], None, [False, True],
+            [torch.randn_like(t) for t in y], [torch.randn_like(t) for t in h],
+            [torch.randn_like(t) for t in c])
+    torch.library.opcheck(torch.ops.cnnlstm_fast.recurrence_backward_directions, back)
+    x = torch.randn(4, 3, 5)
+    w_ih = [torch.randn(24, 5), torch.randn(24, 5)]
+    torch.library.opcheck(torch.ops.cnnlstm_fast.recurrence_forward_from_input_directions,
+                          ("lstm", x, w_ih, [None, None], p["h0"], p["c0"], p["w_hh"],
+                           [None, None], [None, None], [False, True]))
+
+
+def test_an_error_on_the_helper_thread_reaches_the_caller(threads):
+    """Direction 1 runs on torch's inter-op pool with 2 threads: its shape error is
+    raised to the caller, after direction 0 has finished, and the threads are restored."""
+    ops()
+    p = _layer("gru", 3, 2, 4, 0, torch.float32, seed=1)
+    p["h0"][1] = torch.randn(2, 5)  # hidden 4 expected
+    with pytest.raises(RuntimeError, match="h0"):
+        torch.ops.cnnlstm_fast.recurrence_forward_directions(
+            "gru", p["gx"], p["h0"], p["c0"], p["w_hh"], p["w_hr"], p["b_hn"], None,
+            [False, True], False)
+    assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError, match=r"w_hh must have one entry per direction \(2\), got 1"):
+        torch.ops.cnnlstm_fast.recurrence_forward_directions(
+            "gru", p["gx"], p["h0"], p["c0"], p["w_hh"][:1], p["w_hr"], p["b_hn"], None,
+            [False, True], False)
+
+
+def _spied(monkeypatch):
+    calls = []
+    for name in ("forward_directions", "backward_directions", "forward_from_input_directions"):
+        def spy(self, *args, _name=name, _method=getattr(type(CPU), name)):
+            result = _method(self, *args)
+            if result is not None:  # None: the caller goes on with forward_directions
+                calls.append(_name)
+            return result
+
+        monkeypatch.setattr(type(CPU), name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_bidirectional_modules_run_both_directions_in_one_op(threads, monkeypatch, name,
+                                                             packed):
+    """Training (forward and backward) and inference of a stacked bidirectional layer go
+    through the *_directions ops, and give torch.nn's outputs and gradients."""
+    calls = _spied(monkeypatch)
+    torch.manual_seed(3)
+    kwargs = dict(num_layers=2, bidirectional=True, batch_first=True)
+    if name == "LSTM":
+        kwargs["proj_size"] = 5
+    theirs = getattr(torch.nn, name)(6, 9, **kwargs).double()
+    ours = getattr(clf, name)(6, 9, **kwargs, backend="cpu").double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 7, 6, dtype=torch.float64)
+
+    def run(module, grad):
+        inp = x.clone().requires_grad_(grad)
+        arg = inp
+        if packed:
+            arg = torch.nn.utils.rnn.pack_padded_sequence(inp, torch.tensor([7, 3, 5, 1]),
+                                                          batch_first=True,
+                                                          enforce_sorted=False)
+        with torch.set_grad_enabled(grad):
+            y, state = module(arg)
+        y = y.data if packed else y
+        outs = [y, *(state if isinstance(state, tuple) else (state,))]
+        if not grad:
+            return outs
+        g = [torch.ones_like(o) / o.numel() for o in outs]
+        return outs + list(torch.autograd.grad(outs, [inp, *module.parameters()], g))
+
+    for grad in (True, False):
+        calls.clear()
+        got, want = run(ours, grad), run(theirs, grad)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, rtol=1e-9, atol=1e-10, what=f"{name} grad={grad} tensor {i}")
+        if grad:
+            assert calls == ["forward_directions"] * 2 + ["backward_directions"] * 2
+        elif packed:
+            assert calls == ["forward_directions"] * 2
+        else:
+            # the batch_first input is a strided view: the first layer projects it in
+            # place (no copy) and runs forward_directions; the second layer's input is
+            # the contiguous output of the first
+            assert calls == ["forward_directions", "forward_from_input_directions"]
+
+
+def test_the_switch_runs_directions_one_after_the_other(monkeypatch):
+    calls = _spied(monkeypatch)
+    monkeypatch.setattr(cpu_backend, "_CONCURRENT_DIRECTIONS", False)
+    model = clf.GRU(3, 4, bidirectional=True, backend="cpu")
+    model(torch.randn(5, 2, 3))[0].sum().backward()
+    assert calls == []
+
+
+def _child_runs_a_bidirectional_layer(queue):
+    torch.set_num_threads(2)
+    model = clf.LSTM(3, 4, bidirectional=True, backend="cpu")
+    y, _ = model(torch.randn(5, 2, 3))
+    y.sum().backward()
+    queue.put(tuple(y.shape))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_the_directions_side_by_side():
+    """The parent has used torch's inter-op pool; a forked child (a DataLoader worker)
+    gets a pool of its own and does not hang on the parent's threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _child_runs_a_bidirectional_layer(multiprocessing.get_context("fork").SimpleQueue())
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child_runs_a_bidirectional_layer, args=(queue,))
+        child.start()
+        child.join(timeout=120)
+        if child.is_alive():
+            child.kill()
+            pytest.fail("the forked child hung")
+        assert child.exitcode == 0
+        assert queue.get(timeout=5) == (5, 2, 8)
+    finally:
+        torch.set_num_threads(before)
