@@ -177,6 +177,8 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cnnlstm_fast", "cnnlstm_fast.*"]),
+    # auto's table of rules, read at import (cnnlstm_fast/backends/rules.py)
+    package_data={"cnnlstm_fast.backends": ["rules.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

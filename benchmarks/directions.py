@@ -3,10 +3,9 @@
     python benchmarks/directions.py [--quick] [--json PATH]
 
 Times whole bidirectional LSTM/GRU modules (the cpu backend) with the two directions of
-each layer run side by side, each on its share of the threads (csrc/cpu/directions.cpp,
-the default), against the same module with the directions one after the other on all
-threads (``cnnlstm_fast.backends.cpu._CONCURRENT_DIRECTIONS = False``, what the module
-did before), and torch.nn, in inference (no_grad) and training (forward + backward),
+each layer run side by side, each on its share of the threads (csrc/cpu/directions.cpp;
+``cnnlstm_fast.backends.cpu.set_directions("side_by_side")``), against the same module
+with the directions one after the other on all threads (the default), and torch.nn, in inference (no_grad) and training (forward + backward),
 interleaved repetition by repetition (cnnlstm_fast.bench.timing.time_cpu), in one
 process. ``side_by_side_speedup`` = one-after-the-other / side-by-side median; above 1
 the new order is faster. The tuning record is not consulted (backend pinned to cpu).
@@ -46,14 +45,10 @@ def _step(model, x, training):
     return run
 
 
-def _ordered(order_side_by_side, fn):
+def _ordered(order, fn):
     def run():
-        before = cpu_backend._CONCURRENT_DIRECTIONS
-        cpu_backend._CONCURRENT_DIRECTIONS = order_side_by_side
-        try:
+        with cpu_backend.use_directions(order):
             fn()
-        finally:
-            cpu_backend._CONCURRENT_DIRECTIONS = before
     return run
 
 
@@ -70,8 +65,8 @@ def measure(configs, reps: int, budget_s: float) -> list[dict]:
         for training in (False, True):
             times = time_cpu({
                 "torch.nn": _step(theirs, x, training),
-                "one_after_the_other": _ordered(False, _step(ours, x, training)),
-                "side_by_side": _ordered(True, _step(ours, x, training)),
+                "one_after_the_other": _ordered("one_after_the_other", _step(ours, x, training)),
+                "side_by_side": _ordered("side_by_side", _step(ours, x, training)),
             }, reps=reps, budget_s=budget_s, warmup=2)
             med = {name: t["median_ms"] for name, t in times.items()}
             row = {"cell": cell, "layers": layers, "steps": steps, "batch": batch,

@@ -80,10 +80,25 @@ def _extension() -> dict:
     }
 
 
-CPU_SETTINGS = ("CNNLSTM_FAST_CPU_GEMM", "CNNLSTM_FAST_CPU_CACHE_MB",
-                "CNNLSTM_FAST_CPU_PERSISTENT", "GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_",
-                "LD_PRELOAD",
-                "THP_MEM_ALLOC_ENABLE")
+#: The environment variables that change the cpu backend's speed or torch.nn's (its
+#: buffer cache; glibc's malloc thresholds and preloaded allocators, which decide
+#: torch.nn's page faults; torch's transparent huge pages).
+CPU_SETTINGS = ("CNNLSTM_FAST_CPU_CACHE_MB", "GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_",
+                "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
+#: The cpu backend's process settings (not environment variables), recorded under these
+#: names where they are not the default: cnnlstm_fast.backends.cpu.set_gemm / set_kernel.
+CPU_PROCESS_SETTINGS = ("cpu.set_gemm", "cpu.set_kernel")
+
+
+def _cpu_settings() -> dict:
+    settings: dict = {name: os.environ.get(name) for name in CPU_SETTINGS}
+    from .backends import cpu
+
+    gemm = cpu.get_gemm() if _ext.load() is not None else "auto"
+    kernel = cpu.get_kernel()
+    settings["cpu.set_gemm"] = None if gemm == "auto" else gemm
+    settings["cpu.set_kernel"] = None if kernel == "auto" else kernel
+    return settings
 
 
 #: The GPU backends' kernel settings (cnnlstm_fast/experimental.py): the switch that lets
@@ -94,10 +109,7 @@ CUDA_SETTINGS = ("CNNLSTM_FAST_EXPERIMENTAL", "CNNLSTM_FAST_CUDA_KERNEL",
 
 
 def _cpu_gemm(module) -> dict:
-    try:
-        return {**module.cpu_gemm_info(), "error": None}
-    except RuntimeError as error:  # a bad CNNLSTM_FAST_CPU_GEMM
-        return {"avx512_supported": None, "in_use": None, "error": str(error)}
+    return {**module.cpu_gemm_info(), "error": _ext.settings_error()}
 
 
 def _torch_cuda() -> dict:
@@ -167,7 +179,7 @@ def collect() -> dict:
         # What changes the cpu backend's speed (its GEMM, buffer cache, persistent path;
         # glibc's malloc thresholds, which decide torch.nn's page faults): recorded with
         # every benchmark so runs can be compared.
-        "cpu_settings": {name: os.environ.get(name) for name in CPU_SETTINGS},
+        "cpu_settings": _cpu_settings(),
         "cuda_settings": {name: os.environ.get(name) for name in CUDA_SETTINGS},
         "backends": backends.backend_report(),
         "available_backends": backends.available_backends(),
@@ -218,9 +230,11 @@ def format_report(info: dict) -> str:
         row("compiler", f"{build['compiler']}, C++ {build['cxx_standard']}")
         row("OpenMP", f"yes ({build['openmp_version']})" if build["openmp"] else "no")
         gemm = ext["cpu_gemm"]
-        row("cpu float32 GEMM", gemm["error"] or (
+        row("cpu float32 GEMM", (
             f"{gemm['in_use']} (AVX-512 {'present' if gemm['avx512_supported'] else 'absent'}; "
-            "CNNLSTM_FAST_CPU_GEMM)"))
+            f"cnnlstm_fast.backends.cpu.set_gemm: {gemm.get('setting', 'auto')})"))
+        if gemm["error"]:
+            row("cpu settings error", gemm["error"])
         set_ = {k: v for k, v in info["cpu_settings"].items() if v is not None}
         row("cpu settings", ", ".join(f"{k}={v}" for k, v in set_.items()) or "defaults")
         if build["cuda"]:

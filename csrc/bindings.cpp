@@ -101,11 +101,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_gemm_info", [] {
     py::dict info;
     info["avx512_supported"] = cnnlstm_fast::cpu::packed_gemm_supported();
-    // Raises for a bad CNNLSTM_FAST_CPU_GEMM, as the ops would.
+    info["setting"] = cnnlstm_fast::cpu::gemm_choice();
     info["in_use"] = cnnlstm_fast::cpu::use_packed_gemm() ? "avx512" : "blas";
     return info;
-  }, "The float32 GEMM of the cpu backend: {'avx512_supported': bool, 'in_use': 'avx512' "
-     "or 'blas'} (CNNLSTM_FAST_CPU_GEMM: auto, avx512, blas)");
+  }, "The float32 GEMM of the cpu backend: {'avx512_supported': bool, 'setting': 'auto', "
+     "'avx512' or 'blas' (cpu_set_gemm), 'in_use': 'avx512' or 'blas'}");
+  m.def("cpu_set_gemm", &cnnlstm_fast::cpu::set_gemm_choice, py::arg("name"),
+        "Sets the cpu backend's float32 GEMM for the whole process: 'auto' (ours where the "
+        "CPU has AVX-512F), 'avx512' or 'blas'; ValueError for another name or for 'avx512' "
+        "where it cannot run. Use cnnlstm_fast.backends.cpu.set_gemm");
+  m.def("cpu_set_cache_limit", &cnnlstm_fast::cpu::set_cache_limit, py::arg("bytes"),
+        "Bounds the cpu backend's cache of freed buffers (0: off), unmapping cached blocks "
+        "beyond it; ValueError below 0. Use cnnlstm_fast.backends.cpu.set_cache_limit");
   m.def("cpu_cache_info", [] {
     const auto stats = cnnlstm_fast::cpu::cache_stats();
     py::dict info;

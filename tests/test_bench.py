@@ -313,3 +313,26 @@ def test_console_script_entry_point():
     done = subprocess.run([sys.executable, "-m", "cnnlstm_fast.bench", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--suite" in done.stdout
+
+
+def test_cpu_gemm_and_kernel_options_apply_for_the_run_and_are_recorded(monkeypatch):
+    from cnnlstm_fast.backends import cpu
+
+    if cpu.CpuBackend().unavailable_reason() is not None:
+        pytest.skip("the cpu backend is unavailable")
+    seen = []
+    real = bench.run_config
+
+    def spy(*args, **kwargs):
+        seen.append((cpu.get_gemm(), cpu.get_kernel()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_config", spy)
+    result = bench.main([*TINY, "--cells", "gru", "--modes", "forward", "--providers", "cpu",
+                         "--cpu-gemm", "blas", "--cpu-kernel", "per_step"])
+    assert seen and set(seen) == {("blas", "per_step")}
+    settings = result["environment"]["cpu_settings"]
+    assert (settings["cpu.set_gemm"], settings["cpu.set_kernel"]) == ("blas", "per_step")
+    assert (cpu.get_gemm(), cpu.get_kernel()) == ("auto", "auto")  # restored after the run
+    with pytest.raises(SystemExit):
+        bench.parse_args([*TINY, "--cpu-kernel", "fast"])

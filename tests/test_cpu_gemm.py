@@ -2,7 +2,7 @@
 
 ``cnnlstm_fast::linear`` (the input projection and its gradient GEMMs) and the
 recurrence's per-step GEMMs, with the AVX-512 kernel and with torch's BLAS
-(CNNLSTM_FAST_CPU_GEMM), against float64 on shapes that hit every tile edge: rows
+(cnnlstm_fast.backends.cpu.use_gemm), against float64 on shapes that hit every tile edge: rows
 1-3 (the 3 x 128 tile), 4-13 and 97-193 (12-row tiles and the 96-row blocks), columns
 that are not multiples of the 32-wide panel, k = 1. Also the float tanh and sigmoid of the
 pointwise pass (its own exp on AVX-512), through steps whose recurrent part is zero.
@@ -10,12 +10,16 @@ pointwise pass (its own exp on AVX-512), through steps whose recurrent part is z
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import cnnlstm_fast as clf
 from cnnlstm_fast import _ext
-from cnnlstm_fast.backends import get_backend
+from cnnlstm_fast.backends import cpu, get_backend
 from cnnlstm_fast.backends.base import RecurrenceSpec
 
 from helpers import assert_as_accurate_as
@@ -38,10 +42,12 @@ GEMMS = [
 
 
 @pytest.fixture(params=GEMMS)
-def gemm(request, monkeypatch):
-    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", request.param)
-    assert _ext.load().cpu_gemm_info()["in_use"] == request.param
-    return request.param
+def gemm(request):
+    with cpu.use_gemm(request.param):
+        assert _ext.load().cpu_gemm_info()["in_use"] == request.param
+        assert cpu.gemm_in_use() == request.param
+        yield request.param
+    assert cpu.get_gemm() == "auto"
 
 
 LINEAR_SHAPES = [  # (rows, in, out)
@@ -180,10 +186,27 @@ def test_sigmoid_and_tanh_of_the_lstm_step_are_within_a_few_ulps():
         torch.testing.assert_close(gate, want, equal_nan=True, rtol=0, atol=0)
 
 
-def test_bad_gemm_choice_is_named(monkeypatch):
-    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "mkl")
-    with pytest.raises(RuntimeError, match="CNNLSTM_FAST_CPU_GEMM must be one of"):
-        torch.ops.cnnlstm_fast.linear(torch.randn(2, 3), torch.randn(4, 3), None)
+def test_bad_gemm_choice_is_named():
+    with pytest.raises(ValueError, match="gemm must be one of 'auto', 'avx512', 'blas', "
+                                         "got 'mkl'"):
+        cpu.set_gemm("mkl")
+    with pytest.raises(ValueError, match="gemm must be one of 'auto', 'avx512', 'blas', "
+                                         "got 'AVX512'"):
+        _ext.load().cpu_set_gemm("AVX512")  # the extension checks too
+    assert cpu.get_gemm() == "auto"
+    if not _avx512():
+        with pytest.raises(ValueError, match="'avx512' needs a CPU with AVX-512F"):
+            cpu.set_gemm("avx512")
+        assert cpu.get_gemm() == "auto"
+
+
+def test_use_gemm_restores_the_setting_after_an_error():
+    with pytest.raises(KeyError):
+        with cpu.use_gemm("blas"):
+            assert cpu.gemm_in_use() == "blas"
+            raise KeyError("inside")
+    assert cpu.get_gemm() == "auto"
+    assert cpu.gemm_in_use() == ("avx512" if _avx512() else "blas")
 
 
 def test_inference_saves_nothing(monkeypatch):
@@ -253,6 +276,10 @@ def test_forward_from_input_opcheck():
         torch.ops.cnnlstm_fast.recurrence_forward_from_input,
         ("lstm", x, w_ih, b, h0, c0, w_hh, None, None, True),
     )
+    torch.library.opcheck(
+        torch.ops.cnnlstm_fast.recurrence_forward_from_input,
+        ("lstm", x, w_ih, b, h0, c0, w_hh, None, None, False), {"kernel_name": "per_step"},
+    )
 
 
 @pytest.mark.parametrize("rows,k,n", [(13, 257, 33), (97, 300, 95), (200, 513, 64), (25, 1, 7)],
@@ -277,12 +304,20 @@ def _cache_info():
     return cpu.cache_info()
 
 
-def test_buffer_cache_reuses_freed_blocks_and_empties(monkeypatch):
+@pytest.fixture
+def cache_limit():
+    """Restores the cache bound the extension loaded with after the test."""
+    before = _cache_info()["limit_bytes"]
+    yield
+    _ext.load().cpu_set_cache_limit(before)
+
+
+def test_buffer_cache_reuses_freed_blocks_and_empties(cache_limit):
     """Large outputs come from the cache once freed; reused memory is overwritten (the
     second result does not depend on the first); empty_cache gives the blocks back."""
     from cnnlstm_fast.backends import cpu
 
-    monkeypatch.delenv("CNNLSTM_FAST_CPU_CACHE_MB", raising=False)
+    cpu.set_cache_limit(1024)
     torch.manual_seed(0)
     x1, x2, w = torch.randn(2048, 64), torch.randn(2048, 64), torch.randn(300, 64)
     cpu.empty_cache()
@@ -304,11 +339,9 @@ def test_buffer_cache_reuses_freed_blocks_and_empties(monkeypatch):
     assert _cache_info()["cached_bytes"] == 0
 
 
-def test_buffer_cache_off_and_bad_setting(monkeypatch):
-    from cnnlstm_fast.backends import cpu
-
+def test_buffer_cache_off_and_bad_setting(cache_limit, monkeypatch):
     cpu.empty_cache()
-    monkeypatch.setenv("CNNLSTM_FAST_CPU_CACHE_MB", "0")
+    cpu.set_cache_limit(0)
     x, w = torch.randn(2048, 64), torch.randn(300, 64)
     before = _cache_info()
     del_me = torch.ops.cnnlstm_fast.linear(x, w, None)
@@ -317,16 +350,53 @@ def test_buffer_cache_off_and_bad_setting(monkeypatch):
     assert after["limit_bytes"] == 0
     assert (after["hits"], after["misses"], after["cached_bytes"]) == (
         before["hits"], before["misses"], 0)
-    monkeypatch.setenv("CNNLSTM_FAST_CPU_CACHE_MB", "lots")
-    with pytest.raises(RuntimeError, match="CNNLSTM_FAST_CPU_CACHE_MB.*'lots'"):
-        torch.ops.cnnlstm_fast.linear(x, w, None)
+    for bad in (-1, 1.5, "8", True, None):
+        with pytest.raises(ValueError, match=f"mb must be a whole number of MiB >= 0, "
+                                             f"got {bad!r}"):
+            cpu.set_cache_limit(bad)
+    with pytest.raises(ValueError, match="must be >= 0 bytes, got -5"):
+        _ext.load().cpu_set_cache_limit(-5)
+    assert _cache_info()["limit_bytes"] == 0
+    for value, mb in (("", 1024), ("0", 0), (" 16 ", 16)):
+        monkeypatch.setenv("CNNLSTM_FAST_CPU_CACHE_MB", value)
+        assert _ext.cpu_cache_mb_from_environment() == mb
+    for bad in ("lots", "-1", "1.5", "1e3", "0x10"):
+        monkeypatch.setenv("CNNLSTM_FAST_CPU_CACHE_MB", bad)
+        with pytest.raises(ValueError, match=f"CNNLSTM_FAST_CPU_CACHE_MB must be a whole number "
+                                             f"of MB >= 0, got '{bad}'"):
+            _ext.cpu_cache_mb_from_environment()
 
 
-def test_buffer_cache_evicts_to_keep_the_block_just_freed(monkeypatch):
-    from cnnlstm_fast.backends import cpu
+def _in_fresh_process(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120, check=False)
 
+
+def test_cache_limit_is_read_from_the_environment_when_the_extension_loads():
+    """CNNLSTM_FAST_CPU_CACHE_MB reaches the extension when Python loads it; a bad value
+    warns and makes the cpu backend unavailable with the error as its reason, so a layer
+    that names it raises that error."""
+    code = ("import torch, cnnlstm_fast as clf\n"
+            "from cnnlstm_fast.backends import cpu\n"
+            "print(cpu.cache_info()['limit_bytes'])\n")
+    done = _in_fresh_process(code, CNNLSTM_FAST_CPU_CACHE_MB="7")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == str(7 << 20)
+    code = ("import torch, cnnlstm_fast as clf\n"
+            "try:\n"
+            "    clf.GRU(3, 4, backend='cpu')(torch.randn(2, 1, 3))\n"
+            "except clf.backends.BackendUnavailableError as error:\n"
+            "    print('raised:', error)\n")
+    done = _in_fresh_process(code, CNNLSTM_FAST_CPU_CACHE_MB="lots")
+    assert done.returncode == 0, done.stderr
+    assert "raised:" in done.stdout and \
+        "CNNLSTM_FAST_CPU_CACHE_MB must be a whole number of MB >= 0, got 'lots'" in done.stdout
+    assert "RuntimeWarning: CNNLSTM_FAST_CPU_CACHE_MB must be" in done.stderr
+
+
+def test_buffer_cache_evicts_to_keep_the_block_just_freed(cache_limit):
     cpu.empty_cache()
-    monkeypatch.setenv("CNNLSTM_FAST_CPU_CACHE_MB", "3")
+    cpu.set_cache_limit(3)
     w = torch.randn(300, 64)
     small = torch.ops.cnnlstm_fast.linear(torch.randn(2048, 64), w, None)  # 2.4 MB
     large = torch.ops.cnnlstm_fast.linear(torch.randn(2400, 64), w, None)  # 2.8 MB
@@ -335,4 +405,7 @@ def test_buffer_cache_evicts_to_keep_the_block_just_freed(monkeypatch):
     del large  # both do not fit in 3 MB: the smaller one goes
     info = _cache_info()
     assert info["cached_blocks"] == 1 and 2_800_000 <= info["cached_bytes"] <= 3 << 20
+    cpu.set_cache_limit(2)  # a lower bound gives back what is cached beyond it at once
+    info = _cache_info()
+    assert (info["limit_bytes"], info["cached_blocks"], info["cached_bytes"]) == (2 << 20, 0, 0)
     cpu.empty_cache()

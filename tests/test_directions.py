@@ -30,7 +30,8 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 def threads(request):
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
-    yield request.param
+    with cpu_backend.use_directions("side_by_side"):
+        yield request.param
     torch.set_num_threads(before)
 
 
@@ -208,28 +209,36 @@ def test_bidirectional_modules_run_both_directions_in_one_op(threads, monkeypatc
             assert calls == ["forward_directions", "forward_from_input_directions"]
 
 
-def test_the_switch_runs_directions_one_after_the_other(monkeypatch):
+def test_directions_run_one_after_the_other_by_default_and_the_setting_is_checked(
+        monkeypatch):
     calls = _spied(monkeypatch)
-    monkeypatch.setattr(cpu_backend, "_CONCURRENT_DIRECTIONS", False)
+    assert cpu_backend.get_directions() == "one_after_the_other"
     model = clf.GRU(3, 4, bidirectional=True, backend="cpu")
     model(torch.randn(5, 2, 3))[0].sum().backward()
     assert calls == []
+    with cpu_backend.use_directions("side_by_side"):
+        model(torch.randn(5, 2, 3))[0].sum().backward()
+    assert calls == ["forward_directions", "backward_directions"]
+    assert cpu_backend.get_directions() == "one_after_the_other"
+    with pytest.raises(ValueError, match="order must be one of 'one_after_the_other', "
+                                         "'side_by_side', got 'both'"):
+        cpu_backend.set_directions("both")
 
 
 def _child_runs_a_bidirectional_layer(queue):
     torch.set_num_threads(2)
-    model = clf.LSTM(3, 4, bidirectional=True, backend="cpu")
-    y, _ = model(torch.randn(5, 2, 3))
-    y.sum().backward()
+    with cpu_backend.use_directions("side_by_side"):
+        model = clf.LSTM(3, 4, bidirectional=True, backend="cpu")
+        y, _ = model(torch.randn(5, 2, 3))
+        y.sum().backward()
     queue.put(tuple(y.shape))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_runs_the_directions_side_by_side():
-    """The parent has used torch's inter-op pool; a forked child (a DataLoader worker)
-    gets a pool of its own and does not hang on the parent's threads."""
+    """The parent has used our worker threads; a forked child (a DataLoader worker) has
+    none of them, starts its own and does not hang waiting on the parent's."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
         _child_runs_a_bidirectional_layer(multiprocessing.get_context("fork").SimpleQueue())
         ctx = multiprocessing.get_context("fork")

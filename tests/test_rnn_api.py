@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -19,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 import cnnlstm_fast as clf
 from cnnlstm_fast import _ext, backends
 from cnnlstm_fast.backends import BackendUnavailableError, RecurrenceSpec
+from cnnlstm_fast.backends import cpu as cpu_backend
 from helpers import assert_close, leaves, make_pair, module_backends, run_and_grad
 
 CLASSES = [
@@ -166,29 +168,31 @@ def test_auto_follows_the_measured_rules(monkeypatch):
         return backends.resolve("auto", spec).name == "cpu"
 
     # With BLAS GEMMs: the rule measured on the Xeon.
-    monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", "blas")
-    assert picks(_cpu("gru", 4, 2, 8)) == expect_cpu
-    assert not picks(_cpu("gru", 4, 2, 7))  # fewer steps than AUTO_MIN_STEPS: torch.nn
-    assert not picks(_spec())  # small LSTM: oneDNN is faster
-    assert picks(_cpu("lstm", 1024, 16, 8)) == expect_cpu
-    assert not picks(_cpu("gru", 4, 512, 8))
-    assert not picks(_cpu("gru", 4, 2, 8, dtype=torch.bfloat16))  # cpu has no bf16
+    with contextlib.ExitStack() as stack:
+        if expect_cpu:
+            stack.enter_context(cpu_backend.use_gemm("blas"))
+        assert picks(_cpu("gru", 4, 2, 8)) == expect_cpu
+        assert not picks(_cpu("gru", 4, 2, 7))  # fewer steps than AUTO_MIN_STEPS: torch.nn
+        assert not picks(_spec())  # small LSTM: oneDNN is faster
+        assert picks(_cpu("lstm", 1024, 16, 8)) == expect_cpu
+        assert not picks(_cpu("gru", 4, 512, 8))
+        assert not picks(_cpu("gru", 4, 2, 8, dtype=torch.bfloat16))  # cpu has no bf16
 
     if not expect_cpu:
         pytest.skip(f"the cpu backend is unavailable ({backends.backend_report()['cpu']}): "
                     "auto never picks it, so the rules of its GEMMs cannot be told apart")
-    # CNNLSTM_FAST_CPU_GEMM=auto runs our AVX-512 GEMM where the CPU has AVX-512, and
-    # BLAS (the rule above) where it has not; which one runs is remembered per value of
-    # the variable, not once.
+    # cpu.set_gemm("auto") runs our AVX-512 GEMM where the CPU has AVX-512, and BLAS (the
+    # rule above) where it has not; which one runs is asked again after each set_gemm,
+    # not remembered once.
     for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
     avx512 = _ext.load().cpu_gemm_info()["avx512_supported"]
     avx512_only, blas_only = _cpu("lstm", 256, 1, 32), _cpu("lstm", 512, 16, 32, needs_grad=True)
     for setting, rule_is_avx512 in (("auto", avx512), ("blas", False), ("auto", avx512)):
-        monkeypatch.setenv("CNNLSTM_FAST_CPU_GEMM", setting)
-        rule = "AVX-512" if rule_is_avx512 else "BLAS"
-        assert picks(avx512_only) == rule_is_avx512, f"{setting}: expected the {rule} rule"
-        assert picks(blas_only) != rule_is_avx512, f"{setting}: expected the {rule} rule"
+        with cpu_backend.use_gemm(setting):
+            rule = "AVX-512" if rule_is_avx512 else "BLAS"
+            assert picks(avx512_only) == rule_is_avx512, f"{setting}: expected the {rule} rule"
+            assert picks(blas_only) != rule_is_avx512, f"{setting}: expected the {rule} rule"
 
     # With our AVX-512 GEMM: the rule measured on the AMD EPYC, with glibc's malloc as
     # it comes. A CPU without AVX-512 never runs it: check the rule there as one with it

@@ -33,6 +33,8 @@ import torch
 
 from .. import _ext
 from .base import CELLS, GATES, Backend, RecurrenceSpec
+from . import cpu as _cpu_module
+from . import rules
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .reference import ReferenceBackend
@@ -65,36 +67,16 @@ ENV_VAR = "CNNLSTM_FAST_BACKEND"
 _log = logging.getLogger(__name__)
 
 
-_CPU_GEMM_ENV = "CNNLSTM_FAST_CPU_GEMM"
-_cpu_gemm_known: dict[str | None, bool] = {}
-
-
 @torch.compiler.assume_constant_result
 def _cpu_gemm_is_avx512() -> bool:
     """Whether the cpu backend's float32 GEMMs run our AVX-512 kernel (the CPU has it and
-    CNNLSTM_FAST_CPU_GEMM allows it): the measurements behind ``auto`` differ with it.
-    Remembered per value of that variable as ``os.environ`` holds it (the extension reads
-    it at every call; asking it costs microseconds, which every resolved call would pay).
-    A change made with ``os.putenv`` or C's ``setenv`` bypasses ``os.environ`` and is not
-    seen here, only by the extension: ``auto`` then follows the old GEMM's rule. Under
-    torch.compile it runs eagerly at trace time (it loads the extension, which Dynamo
-    cannot trace) and its answer is a constant of the graph."""
-    setting = os.environ.get(_CPU_GEMM_ENV)
-    known = _cpu_gemm_known.get(setting)
-    if known is None:
-        module = _ext.load()
-        try:
-            known = module is not None and module.cpu_gemm_info()["in_use"] == "avx512"
-        except RuntimeError:  # a bad CNNLSTM_FAST_CPU_GEMM: the op names it when it runs
-            known = False
-        _cpu_gemm_known[setting] = known
-    return known
+    :func:`cnnlstm_fast.backends.cpu.set_gemm` allows it): the measurements behind
+    ``auto`` differ with it. Cached by ``cpu.gemm_in_use`` until the next ``set_gemm``.
+    Under torch.compile it runs eagerly at trace time (it loads the extension, which
+    Dynamo cannot trace) and its answer is a constant of the graph."""
+    return _ext.load() is not None and _cpu_module.gemm_in_use() == "avx512"
 
 
-#: LSTM training: saved activations (T*B*4H float32) above this, where glibc's default
-#: malloc hands torch.nn fresh memory (faulted in page by page) at every step and the
-#: cpu backend reuses its cached buffers.
-_CPU_LSTM_LARGE_ACTIVATIONS = 16 << 20
 #: glibc's own ceiling for its dynamic mmap threshold: a threshold set at least this high
 #: keeps every block torch.nn's LSTM frees at these sizes for reuse. glibc before 2.35
 #: ignores a threshold above it (``do_set_mmap_threshold`` refused values over
@@ -131,121 +113,59 @@ def _malloc_keeps_freed_memory() -> bool:
     only from glibc 2.35), or jemalloc, tcmalloc or mimalloc in LD_PRELOAD (assumed
     alike; not measured). It reads the environment as the process sees it now; glibc
     read it at start, and a ``mallopt`` call by the application is not seen."""
-    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+    return _malloc_keeps(os.environ)
+
+
+def _malloc_keeps(environ, version: tuple[int, ...] | None = None) -> bool:
+    """:func:`_malloc_keeps_freed_memory` for an environment and a glibc version given
+    (``()``: unknown; None: this process's, asked only where it matters): also what a
+    result file's recorded settings meant (tests/test_rules_table.py)."""
+    threshold = environ.get("MALLOC_MMAP_THRESHOLD_")
+    for item in (environ.get("GLIBC_TUNABLES") or "").split(":"):
         name, _, value = item.partition("=")
         if name.strip() == "glibc.malloc.mmap_threshold":
             threshold = value
     if threshold is not None:
         size = _parse_size(threshold)
         if size is not None and size >= _GLIBC_MMAP_THRESHOLD_MAX:
-            version = _glibc_version()
+            if version is None:
+                version = _glibc_version()
             if size == _GLIBC_MMAP_THRESHOLD_MAX or not version or version >= (2, 35):
                 return True
-    preload = os.environ.get("LD_PRELOAD", "")
+    preload = environ.get("LD_PRELOAD") or ""
     return any(name in preload for name in _KEEPING_ALLOCATORS)
-
-
-def _cpu_avx512_beats_torch(spec: RecurrenceSpec) -> bool:
-    """float32 with our AVX-512 GEMM, measured on a 2-core AMD EPYC (Zen 5) against
-    oneDNN's LSTM and ATen's GRU (benchmarks/results/cpu-amd-epyc/: batch-sweep,
-    hidden-sweep, issue3-*, small-batch-lstm-*). GRU: faster everywhere measured (batch
-    1-256, hidden 128-2048; 2.1x-27x). LSTM (no projection; oneDNN's forward runs near
-    this machine's GEMM peak): inference up to batch 16 at hidden >= 128 (1.04x-1.55x at
-    T=32, hidden 128-2048; 1.08x-2.3x at T=1000) and at batch <= 8 with >= 256 steps (the
-    persistent path); from batch 32 up it measured 0.95x-1.0x at T=32 (1.16x at B=64
-    T=128 with glibc's default malloc, 0.93x with glibc keeping freed memory), so it stays
-    with torch.nn. Training at batch <= 2 (1.19x-1.21x at T=32) and at batch <= 8 with
-    >= 256 steps (1.1x-2.1x). Two more training cases win only because glibc's default
-    malloc makes torch.nn fault in fresh memory at every step: hidden >= 1024 at batch
-    2-64 (1.46x-1.5x at batch 16) and saved activations above 16 MiB (1.27x-2.06x); with
-    a malloc that keeps freed memory (:func:`_malloc_keeps_freed_memory`) torch.nn
-    measured faster there (0.83x-0.89x), so they do not apply. Elsewhere torch.nn (B=8-64
-    T=32 H=256 training 0.88x-1.0x; hidden 512 at batch 16 measured 0.94x-1.43x across
-    runs: left to torch.nn)."""
-    if spec.cell == "gru":
-        return spec.batch <= 256 and spec.hidden_size <= 2048
-    if spec.cell != "lstm" or spec.proj_size:
-        return False
-    if spec.variable_lengths and 2 <= spec.batch <= 128 and spec.hidden_size <= 1024:
-        # packed: torch.nn takes oneDNN only where all lengths are equal, else ATen's step
-        # loop, as for every GRU; against that loop 1.32x-8.1x in inference and training
-        # (benchmarks/results/cpu-amd-epyc/packed-lstm.txt: unequal lengths, batch 2-128,
-        # hidden 64-1024). A packed batch of equal lengths, which oneDNN runs, counts here.
-        return True
-    small_batch = spec.batch <= 8 and spec.steps >= 256
-    if not spec.needs_grad:
-        return small_batch or (spec.batch <= 16 and spec.hidden_size >= 128)
-    if small_batch or spec.batch <= 2:
-        return True
-    activations = spec.steps * spec.batch * 4 * spec.hidden_size * 4
-    if not ((spec.hidden_size >= 1024 and 2 <= spec.batch <= 64)
-            or activations > _CPU_LSTM_LARGE_ACTIVATIONS):
-        return False
-    # the environment last: reading it costs more than the rest of the rule
-    return not _malloc_keeps_freed_memory()
 
 
 #: Per device type, the fewest steps a call must have for ``auto`` to try anything but
 #: torch.nn; below, a call's fixed cost decides, and the cells (one step a call) stay
-#: with torch.nn. CPU: measured on a 2-core Intel Xeon with AVX-512
-#: (benchmarks/results/cpu-xeon-amx/short-seq-7599c17.json, I=H=256, the cpu backend
-#: pinned; it packs its weights at every call): the cells 0.19x-0.71x at every batch and
-#: length measured; GRU layers at batch 1 0.58x-0.79x up to 4 steps (but 1.13x for 4
-#: steps with the backward), 1.08x-1.67x at 8; at batch 16 0.66x-1.0x up to 2 steps.
-#: LSTM layers of 1-4 steps measured 1.03x-1.47x there (1.22x-1.47x in training at batch
-#: 1), a win this rule gives up: the rules cannot tell a cell's call from a one-step
-#: layer's, and the LSTM cell measured 0.19x-0.71x. CUDA: the range measured on the H100
-#: (:func:`_cuda_beats_torch`). Other device types have no rules: torch.nn.
-AUTO_MIN_STEPS: dict[str, int] = {"cpu": 8, "cuda": 256}
+#: with torch.nn. From the table of rules (``rules.json``, ``min_steps``: CPU 8, measured
+#: on a 2-core Xeon with AVX-512, where the cells measured 0.19x-0.71x; CUDA 256, the
+#: range measured on the H100). Other device types have no rules: torch.nn.
+AUTO_MIN_STEPS: dict[str, int] = dict(rules.MIN_STEPS)
 tuned._min_steps = AUTO_MIN_STEPS
+
+_CPU_ROWS = rules.rows_for("cpu", "cpu")
+_CUDA_ROWS = rules.rows_for("cuda", "cuda")
 
 
 def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
-    """Where the ``cpu`` backend measured faster than torch.nn on CPU in both forward and
-    forward+backward; never below :data:`AUTO_MIN_STEPS` steps. float32 with our AVX-512
-    GEMM: :func:`_cpu_avx512_beats_torch`.
-    Otherwise (BLAS GEMMs; measured on a 2-core Xeon before the AVX-512 GEMM existed,
-    benchmarks/results/cpu-xeon-2.50ghz/: batch-sweep, hidden-sweep, h1024-b*, issue3-*):
-    GRU: torch.nn runs ATen's step loop, ours wins up to batch 32 (hidden <= 512) and from
-    batch 2 to 64 at larger hidden sizes. LSTM: torch.nn runs oneDNN, which wins at
-    hidden <= 256; ours wins from hidden 512, batch 2 to 64. The measured range ends
-    there, so larger batches stay with torch.nn."""
-    if spec.steps < AUTO_MIN_STEPS["cpu"]:
-        return False
-    if spec.dtype == torch.float32 and _cpu_gemm_is_avx512():
-        return _cpu_avx512_beats_torch(spec)
-    if spec.cell == "gru":
-        return spec.batch <= 32 if spec.hidden_size <= 512 else 2 <= spec.batch <= 64
-    if spec.cell == "lstm":
-        return spec.hidden_size >= 512 and 2 <= spec.batch <= 64
-    return False
+    """Where the ``cpu`` backend measured faster than torch.nn on CPU: a row of the table
+    of rules (``rules.json``, device ``cpu``; docs/backends.md#how-auto-decides) takes the
+    call, never below :data:`AUTO_MIN_STEPS` steps. float32 with our AVX-512 GEMM follows
+    the rows measured on a 2-core AMD EPYC (``gemm: avx512``), float64 and BLAS GEMMs the
+    rows measured on a 2-core Xeon before that GEMM existed (``gemm: blas``); some LSTM
+    training rows hold only with glibc's default malloc (:func:`_malloc_keeps_freed_memory`)."""
+    return rules.takes(_CPU_ROWS, spec, _cpu_gemm_is_avx512, _malloc_keeps_freed_memory) \
+        is not None
 
 
 def _cuda_beats_torch(spec: RecurrenceSpec) -> bool:
-    """Where the ``cuda`` backend measured faster than torch.nn (cuDNN) on an H100
-    (benchmarks/results/h100-80gb-hbm3/, T=1024, the tensor-core persistent forward
-    kernel of aa60b73: canonical and batch sweep at aa60b73, hidden sweep at 04ce18e; T=256
-    only with the older CUDA-core kernel, which still beat torch.nn in bf16 there).
-    Inference only: the backward runs per step (~17 us a step at B=16, H=768 against
-    cuDNN's ~4 in fp16), and the sweeps of training were measured before its split-K
-    kernel. bfloat16 (cuDNN has no persistent bf16 kernel): LSTM and GRU up to batch 32,
-    hidden 128 to 1024, 1.3x to 4.9x. float16, where cuDNN's persistent kernel runs at
-    ~2 us per step: only LSTM at batch 1-2 (2.8x-3.9x) and GRU from hidden 256 up to
-    batch 32 (1.4x-4.8x; 0.49x at hidden 128). Outside the measured range (hidden above
-    1024, where the per-step kernels run at 0.02x-0.04x; odd hidden sizes; packed
-    sequences; fewer than 256 steps; projections) torch.nn keeps it."""
-    if (spec.needs_grad or spec.proj_size or spec.variable_lengths
-            or spec.steps < AUTO_MIN_STEPS["cuda"]
-            or spec.hidden_size % 2 or spec.cell not in ("lstm", "gru")):
-        return False
-    if spec.dtype == torch.bfloat16:
-        return 128 <= spec.hidden_size <= 1024 and spec.batch <= 32
-    if spec.dtype == torch.float16:
-        if spec.cell == "lstm":
-            return 512 <= spec.hidden_size <= 1024 and spec.batch <= 2
-        return 256 <= spec.hidden_size <= 1024 and spec.batch <= 32
-    return False
+    """Where the ``cuda`` backend measured faster than torch.nn (cuDNN) on an H100: a row
+    of the table of rules (``rules.json``, device ``cuda``) takes the call. Inference
+    only, bfloat16 LSTM and GRU and some float16 shapes, at >= 256 steps; see the rows'
+    notes for the measurements."""
+    return rules.takes(_CUDA_ROWS, spec, _cpu_gemm_is_avx512, _malloc_keeps_freed_memory) \
+        is not None
 
 
 #: Per device type, the backends ``auto`` tries in order, each with the rule that says

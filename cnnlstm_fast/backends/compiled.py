@@ -110,7 +110,8 @@ def _pack_rows_backward(ctx, grad):
     return torch.ops.cnnlstm_fast.pad_rows(grad, index, ctx.rows), None
 
 
-def _forward_from_input_fake(cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, reverse):
+def _forward_from_input_fake(cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, reverse,
+                             kernel_name="auto"):
     steps, batch, _ = x.shape
     return (
         x.new_empty(steps, batch, h0.shape[1]),
@@ -208,7 +209,7 @@ def _backward_directions_fake(cell, act, h_prev, extra, w_hh, w_hr, batch_sizes,
 
 
 def _forward_from_input_directions_fake(cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
-                                        reverse):
+                                        reverse, kernel_name="auto"):
     return _transposed(_forward_from_input_fake(cell, x, w_ih[d], gx_bias[d], h0[d], c0[d],
                                                 w_hh[d], w_hr[d], b_hn[d], reverse[d])
                        for d in range(len(w_ih)))
@@ -224,7 +225,8 @@ class CompiledOpsBackend(Backend):
 
     def kernel_arguments(self, backward: bool) -> dict:
         """The ops' kernel selection (``kernel_name``, ``pdl``, ``experimental``) for a call:
-        none here, the ops' defaults; the cuda backend's come from the environment."""
+        none here, the ops' defaults; the cpu backend's is ``cpu.set_kernel``'s setting, the
+        cuda backend's what ``cnnlstm_fast/experimental.py`` selects."""
         return {}
 
     def forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):

@@ -9,19 +9,34 @@ exactly what the ``reference`` backend does (shared op plumbing: ``compiled.py``
 Its input projection and that projection's gradient GEMMs run through
 ``cnnlstm_fast::linear`` (``csrc/cpu/linear.cpp``): our AVX-512 GEMM for float32 where
 the CPU has AVX-512 (torch's MKL measured 2-4x slower at these shapes on a 2-core
-Zen 5, the rate of its AVX2 code), ``F.linear`` elsewhere. ``CNNLSTM_FAST_CPU_GEMM``
-(``auto``, ``avx512``, ``blas``) picks the GEMM of the projection and the recurrence alike.
+Zen 5, the rate of its AVX2 code), ``F.linear`` elsewhere. :func:`set_gemm` (``auto``,
+``avx512``, ``blas``; or the context manager :func:`use_gemm`) picks the GEMM of the
+projection, the recurrence and the conv-to-sequence op alike, for the whole process.
+
+Float32 layers without projection may run their time loop as one parallel region for the
+whole sequence (the persistent path, ``csrc/cpu/recurrence.cpp``). :func:`set_kernel`
+(or :func:`use_kernel`) picks: ``auto`` (where it measured faster), ``persistent``
+(wherever it can run) or ``per_step``; the backend passes the choice to the ops as their
+``kernel_name`` argument.
 
 Its large buffers (saved activations, dG, the projection, packed weights, scratch; 128 KB
 and more) come from a
 cache of blocks that earlier calls freed (``csrc/cpu/alloc.h``): fresh memory of that
 size is faulted in a page at a time on every training step otherwise, which cost a
-third of an LSTM's forward+backward on a 2-core VM. ``CNNLSTM_FAST_CPU_CACHE_MB``
-bounds what it keeps (default 1024; 0 turns it off); :func:`empty_cache` gives it back
-and :func:`cache_info` reports it.
+third of an LSTM's forward+backward on a 2-core VM. ``CNNLSTM_FAST_CPU_CACHE_MB`` (read
+when the extension loads) or :func:`set_cache_limit` bounds what it keeps (default 1024
+MB; 0 turns it off); :func:`empty_cache` gives it back and :func:`cache_info` reports it.
+
+The C++ reads no environment variable: the GEMM and the cache bound are process settings
+held in the extension and set from here, the kernel an argument of each op call.
 """
 
 from __future__ import annotations
+
+import contextlib
+import numbers
+import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -31,10 +46,17 @@ from .compiled import _SAVES_EXTRA, CompiledOpsBackend
 
 _DTYPES = (torch.float32, torch.float64)
 
-#: Whether bidirectional layers run their directions side by side (see
-#: CpuBackend.concurrent_directions); a module-level switch for measuring both ways
-#: (benchmarks/directions.py), not a user setting.
-_CONCURRENT_DIRECTIONS = True
+#: The values of :func:`set_gemm`, the default first.
+GEMMS = ("auto", "avx512", "blas")
+#: The values of :func:`set_kernel`, the default first.
+KERNELS = ("auto", "per_step", "persistent")
+#: The values of :func:`set_directions`, the default first.
+DIRECTIONS = ("one_after_the_other", "side_by_side")
+
+_settings_lock = threading.Lock()
+_kernel = "auto"
+_directions = "one_after_the_other"
+_gemm_in_use: str | None = None  # what cpu_gemm_info() says, cached until set_gemm
 
 
 class CpuBackend(CompiledOpsBackend):
@@ -51,6 +73,13 @@ class CpuBackend(CompiledOpsBackend):
             return f"dtype {spec.dtype} is not float32 or float64"
         return None
 
+    def unavailable_reason(self) -> str | None:
+        why = super().unavailable_reason()
+        return why if why is not None else _ext.settings_error()
+
+    def kernel_arguments(self, backward: bool) -> dict:
+        return {"kernel_name": _kernel}
+
     def forward_from_input(self, spec, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn):
         if not x.is_contiguous():
             # a strided view (a conv's output transposed): the op would copy it; the
@@ -59,15 +88,16 @@ class CpuBackend(CompiledOpsBackend):
         # G_x a chunk of steps at a time into one reused buffer, never (T, B, gates*H)
         # whole: fresh memory that size cost more in page faults than its GEMM.
         y, h_t, c_t = torch.ops.cnnlstm_fast.recurrence_forward_from_input(
-            spec.cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, spec.reverse
+            spec.cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, spec.reverse,
+            kernel_name=_kernel,
         )
         return y, h_t, c_t if spec.cell == "lstm" else None
 
     def concurrent_directions(self, spec: RecurrenceSpec) -> bool:
         """Whether the directions of a bidirectional layer run side by side, each on its
         share of the threads (``csrc/cpu/directions.cpp``; with one thread they run one
-        after the other there)."""
-        return _CONCURRENT_DIRECTIONS
+        after the other there): :func:`set_directions`."""
+        return _directions == "side_by_side"
 
     def forward_from_input_directions(self, specs, x, w_ih, gx_bias, h0, c0, w_hh, w_hr,
                                       b_hn):
@@ -78,7 +108,7 @@ class CpuBackend(CompiledOpsBackend):
             return None
         ys, hs, cs = torch.ops.cnnlstm_fast.recurrence_forward_from_input_directions(
             specs[0].cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
-            [s.reverse for s in specs])
+            [s.reverse for s in specs], kernel_name=_kernel)
         lstm = specs[0].cell == "lstm"
         return [(y, h, c if lstm else None) for y, h, c in zip(ys, hs, cs)]
 
@@ -88,7 +118,7 @@ class CpuBackend(CompiledOpsBackend):
         cell = specs[0].cell
         out = torch.ops.cnnlstm_fast.recurrence_forward_directions(
             cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, [s.reverse for s in specs],
-            need_saved)
+            need_saved, kernel_name=_kernel)
         results = []
         for d, (y, h_t, c_t, act, h_prev, extra) in enumerate(zip(*out)):
             saved = ()
@@ -103,7 +133,7 @@ class CpuBackend(CompiledOpsBackend):
         act, h_prev, extra, w_hh, w_hr = (list(column) for column in zip(*saved))
         out = torch.ops.cnnlstm_fast.recurrence_backward_directions(
             cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, [s.reverse for s in specs],
-            d_y, d_hT, d_cT)
+            d_y, d_hT, d_cT, kernel_name=_kernel)
         return [
             (d_gx, dh0, dc0 if cell == "lstm" else None, d_w_hh,
              d_w_hr if w_hr[d] is not None else None, d_b_hn if cell == "gru" else None)
@@ -138,8 +168,131 @@ def _module():
     return module
 
 
+def _choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
+                         f"got {value!r}")
+    return value
+
+
+def set_gemm(name: str) -> None:
+    """Sets the float32 GEMM of the cpu backend's ops for the whole process: ``"auto"``
+    (the default: our AVX-512 kernel where the CPU has AVX-512F, torch's BLAS elsewhere),
+    ``"avx512"`` (ours; a ValueError where the CPU or the build cannot run it) or
+    ``"blas"``. ``auto``'s rules follow the GEMM in use (their measurements differ with
+    it). A call running on another thread meanwhile may run some of its GEMMs with the
+    old setting and some with the new one: set it between calls."""
+    global _gemm_in_use
+    _choice("gemm", name, GEMMS)
+    with _settings_lock:
+        _module().cpu_set_gemm(name)
+        _gemm_in_use = None
+
+
+def get_gemm() -> str:
+    """The GEMM setting (:func:`set_gemm`): ``"auto"``, ``"avx512"`` or ``"blas"``."""
+    return _module().cpu_gemm_info()["setting"]
+
+
+def gemm_in_use() -> str:
+    """The GEMM the float32 ops run now: ``"avx512"`` or ``"blas"``. Cached between calls
+    of :func:`set_gemm` (asking the extension costs microseconds, which every call that
+    ``auto`` resolves would pay); a setting made past :func:`set_gemm`, through
+    ``cnnlstm_fast._C.cpu_set_gemm``, is not seen here."""
+    global _gemm_in_use
+    known = _gemm_in_use
+    if known is None:
+        known = _gemm_in_use = _module().cpu_gemm_info()["in_use"]
+    return known
+
+
+@contextlib.contextmanager
+def use_gemm(name: str) -> Iterator[None]:
+    """``with use_gemm("blas"): ...`` runs the block with that GEMM (:func:`set_gemm`) and
+    restores the previous setting after it. Process-wide, not per thread."""
+    before = get_gemm()
+    set_gemm(name)
+    try:
+        yield
+    finally:
+        set_gemm(before)
+
+
+def set_kernel(name: str) -> None:
+    """Sets which time loop the cpu backend's recurrence runs, for the whole process (the
+    ops' ``kernel_name`` argument): ``"auto"`` (the default: the persistent path where it
+    measured faster), ``"persistent"`` (one parallel region for the sequence wherever it
+    can run: float32 with the AVX-512 GEMM, no projection, at least two threads with
+    hidden units to own; the per-step loop elsewhere) or ``"per_step"`` (never the
+    persistent path). Both loops compute every element in the same order: results are
+    bit for bit the same. Read at each forward and backward call."""
+    global _kernel
+    _kernel = _choice("kernel", name, KERNELS)
+
+
+def get_kernel() -> str:
+    """The kernel setting (:func:`set_kernel`)."""
+    return _kernel
+
+
+@contextlib.contextmanager
+def use_kernel(name: str) -> Iterator[None]:
+    """``with use_kernel("per_step"): ...`` runs the block with that kernel setting
+    (:func:`set_kernel`) and restores the previous one after it. Process-wide."""
+    before = _kernel
+    set_kernel(name)
+    try:
+        yield
+    finally:
+        set_kernel(before)
+
+
+def set_directions(order: str) -> None:
+    """Sets how the cpu backend runs the two directions of a bidirectional layer, for the
+    whole process: ``"one_after_the_other"`` (the default), each with all of torch's
+    threads, or ``"side_by_side"``, each on its share of the threads at the same time
+    (``csrc/cpu/directions.cpp``; forward and backward). Results are bit for bit the
+    same. Side by side is not the default because it measured slower where we could
+    measure it: 0.76x (geomean; 0.52x-1.16x) on a 2-core VM
+    (``benchmarks/results/cpu-amd-epyc/directions.json``), whose two vCPUs slow each
+    other down (two single-thread GEMM streams at once ran 1.17-1.38x slower each) and
+    where one direction's persistent path already gains 1.6x from the second vCPU. It is
+    expected to pay with more cores than one direction can use (a direction's persistent
+    path splits the hidden units into 32-unit slices, one per thread); measure with
+    ``benchmarks/directions.py`` on your machine. Read at each call."""
+    global _directions
+    _directions = _choice("order", order, DIRECTIONS)
+
+
+def get_directions() -> str:
+    """The directions setting (:func:`set_directions`)."""
+    return _directions
+
+
+@contextlib.contextmanager
+def use_directions(order: str) -> Iterator[None]:
+    """``with use_directions("side_by_side"): ...`` runs the block with that order
+    (:func:`set_directions`) and restores the previous one after it. Process-wide."""
+    before = _directions
+    set_directions(order)
+    try:
+        yield
+    finally:
+        set_directions(before)
+
+
+def set_cache_limit(mb: int) -> None:
+    """Bounds the buffer cache to ``mb`` MiB (a whole number >= 0; 0 turns it off),
+    giving back cached blocks beyond the new bound at once. The default is
+    ``CNNLSTM_FAST_CPU_CACHE_MB`` as the process had it when the extension loaded, else
+    1024."""
+    if isinstance(mb, bool) or not isinstance(mb, numbers.Integral) or mb < 0:
+        raise ValueError(f"mb must be a whole number of MiB >= 0, got {mb!r}")
+    _module().cpu_set_cache_limit(int(mb) << 20)
+
+
 def cache_info() -> dict:
-    """The cpu backend's buffer cache: ``limit_bytes`` (CNNLSTM_FAST_CPU_CACHE_MB),
+    """The cpu backend's buffer cache: ``limit_bytes`` (:func:`set_cache_limit`),
     ``cached_bytes`` and ``cached_blocks`` (free, kept for reuse), ``in_use_bytes``
     (held by live tensors), ``hits`` and ``misses`` since the process started."""
     return dict(_module().cpu_cache_info())

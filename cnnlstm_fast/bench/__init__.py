@@ -20,6 +20,7 @@ floor of a persistent recurrence measured on the device in the same run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -27,6 +28,7 @@ import torch
 import cnnlstm_fast
 
 from .. import env
+from ..backends import cpu as cpu_backend
 from . import providers as prov
 from . import conv2seq, report, suites, timing
 from .providers import AUTO, BASELINE, COMPILED, FLASHRNN
@@ -65,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"{CPU_BUDGET_S:.0f} s per config); CUDA: do_bench budget in ms (default 200)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 is steadier on a busy machine")
+    parser.add_argument("--cpu-gemm", choices=cpu_backend.GEMMS, default=None,
+                        help="the cpu backend's float32 GEMM for the run "
+                             "(cnnlstm_fast.backends.cpu.set_gemm; recorded in the environment)")
+    parser.add_argument("--cpu-kernel", choices=cpu_backend.KERNELS, default=None,
+                        help="the cpu backend's time loop for the run "
+                             "(cnnlstm_fast.backends.cpu.set_kernel; recorded in the environment)")
     parser.add_argument("--json", metavar="PATH", help="write rows, skips and environment as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     parser.add_argument("--plot", metavar="DIR", help="write speedup charts (PNG) of the sweeps here")
@@ -236,7 +244,16 @@ def main(argv: list[str] | None = None) -> dict:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    result = run(args)
+    with contextlib.ExitStack() as settings:
+        if args.cpu_gemm is not None or args.cpu_kernel is not None:
+            try:
+                if args.cpu_gemm is not None:
+                    settings.enter_context(cpu_backend.use_gemm(args.cpu_gemm))
+                if args.cpu_kernel is not None:
+                    settings.enter_context(cpu_backend.use_kernel(args.cpu_kernel))
+            except (ValueError, RuntimeError) as error:  # no AVX-512, no extension
+                raise SystemExit(f"cnnlstm_fast.bench: {error}") from None
+        result = run(args)
     report.print_table(
         result["results"],
         f"{args.suite}: cnnlstm_fast {cnnlstm_fast.__version__} on {result['device']} "

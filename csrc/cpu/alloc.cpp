@@ -6,10 +6,10 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
-#include <cerrno>
-#include <cstdlib>
+#include <atomic>
 #include <map>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -26,16 +26,11 @@ namespace {
 constexpr size_t kMinBytes = size_t{128} << 10;
 constexpr size_t kRound = size_t{64} << 10;
 
-int64_t limit_bytes() {
-  const char* env = std::getenv("CNNLSTM_FAST_CPU_CACHE_MB");
-  if (env == nullptr || *env == '\0') return int64_t{1024} << 20;
-  char* end = nullptr;
-  errno = 0;
-  const long long mb = std::strtoll(env, &end, 10);
-  TORCH_CHECK(errno == 0 && *end == '\0' && mb >= 0,
-              "CNNLSTM_FAST_CPU_CACHE_MB must be a whole number of MB >= 0, got '", env, "'");
-  return static_cast<int64_t>(mb) << 20;
-}
+// The cache's bound (set_cache_limit; default 1024 MB). Set from Python, which reads
+// CNNLSTM_FAST_CPU_CACHE_MB when it loads the extension: C++ reads no environment variable.
+std::atomic<int64_t> limit_setting{int64_t{1024} << 20};
+
+int64_t limit_bytes() { return limit_setting.load(std::memory_order_relaxed); }
 
 class BlockCache;
 
@@ -52,7 +47,7 @@ class BlockCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBytes) return c10::GetCPUAllocator()->allocate(n);
     const size_t bytes = (n + kRound - 1) / kRound * kRound;
-    const int64_t limit = limit_bytes();  // read before the lock: it may throw
+    const int64_t limit = limit_bytes();
     Block* block = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -87,12 +82,7 @@ class BlockCache final : public c10::Allocator {
   }
 
   void release(Block* block) {
-    int64_t limit = 0;
-    try {
-      limit = limit_bytes();
-    } catch (...) {  // a deleter must not throw; a bad setting caches nothing
-      limit = 0;
-    }
+    const int64_t limit = limit_bytes();
     const auto bytes = static_cast<int64_t>(block->bytes);
     std::vector<Block*> evicted;
     {
@@ -123,6 +113,20 @@ class BlockCache final : public c10::Allocator {
     const int64_t limit = limit_bytes();
     std::lock_guard<std::mutex> lock(mutex_);
     return {limit, cached_, static_cast<int64_t>(free_.size()), in_use_, hits_, misses_};
+  }
+
+  // Unmaps cached blocks, smallest first, until at most `limit` bytes stay cached.
+  void trim(int64_t limit) {
+    std::vector<Block*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (cached_ > limit && !free_.empty()) {
+        evicted.push_back(free_.begin()->second);
+        cached_ -= static_cast<int64_t>(free_.begin()->first);
+        free_.erase(free_.begin());
+      }
+    }
+    for (Block* old : evicted) unmap(old);
   }
 
   void clear() {
@@ -169,5 +173,14 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
 CacheStats cache_stats() { return cache().stats(); }
 
 void empty_cache() { cache().clear(); }
+
+void set_cache_limit(int64_t bytes) {
+  if (bytes < 0) {
+    throw std::invalid_argument("cnnlstm_fast cpu backend: the cache limit must be >= 0 bytes, "
+                                "got " + std::to_string(bytes));
+  }
+  limit_setting.store(bytes, std::memory_order_relaxed);
+  cache().trim(bytes);
+}
 
 }  // namespace cnnlstm_fast::cpu

@@ -12,10 +12,12 @@
 // the VM backs each fresh 2 MB page slowly.
 //
 // The cache works like PyTorch's CUDA caching allocator, for these buffers only: a freed
-// block is kept (up to CNNLSTM_FAST_CPU_CACHE_MB, default 1024, in all; cached blocks are
+// block is kept (up to set_cache_limit's bound, default 1024 MB, in all; cached blocks are
 // evicted, smallest first, to make room for the one just freed) and handed to the next
-// request of its size (up to 1/8 larger). 0 turns it off. Memory it holds is given
-// back by empty_cache() (cnnlstm_fast.backends.cpu.empty_cache()).
+// request of its size (up to 1/8 larger). 0 turns it off. The bound is set from Python
+// (CNNLSTM_FAST_CPU_CACHE_MB, read when the extension loads, or
+// cnnlstm_fast.backends.cpu.set_cache_limit; stats.h). Memory it holds is given back by
+// empty_cache() (cnnlstm_fast.backends.cpu.empty_cache()).
 #pragma once
 
 #include <ATen/core/Tensor.h>

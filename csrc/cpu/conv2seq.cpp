@@ -147,8 +147,8 @@ void check_channels(const c10::optional<Tensor>& t, const char* name, int64_t ch
               channels, "), got ", t->scalar_type(), " of shape ", t->sizes());
 }
 
-// The same result in ATen ops (other dtypes, CPUs without AVX-512, CNNLSTM_FAST_CPU_GEMM
-// =blas): the activated sequence materialised, then one linear for all directions.
+// The same result in ATen ops (other dtypes, CPUs without AVX-512, the GEMM set to "blas"):
+// the activated sequence materialised, then one linear for all directions.
 std::vector<Tensor> composition(const Tensor& x, const c10::optional<Tensor>& scale,
                    const c10::optional<Tensor>& shift, Act act, c10::string_view reduce,
                    const Tensor& w_ih, const c10::optional<Tensor>& bias, int64_t directions) {

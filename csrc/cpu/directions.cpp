@@ -305,7 +305,7 @@ recurrence_forward_from_input_directions(
     const std::vector<OptTensor>& gx_bias, const std::vector<Tensor>& h0,
     const std::vector<OptTensor>& c0, const std::vector<Tensor>& w_hh,
     const std::vector<OptTensor>& w_hr, const std::vector<OptTensor>& b_hn,
-    const c10::List<bool>& reverse) {
+    const c10::List<bool>& reverse, c10::string_view kernel_name) {
   const size_t D = w_ih.size();
   check_count("h0", h0.size(), D);
   check_count("w_hh", w_hh.size(), D);
@@ -320,12 +320,12 @@ recurrence_forward_from_input_directions(
           .findSchemaOrThrow("cnnlstm_fast::recurrence_forward_from_input", "")
           .typed<Tensors3(c10::string_view, const Tensor&, const Tensor&, const OptTensor&,
                           const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                          const OptTensor&, bool)>();
+                          const OptTensor&, bool, c10::string_view)>();
   const std::vector<char> rev = flags(reverse);
   std::vector<Tensors3> out(D);
   for_each_direction(static_cast<int64_t>(D), [&](int64_t d) {
     out[d] = op.call(cell, x, w_ih[d], at_or_none(gx_bias, d), h0[d], at_or_none(c0, d),
-                     w_hh[d], at_or_none(w_hr, d), at_or_none(b_hn, d), rev[d] != 0);
+                     w_hh[d], at_or_none(w_hr, d), at_or_none(b_hn, d), rev[d] != 0, kernel_name);
   });
   return transpose(out);
 }
@@ -347,7 +347,8 @@ TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
   m.def(
       "recurrence_forward_from_input_directions(str cell, Tensor x, Tensor[] w_ih, "
       "Tensor?[] gx_bias, Tensor[] h0, Tensor?[] c0, Tensor[] w_hh, Tensor?[] w_hr, "
-      "Tensor?[] b_hn, bool[] reverse) -> (Tensor[] y, Tensor[] h_T, Tensor[] c_T)");
+      "Tensor?[] b_hn, bool[] reverse, str kernel_name=\"auto\") -> (Tensor[] y, "
+      "Tensor[] h_T, Tensor[] c_T)");
 }
 
 TORCH_LIBRARY_IMPL(cnnlstm_fast, CPU, m) {

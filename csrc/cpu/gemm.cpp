@@ -3,10 +3,10 @@
 #include "gemm.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
+#include <atomic>
+#include <stdexcept>
 #include <memory>
 #include <string>
 
@@ -46,18 +46,43 @@ bool packed_gemm_supported() {
 #endif
 }
 
+namespace {
+
+// 0 auto, 1 avx512, 2 blas (set_gemm_choice); an atomic, so a call on another thread sees
+// either the old or the new choice.
+std::atomic<int> gemm_setting{0};
+constexpr const char* kGemmNames[] = {"auto", "avx512", "blas"};
+
+}  // namespace
+
+void set_gemm_choice(const std::string& name) {
+  int index = -1;
+  for (int i = 0; i < 3; ++i) {
+    if (name == kGemmNames[i]) index = i;
+  }
+  if (index < 0) {
+    throw std::invalid_argument("cnnlstm_fast cpu backend: gemm must be one of 'auto', "
+                                "'avx512', 'blas', got '" + name + "'");
+  }
+  if (index == 1 && !packed_gemm_supported()) {
+    throw std::invalid_argument("cnnlstm_fast cpu backend: gemm 'avx512' needs a CPU with "
+                                "AVX-512F and an x86-64 build, which this is not; use 'auto' "
+                                "or 'blas'");
+  }
+  gemm_setting.store(index, std::memory_order_relaxed);
+}
+
+std::string gemm_choice() { return kGemmNames[gemm_setting.load(std::memory_order_relaxed)]; }
+
 bool use_packed_gemm() {
-  const char* env = std::getenv("CNNLSTM_FAST_CPU_GEMM");
-  const std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
-  if (choice == "auto") return packed_gemm_supported();
-  if (choice == "blas") return false;
-  TORCH_CHECK(choice == "avx512",
-              "CNNLSTM_FAST_CPU_GEMM must be one of 'auto', 'avx512', 'blas', got '", choice,
-              "'");
-  TORCH_CHECK(packed_gemm_supported(),
-              "CNNLSTM_FAST_CPU_GEMM=avx512, but this CPU has no AVX-512F (or the build is not "
-              "for x86-64); use 'auto' or 'blas'");
-  return true;
+  switch (gemm_setting.load(std::memory_order_relaxed)) {
+    case 1:
+      return true;  // set_gemm_choice checked packed_gemm_supported()
+    case 2:
+      return false;
+    default:
+      return packed_gemm_supported();
+  }
 }
 
 int64_t packed_size(int64_t k, int64_t n) { return ceil_div(n, kPanelWidth) * kPanelWidth * k; }

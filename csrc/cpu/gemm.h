@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace cnnlstm_fast::cpu {
 
@@ -23,9 +24,16 @@ constexpr int64_t kPanelWidth = 32;
 // Whether packed_gemm can run here: built for x86-64 and the CPU has AVX-512F.
 bool packed_gemm_supported();
 
-// Whether the float32 CPU ops use packed_gemm (true) or torch's BLAS (false), read at
-// each call from CNNLSTM_FAST_CPU_GEMM: "auto" (default: packed_gemm where supported),
-// "avx512" (packed_gemm; an error where unsupported) or "blas".
+// Which float32 GEMM the cpu ops (the recurrence, cnnlstm_fast::linear, conv2seq) use: a
+// process-wide setting, "auto" (default: packed_gemm where supported), "avx512" (packed_gemm)
+// or "blas" (torch's BLAS). Set from Python (cnnlstm_fast.backends.cpu.set_gemm through
+// _C.cpu_set_gemm); C++ reads no environment variable for it. set_gemm_choice throws
+// std::invalid_argument (Python's ValueError) for another name, and for "avx512" where
+// packed_gemm_supported() is false; the setting is then unchanged.
+void set_gemm_choice(const std::string& name);
+std::string gemm_choice();
+
+// Whether the float32 CPU ops use packed_gemm (true) or torch's BLAS (false) now.
 bool use_packed_gemm();
 
 // Floats of a packed (k x n) B: ceil(n / kPanelWidth) panels of k x kPanelWidth.

@@ -2,7 +2,7 @@
 // packed_gemm (gemm.h), the input projection G_x = x W_ih^T + b of the `cpu` backend and
 // the GEMMs of its gradient (cnnlstm_fast/backends/cpu.py). Any strides: a transposed
 // view as input or weight costs no copy (the gradient's dW = dG^T x reads both so).
-// Where packed_gemm is not in use (CNNLSTM_FAST_CPU_GEMM, the CPU) it is at::linear.
+// Where packed_gemm is not in use (set_gemm_choice, the CPU) it is at::linear.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>

@@ -335,17 +335,19 @@ class GxSource {
 // same micro-kernel, one column's dot product in k order), so results do not depend on
 // the path or on the thread count.
 
-// Whether (and how) the persistent path runs, from CNNLSTM_FAST_CPU_PERSISTENT:
-// "auto" (default) where it measured faster, "1" wherever it can run (tests), "0" never.
+// Whether the persistent path runs: the ops' kernel_name argument (the cpu backend passes
+// cnnlstm_fast.backends.cpu.get_kernel()). "auto" (default) where it measured faster,
+// "persistent" wherever it can run (float32 with our GEMM, no projection, at least two
+// threads with units to own; elsewhere the per-step path runs, as under "auto"),
+// "per_step" never.
 enum class PersistentMode { kAuto, kAlways, kNever };
 
-PersistentMode persistent_mode() {
-  const char* env = std::getenv("CNNLSTM_FAST_CPU_PERSISTENT");
-  const std::string value = env == nullptr || *env == '\0' ? "auto" : env;
-  if (value == "auto") return PersistentMode::kAuto;
-  if (value == "1") return PersistentMode::kAlways;
-  TORCH_CHECK(value == "0", "CNNLSTM_FAST_CPU_PERSISTENT must be one of 'auto', '0', '1', got '",
-              value, "'");
+PersistentMode persistent_mode(c10::string_view kernel_name) {
+  if (kernel_name == "auto") return PersistentMode::kAuto;
+  if (kernel_name == "persistent") return PersistentMode::kAlways;
+  TORCH_CHECK(kernel_name == "per_step",
+              "cnnlstm_fast cpu backend: kernel_name must be one of 'auto', 'per_step', "
+              "'persistent', got '", std::string(kernel_name), "'");
   return PersistentMode::kNever;
 }
 
@@ -367,8 +369,8 @@ std::atomic<int64_t> persistent_backward_count{0};
 
 // The number of threads the persistent path runs with for this layer, or 0 where it
 // does not run (then the per-step path computes the same thing).
-int persistent_team(int64_t T, int64_t B, int64_t G, int64_t H, bool projection) {
-  const PersistentMode mode = persistent_mode();
+int persistent_team(PersistentMode mode, int64_t T, int64_t B, int64_t G, int64_t H,
+                    bool projection) {
   if (mode == PersistentMode::kNever || projection || !use_packed_gemm() || B == 0 || T == 0 ||
       at::in_parallel_region()) {
     return 0;
@@ -457,14 +459,15 @@ void pack_gate_rows(const Tensor& w, int gates, int64_t H, int64_t j0, int64_t j
   }
 }
 
-bool persistent_forward(Cell cell, const std::vector<int64_t>& rows, bool reverse,
+bool persistent_forward(PersistentMode mode, Cell cell, const std::vector<int64_t>& rows,
+                        bool reverse,
                         GxSource<float>& source, int64_t T, int64_t B, int64_t G,
                         const Tensor& w_hh, const Tensor& w_hr, const Tensor& b_hn, Tensor& h,
                         Tensor& c, Tensor& y, Tensor& act, Tensor& h_prev, Tensor& extra,
                         bool need_saved) {
   const int gates = kGates[cell];
   const int64_t H = G / gates;
-  const int team = persistent_team(T, B, G, H, w_hr.defined());
+  const int team = persistent_team(mode, T, B, G, H, w_hr.defined());
   if (team == 0) return false;
   const int64_t units = (H + kUnitWidth - 1) / kUnitWidth;
   const bool from_input = source.from_input();
@@ -591,14 +594,14 @@ bool persistent_forward(Cell cell, const std::vector<int64_t>& rows, bool revers
 }
 
 template <typename scalar_t>
-void forward_loop(Cell cell, const std::vector<int64_t>& rows, bool reverse,
+void forward_loop(PersistentMode mode, Cell cell, const std::vector<int64_t>& rows, bool reverse,
                   GxSource<scalar_t>& gx, int64_t T, int64_t B, int64_t G, const Tensor& w_hh,
                   const Tensor& w_hr, const Tensor& b_hn, Tensor& h, Tensor& c, Tensor& y,
                   Tensor& act, Tensor& h_prev, Tensor& extra, bool need_saved) {
   const int64_t H = G / kGates[cell], Hout = h.size(1);
   const bool proj = w_hr.defined();
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (persistent_forward(cell, rows, reverse, gx, T, B, G, w_hh, w_hr, b_hn, h, c, y, act,
+    if (persistent_forward(mode, cell, rows, reverse, gx, T, B, G, w_hh, w_hr, b_hn, h, c, y, act,
                            h_prev, extra, need_saved)) {
       return;
     }
@@ -679,7 +682,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_forward(
     Cell cell, at::ScalarType dtype, int64_t T, int64_t B, int64_t G, const Tensor& h0,
     const c10::optional<Tensor>& c0, const Tensor& w_hh_in, const c10::optional<Tensor>& w_hr_in,
     const c10::optional<Tensor>& b_hn_in, const std::vector<int64_t>& rows, bool reverse,
-    bool need_saved, const MakeSource& make_source) {
+    bool need_saved, PersistentMode mode, const MakeSource& make_source) {
   const int64_t H = G / kGates[cell];
   const bool proj = present(w_hr_in);
   const int64_t Hout = proj ? w_hr_in->size(0) : H;
@@ -698,7 +701,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_forward(
   Tensor c_state = cell == kLstm ? c : Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "cnnlstm_fast_recurrence_forward", [&] {
     GxSource<scalar_t> source = make_source(scalar_t{});
-    forward_loop<scalar_t>(cell, rows, reverse, source, T, B, G, w_hh, w_hr, b_hn, h, c_state,
+    forward_loop<scalar_t>(mode, cell, rows, reverse, source, T, B, G, w_hh, w_hr, b_hn, h, c_state,
                            y, act, h_prev, extra, need_saved);
   });
   if (!need_saved) act = at::empty({0}, opts);
@@ -709,8 +712,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     c10::string_view cell_name, const Tensor& gx_in, const Tensor& h0,
     const c10::optional<Tensor>& c0, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
     const c10::optional<Tensor>& b_hn, const c10::optional<Tensor>& batch_sizes, bool reverse,
-    bool need_saved, c10::string_view /*kernel_name*/, bool /*pdl*/, bool /*experimental*/) {
+    bool need_saved, c10::string_view kernel_name, bool /*pdl*/, bool /*experimental*/) {
   const Cell cell = parse_cell(cell_name);
+  const PersistentMode mode = persistent_mode(kernel_name);
   TORCH_CHECK(gx_in.dim() == 3, "cnnlstm_fast cpu backend: gx must be 3-D (T, B, gates*H), got ",
               gx_in.dim(), "-D");
   const auto dtype = gx_in.scalar_type();
@@ -719,7 +723,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const auto rows = active_rows(batch_sizes, T, B);
   const Tensor gx = gx_in.contiguous();
   return run_forward(cell, dtype, T, B, G, h0, c0, w_hh, w_hr, b_hn, rows, reverse, need_saved,
-                     [&](auto zero) { return GxSource<decltype(zero)>(gx); });
+                     mode, [&](auto zero) { return GxSource<decltype(zero)>(gx); });
 }
 
 // Inference of one layer and direction on padded input: recurrence_forward with
@@ -728,8 +732,9 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_forward_from_input(
     c10::string_view cell_name, const Tensor& x_in, const Tensor& w_ih,
     const c10::optional<Tensor>& gx_bias, const Tensor& h0, const c10::optional<Tensor>& c0,
     const Tensor& w_hh, const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& b_hn,
-    bool reverse) {
+    bool reverse, c10::string_view kernel_name) {
   const Cell cell = parse_cell(cell_name);
+  const PersistentMode mode = persistent_mode(kernel_name);
   TORCH_CHECK(x_in.dim() == 3, "cnnlstm_fast cpu backend: x must be 3-D (T, B, input), got ",
               x_in.dim(), "-D");
   const auto dtype = x_in.scalar_type();
@@ -741,19 +746,21 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_forward_from_input(
   const Tensor bias = present(gx_bias) ? gx_bias->contiguous() : Tensor();
   auto [y, h, c, act, h_prev, extra] =
       run_forward(cell, dtype, T, B, G, h0, c0, w_hh, w_hr, b_hn, std::vector<int64_t>(T, B),
-                  reverse, false, [&](auto zero) { return GxSource<decltype(zero)>(x, w, bias, G); });
+                  reverse, false, mode,
+                  [&](auto zero) { return GxSource<decltype(zero)>(x, w, bias, G); });
   return {y, h, c};
 }
 
 // The backward of the persistent path (see above): bit for bit the per-step path's.
-bool persistent_backward(Cell cell, const std::vector<int64_t>& rows, bool reverse,
+bool persistent_backward(PersistentMode mode, Cell cell, const std::vector<int64_t>& rows,
+                         bool reverse,
                          const Tensor& act, const Tensor& h_prev, const Tensor& extra,
                          const Tensor& w_hh, const Tensor& w_hr, const Tensor& d_y, Tensor& dh,
                          Tensor& dc, Tensor& d_gx, Tensor& d_gh) {
   const int64_t T = act.size(0), B = act.size(1), G = act.size(2);
   const int gates = kGates[cell];
   const int64_t H = G / gates;
-  const int team = persistent_team(T, B, G, H, w_hr.defined());
+  const int team = persistent_team(mode, T, B, G, H, w_hr.defined());
   if (team == 0) return false;
   // W_hh's columns [j0, j1) as B (G x span) of dh = dG W_hh, packed by their owner.
   std::vector<Tensor> packed(team);
@@ -809,7 +816,8 @@ bool persistent_backward(Cell cell, const std::vector<int64_t>& rows, bool rever
 }
 
 template <typename scalar_t>
-void backward_loop(Cell cell, const std::vector<int64_t>& rows, bool reverse, const Tensor& act,
+void backward_loop(PersistentMode mode, Cell cell, const std::vector<int64_t>& rows, bool reverse,
+                   const Tensor& act,
                    const Tensor& h_prev, const Tensor& extra, const Tensor& w_hh,
                    const Tensor& w_hr, const Tensor& d_y, Tensor& dh, Tensor& dc, Tensor& d_gx,
                    Tensor& d_gh, Tensor& dh_all, Tensor& m_all) {
@@ -817,7 +825,7 @@ void backward_loop(Cell cell, const std::vector<int64_t>& rows, bool reverse, co
   const int64_t H = G / kGates[cell], Hout = dh.size(1);
   const bool proj = w_hr.defined();
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (persistent_backward(cell, rows, reverse, act, h_prev, extra, w_hh, w_hr, d_y, dh, dc,
+    if (persistent_backward(mode, cell, rows, reverse, act, h_prev, extra, w_hh, w_hr, d_y, dh, dc,
                             d_gx, d_gh)) {
       return;
     }
@@ -870,8 +878,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     const c10::optional<Tensor>& extra_in, const Tensor& w_hh_in,
     const c10::optional<Tensor>& w_hr_in, const c10::optional<Tensor>& batch_sizes,
     bool reverse, const Tensor& d_y_in, const Tensor& d_hT, const c10::optional<Tensor>& d_cT,
-    c10::string_view /*kernel_name*/, bool /*pdl*/, bool /*experimental*/) {
+    c10::string_view kernel_name, bool /*pdl*/, bool /*experimental*/) {
   const Cell cell = parse_cell(cell_name);
+  const PersistentMode mode = persistent_mode(kernel_name);
   TORCH_CHECK(act_in.dim() == 3, "cnnlstm_fast cpu backend: act must be 3-D, got ",
               act_in.dim(), "-D");
   const auto dtype = act_in.scalar_type();
@@ -908,7 +917,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Tensor m_all = proj ? empty_large({T, B, H}, opts) : Tensor();
   Tensor dc_state = cell == kLstm ? dc : Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "cnnlstm_fast_recurrence_backward", [&] {
-    backward_loop<scalar_t>(cell, rows, reverse, act, h_prev, extra, w_hh, w_hr, d_y, dh,
+    backward_loop<scalar_t>(mode, cell, rows, reverse, act, h_prev, extra, w_hh, w_hr, d_y, dh,
                             dc_state, d_gx, d_gh, dh_all, m_all);
   });
   // dW = dG^T h_prev as linear(dG^T, h_prev^T): transposed views, our GEMM where in use.
@@ -930,10 +939,12 @@ PersistentRuns persistent_runs() {
 
 }  // namespace cnnlstm_fast::cpu
 
-// kernel_name, pdl and experimental select among the cuda kernels (csrc/recurrence_cuda.cpp;
-// the cuda backend passes what cnnlstm_fast/experimental.py reads from the environment);
-// the cpu kernels take them and have no such choice. Not `kernel`: inductor passes an
-// op's arguments by keyword to a function whose first parameter is `kernel`.
+// kernel_name selects the kernel: on CPU "auto", "per_step" or "persistent" (persistent_mode
+// above; the cpu backend passes cnnlstm_fast.backends.cpu.get_kernel()), on CUDA among the
+// cuda kernels (csrc/recurrence_cuda.cpp; the cuda backend passes what
+// cnnlstm_fast/experimental.py selects). pdl and experimental are the cuda kernels' only:
+// the cpu kernels take them and ignore them. Not `kernel`: inductor passes an op's
+// arguments by keyword to a function whose first parameter is `kernel`.
 TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
   m.def(
       "recurrence_forward(str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, "
@@ -942,7 +953,8 @@ TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
       "-> (Tensor y, Tensor h_T, Tensor c_T, Tensor act, Tensor h_prev, Tensor extra)");
   m.def(
       "recurrence_forward_from_input(str cell, Tensor x, Tensor w_ih, Tensor? gx_bias, "
-      "Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? b_hn, bool reverse) "
+      "Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? b_hn, bool reverse, "
+      "str kernel_name=\"auto\") "
       "-> (Tensor y, Tensor h_T, Tensor c_T)");
   m.def(
       "recurrence_backward(str cell, Tensor act, Tensor h_prev, Tensor? extra, Tensor w_hh, "

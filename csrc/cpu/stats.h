@@ -7,7 +7,7 @@
 namespace cnnlstm_fast::cpu {
 
 struct CacheStats {
-  int64_t limit_bytes;   // CNNLSTM_FAST_CPU_CACHE_MB, now
+  int64_t limit_bytes;   // set_cache_limit's bound, now
   int64_t cached_bytes;  // held by the cache, free for reuse
   int64_t cached_blocks;
   int64_t in_use_bytes;  // handed out and not yet freed
@@ -19,6 +19,12 @@ CacheStats cache_stats();
 
 // Unmaps every block the cache holds; blocks in use are unaffected.
 void empty_cache();
+
+// Bounds what the cache keeps (default 1024 MB; 0 keeps nothing and empty_large then
+// allocates as at::empty does), unmapping cached blocks, smallest first, beyond the new
+// bound. Throws std::invalid_argument (Python's ValueError) for a negative bound. Python
+// sets it from CNNLSTM_FAST_CPU_CACHE_MB when it loads the extension.
+void set_cache_limit(int64_t bytes);
 
 // How many layer-direction forwards and backwards the persistent path (recurrence.cpp)
 // has run.
