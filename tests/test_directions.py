@@ -253,3 +253,28 @@ def test_a_forked_child_runs_the_directions_side_by_side():
         assert queue.get(timeout=5) == (5, 2, 8)
     finally:
         torch.set_num_threads(before)
+
+
+def test_side_by_side_compiles_without_graph_breaks_and_exports(threads):
+    """torch.compile(fullgraph=True) traces the directions ops (their fakes), forward and
+    backward, with eager's results; torch.export keeps them in the program."""
+    torch.manual_seed(5)
+    model = clf.GRU(5, 7, num_layers=2, bidirectional=True, backend="cpu")
+    x = torch.randn(9, 3, 5)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(allow_rnn=True):  # as tests/test_compile.py says
+        got = compiled(x)
+    got[0].sum().backward()
+    got_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = model(x)
+    want[0].sum().backward()
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    for a, p in zip(got_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        program = torch.export.export(model.eval(), (x,))
+    targets = {str(n.target) for m in program.graph_module.modules()
+               if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes}
+    assert "cnnlstm_fast.recurrence_forward_directions.default" in targets
