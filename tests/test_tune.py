@@ -127,7 +127,9 @@ def test_tune_times_the_real_candidates_and_leaves_the_model_as_it_was():
     (entry,) = json.loads(tuned.cache_path().read_text())["entries"].values()
     assert entry["choice"] == row["choice"] in entry["times_ms"]
     # a candidate is timed, or its warm-up was too slow to be worth it
-    assert {*entry["times_ms"], *entry["not_timed"]} == {"cpu", "torch"}
+    # (CNNLSTM's rnn is bidirectional: with two threads or more its directions order too)
+    variants = {"cpu:side_by_side"} if torch.get_num_threads() >= 2 else set()
+    assert {*entry["times_ms"], *entry["not_timed"]} == {"cpu", "torch", *variants}
     assert all("warm-up" in why for why in entry["not_timed"].values())
     assert entry["reps"] >= tune_module.MIN_REPS
 
@@ -425,3 +427,48 @@ def test_a_bad_tuning_switch_warns_and_stays_off(record):
                   CNNLSTM_FAST_TUNE="yes")
     assert run.returncode == 0 and run.stdout.strip() == "False"
     assert "CNNLSTM_FAST_TUNE must be 0 or 1, got 'yes'" in run.stderr
+
+
+@needs_cpu
+def test_a_bidirectional_layer_tunes_the_directions_order_and_auto_runs_the_choice(
+        fake_times, monkeypatch):
+    """With two threads or more a bidirectional layer's candidates include the cpu
+    backend's other directions order (cpu:side_by_side); a recorded variant runs as
+    that variant (the directions ops), and a variant this version lacks leaves the
+    choice to the rules."""
+    from cnnlstm_fast.backends import cpu
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer, x = clf.LSTM(3, 5, bidirectional=True), torch.randn(STEPS, 2, 3)
+        spec = layer._call_spec(x)
+        assert "cpu:side_by_side" in tune_module.candidates(spec)
+        assert not any(":" in n for n in tune_module.candidates(
+            clf.LSTM(3, 5)._call_spec(x)))  # one direction: nothing to order
+        fake_times[0].update({"cpu": 3.0, "cpu:side_by_side": 0.5})
+        (row,) = clf.tune(layer, x).rows
+        assert row["choice"] == "cpu:side_by_side"
+        calls = []
+        real = cpu.CpuBackend.forward_directions
+        monkeypatch.setattr(cpu.CpuBackend, "forward_directions",
+                            lambda self, *a: calls.append(self.name) or real(self, *a))
+        torch_nn = torch.nn.LSTM(3, 5, bidirectional=True)
+        torch_nn.load_state_dict(layer.state_dict())
+        got = layer(x)
+        assert calls == ["cpu:side_by_side"]
+        torch.testing.assert_close(got[0], torch_nn(x)[0], rtol=1e-5, atol=1e-6)
+        assert cpu.get_directions() == "one_after_the_other"  # the process setting untouched
+        assert _explain_row(layer, x)["backend"] == "cpu:side_by_side"
+        # a record naming a variant this version does not have: the rules decide
+        sig = tuned.signature(spec)
+        tuned.remember(sig, "cpu:sideways", {}, {})
+        assert _explain_row(layer, x)["backend"] in ("torch", "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert backends.get_backend("cpu:side_by_side").directions == "side_by_side"
+    with pytest.raises(ValueError, match="backend 'cpu' variant must be one of "
+                                         "'one_after_the_other', 'side_by_side', got 'x'"):
+        backends.get_backend("cpu:x")
+    with pytest.raises(ValueError, match="backend 'torch' has no variants, got 'x'"):
+        backends.get_backend("torch:x")

@@ -198,12 +198,16 @@ def registered_backends() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
+    """The registered backend ``name``, or a variant of one, ``"<backend>:<variant>"``
+    (``Backend.variant``; e.g. ``"cpu:side_by_side"``, what ``tune`` may record)."""
+    base, _, variant = name.partition(":")
     try:
-        return _REGISTRY[name]
+        backend = _REGISTRY[base]
     except KeyError:
         raise ValueError(
             f"backend must be 'auto' or one of {registered_backends()}, got {name!r}"
         ) from None
+    return backend.variant(variant) if variant else backend
 
 
 def _check_name(name: str) -> str:
@@ -219,7 +223,7 @@ def _unavailable(name: str) -> str | None:
     """``unavailable_reason()`` of a registered backend. Under torch.compile it runs
     eagerly at trace time and its answer is a constant of the graph (it imports
     modules and loads the extension, which Dynamo cannot trace)."""
-    return _REGISTRY[name].unavailable_reason()
+    return get_backend(name).unavailable_reason()
 
 
 def available_backends() -> list[str]:
@@ -396,7 +400,10 @@ def _resolve(requested: str, spec: RecurrenceSpec, record: bool = True) -> tuple
         return _named(name, spec), "the process default (set_backend, CNNLSTM_FAST_BACKEND)"
     tuned_choice = tuned.lookup(spec) if record else None
     if tuned_choice is not None:
-        backend = _REGISTRY.get(tuned_choice[0])
+        try:
+            backend = get_backend(tuned_choice[0])
+        except ValueError:  # a variant this version does not have: the rules decide
+            backend = None
         if (backend is not None and _unavailable(backend.name) is None
                 and backend.unsupported_reason(spec) is None):
             return backend, tuned_choice[1]

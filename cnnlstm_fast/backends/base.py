@@ -85,6 +85,16 @@ class Backend:
         """None when the backend can run ``spec``, else what is missing."""
         return None
 
+    def variants(self, spec: RecurrenceSpec) -> list[str]:
+        """Names of this backend's variants worth timing against it for ``spec``
+        (``cnnlstm_fast.tune`` times ``"<name>:<variant>"`` beside ``name``)."""
+        return []
+
+    def variant(self, name: str) -> "Backend":
+        """The backend run as variant ``name`` (its ``name`` is ``"<name>:<variant>"``);
+        a ValueError naming the variants there are for an unknown one."""
+        raise ValueError(f"backend {self.name!r} has no variants, got {name!r}")
+
     def input_projection(self, x, weight, bias):
         """``G_x = x @ weight^T + bias`` (differentiable) for a layer this backend runs."""
         return torch.nn.functional.linear(x, weight, bias)

@@ -56,6 +56,7 @@ DIRECTIONS = ("one_after_the_other", "side_by_side")
 _settings_lock = threading.Lock()
 _kernel = "auto"
 _directions = "one_after_the_other"
+_variants: dict[str, "CpuBackend"] = {}
 _gemm_in_use: str | None = None  # what cpu_gemm_info() says, cached until set_gemm
 
 
@@ -93,11 +94,36 @@ class CpuBackend(CompiledOpsBackend):
         )
         return y, h_t, c_t if spec.cell == "lstm" else None
 
+    #: The directions order this instance runs (None: :func:`set_directions`'s); set on
+    #: the variant ``cpu:<order>`` (:meth:`variant`).
+    directions: str | None = None
+
     def concurrent_directions(self, spec: RecurrenceSpec) -> bool:
         """Whether the directions of a bidirectional layer run side by side, each on its
         share of the threads (``csrc/cpu/directions.cpp``; with one thread they run one
-        after the other there): :func:`set_directions`."""
-        return _directions == "side_by_side"
+        after the other there): this variant's order, else :func:`set_directions`."""
+        return (self.directions or _directions) == "side_by_side"
+
+    def variants(self, spec: RecurrenceSpec) -> list[str]:
+        """``side_by_side`` for a bidirectional layer with two threads or more: the
+        directions order that measured slower on a 2-core VM but may pay with more cores
+        (:func:`set_directions`), which ``tune`` then measures on the user's machine."""
+        if (self.directions is None and len(spec.layer) >= 4 and spec.layer[3] == 2
+                and torch.get_num_threads() >= 2):
+            return [order for order in DIRECTIONS if order != _directions]
+        return []
+
+    def variant(self, name: str) -> "CpuBackend":
+        """``cpu:one_after_the_other`` or ``cpu:side_by_side``: the cpu backend with that
+        directions order whatever :func:`set_directions` says."""
+        if name not in DIRECTIONS:
+            raise ValueError(f"backend 'cpu' variant must be one of "
+                             f"{', '.join(map(repr, DIRECTIONS))}, got {name!r}")
+        known = _variants.get(name)
+        if known is None:
+            known = _variants[name] = type(self)()
+            known.name, known.directions = f"{self.name}:{name}", name
+        return known
 
     def forward_from_input_directions(self, specs, x, w_ih, gx_bias, h0, c0, w_hh, w_hr,
                                       b_hn):
@@ -252,7 +278,9 @@ def set_directions(order: str) -> None:
     whole process: ``"one_after_the_other"`` (the default), each with all of torch's
     threads, or ``"side_by_side"``, each on its share of the threads at the same time
     (``csrc/cpu/directions.cpp``; forward and backward). Results are bit for bit the
-    same. Side by side is not the default because it measured slower where we could
+    same where our AVX-512 GEMM runs (float32); BLAS (float64, CPUs without AVX-512) may
+    round differently on a direction's fewer threads, as it does between thread counts
+    anyway. Side by side is not the default because it measured slower where we could
     measure it: 0.76x (geomean; 0.52x-1.16x) on a 2-core VM
     (``benchmarks/results/cpu-amd-epyc/directions.json``), whose two vCPUs slow each
     other down (two single-thread GEMM streams at once ran 1.17-1.38x slower each) and

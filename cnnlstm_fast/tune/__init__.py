@@ -90,13 +90,17 @@ class Table:
 def candidates(spec: RecurrenceSpec) -> list[str]:
     """The backends timed for ``spec``'s call: the available ones that support it, except
     ``reference`` (the executable specification, never a speed candidate) and Triton on
-    CPU tensors (its interpreter, a test vehicle)."""
+    CPU tensors (its interpreter, a test vehicle), each followed by the variants it
+    offers for the call (``Backend.variants``: ``cpu:side_by_side`` for a bidirectional
+    layer, ``backends/cpu.py: set_directions``)."""
     names = []
     for name in backends.available_backends():
         if name == "reference" or (name == "triton" and spec.device.type != "cuda"):
             continue
-        if backends.get_backend(name).unsupported_reason(spec) is None:
+        backend = backends.get_backend(name)
+        if backend.unsupported_reason(spec) is None:
             names.append(name)
+            names += [f"{name}:{variant}" for variant in backend.variants(spec)]
     return names
 
 

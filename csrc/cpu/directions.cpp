@@ -15,11 +15,12 @@
 // keys).
 // Each runs with omp_set_num_threads(share) on its own thread (OpenMP's thread count is
 // per thread, and at::parallel_for and our persistent path read it there; the caller's
-// is restored afterwards. MKL keeps its own, process-wide count: where a direction calls
-// BLAS (float64, and float32 without AVX-512) MKL may use more threads than the share
-// (torch's MKL exports only the Fortran form of its per-thread setter). Each
-// direction's result is exactly the one-direction op's (the per-element order of the
-// GEMMs and pointwise passes does not depend on the thread count, see recurrence.cpp).
+// is restored afterwards. Where a direction calls BLAS (float64, float32 without
+// AVX-512), MKL's count is not set here (torch's MKL exports only the Fortran form of
+// its per-thread setter), and its results may differ in the last bits with the thread
+// count it runs on. With our AVX-512 GEMM each direction's result is exactly the
+// one-direction op's (the per-element order of the GEMMs and pointwise passes does not
+// depend on the thread count, see recurrence.cpp).
 // With one thread, inside a parallel region, or for one direction, the directions run
 // one after the other on the caller.
 
