@@ -330,13 +330,12 @@ std::vector<Tensor> conv2seq_projection(const Tensor& x, const c10::optional<Ten
   return out;
 }
 
-// The GEMMs of the projection's backward in the sequence's own layout, a sequence at a
-// time: d_seq[b] (C x T) = sum_d W_d^T dG_d[:, b]^T and dW_d = sum_b dG_d[:, b]^T seq[b]^T.
+// The GEMMs of the projection's backward: d_seq[b] (C x T) = sum_d W_d^T dG_d[:, b]^T and
+// dW_d = sum_b dG_d[:, b]^T seq[b]^T, each as one GEMM over the whole batch (below).
 // d_seq comes out as (B, C, T) contiguous, the layout of the conv output x, so the
-// permute's backward is a view and the conv's backward reads it as it is; seq (B, C, T),
-// any strides, is read in place (for a layer without norm or activation it is the input
-// itself). float32 where packed_gemm runs; the module computes the same in PyTorch ops
-// elsewhere.
+// permute's backward is a view and the conv's backward reads it as it is; seq (B, C, T)
+// may have any strides. float32 where packed_gemm runs; the module computes the same in
+// PyTorch ops elsewhere.
 std::tuple<Tensor, Tensor> conv2seq_projection_backward(at::TensorList grads, const Tensor& seq,
                                                          const Tensor& w_ih, bool need_seq,
                                                          bool need_w,
@@ -359,29 +358,66 @@ std::tuple<Tensor, Tensor> conv2seq_projection_backward(at::TensorList grads, co
     g.push_back(grad.contiguous());
   }
   const Tensor order = batch_order(order_in, B);
+  Tensor d_seq, d_w;
+  if (B * T == 0 || G == 0 || C == 0) {
+    return {need_seq ? at::zeros({B, C, T}, seq.options()) : Tensor(),
+            need_w ? at::zeros({D * G, C}, w_ih.options()) : Tensor()};
+  }
+  // Whole-batch GEMMs over the T * B time-major rows of dG (K = T * B for dW), not one
+  // per sequence: per-sequence products (K = T) ran at about two thirds of the rate of
+  // these on the 2-core EPYC VM (45 against 64 ms for CRNN's bidirectional first layer).
+  // seq is read in place (packed for the GEMM straight from its strides, never copied);
+  // dX is computed time-major and written into (B, C, T) in one transposing pass.
   const int64_t* pos = order.defined() ? order.const_data_ptr<int64_t>() : nullptr;
-  Tensor d_seq = need_seq ? at::zeros({B, C, T}, seq.options()) : Tensor();
-  Tensor d_w = need_w ? at::zeros({D * G, C}, w_ih.options()) : Tensor();
-  if (B * T == 0 || G == 0 || C == 0) return {d_seq, d_w};
-  const int64_t ld = B * G;  // between steps of one sequence in dG
-  Tensor packed = empty_large({std::max(packed_size(G, T), packed_size(T, C))}, seq.options());
-  float* pk = packed.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
+  const auto opts = seq.options();
+  if (need_seq) {  // rows (T*B x C) = sum over d of dG_d (T*B x G) . W_d (G x C)
+    Tensor rows = empty_large({T * B, C}, opts);
+    Tensor pw = empty_large({packed_size(G, C)}, opts);
     for (int64_t d = 0; d < D; ++d) {
-      // (T x G), row stride B * G: sequence b's rows, at its position in the batch
-      const float* g_b = g[d].const_data_ptr<float>() + (pos ? pos[b] : b) * G;
-      const Tensor w = w_ih.narrow(0, d * G, G);
-      if (need_seq) {  // (C x T) += W^T (C x G) . dG_b^T (G x T)
-        pack_b(G, T, g_b, 1, ld, pk);
-        packed_gemm(C, T, G, w.const_data_ptr<float>(), w.stride(1), w.stride(0), pk, nullptr,
-                    1.0f, d_seq.data_ptr<float>() + b * C * T, T);
+      const float* w = w_ih.const_data_ptr<float>() + d * G * w_ih.stride(0);
+      pack_b(G, C, w, w_ih.stride(0), w_ih.stride(1), pw.data_ptr<float>());
+      packed_gemm(T * B, C, G, g[d].const_data_ptr<float>(), G, 1, pw.const_data_ptr<float>(),
+                  nullptr, d == 0 ? 0.0f : 1.0f, rows.data_ptr<float>(), C);
+    }
+    d_seq = at::empty({B, C, T}, opts);
+    const float* r = rows.const_data_ptr<float>();
+    float* out = d_seq.data_ptr<float>();
+    constexpr int64_t kSteps = 16;  // a block of steps per channel sweep
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t row = pos ? pos[b] : b;
+        for (int64_t t0 = 0; t0 < T; t0 += kSteps) {
+          const int64_t t1 = std::min(T, t0 + kSteps);
+          for (int64_t c = 0; c < C; ++c) {
+            float* o = out + (b * C + c) * T;
+            for (int64_t t = t0; t < t1; ++t) o[t] = r[(t * B + row) * C + c];
+          }
+        }
       }
-      if (need_w) {  // (G x C) += dG_b^T (G x T) . seq_b^T (T x C)
-        const float* s_b = seq.const_data_ptr<float>() + b * seq.stride(0);
-        pack_b(T, C, s_b, seq.stride(2), seq.stride(1), pk);
-        packed_gemm(G, C, T, g_b, 1, ld, pk, nullptr, 1.0f,
-                    d_w.data_ptr<float>() + d * G * C, C);
+    });
+  }
+  if (need_w) {  // dW_d (G x C) = dG_d^T (G x T*B) . S (T*B x C), S[t*B + pos[b]] = seq[b, :, t]
+    const int64_t K = T * B, panels = (C + kPanelWidth - 1) / kPanelWidth;
+    Tensor ps = empty_large({packed_size(K, C)}, opts);
+    float* pk = ps.data_ptr<float>();
+    const float* sp = seq.const_data_ptr<float>();
+    const int64_t sb = seq.stride(0), sc = seq.stride(1), st = seq.stride(2);
+    at::parallel_for(0, panels * B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t p = task / B, b = task % B, row = pos ? pos[b] : b;
+        const int64_t c0 = p * kPanelWidth, width = std::min(kPanelWidth, C - c0);
+        for (int64_t t = 0; t < T; ++t) {
+          float* dst = pk + p * K * kPanelWidth + (t * B + row) * kPanelWidth;
+          const float* src = sp + b * sb + c0 * sc + t * st;
+          for (int64_t j = 0; j < width; ++j) dst[j] = src[j * sc];
+          for (int64_t j = width; j < kPanelWidth; ++j) dst[j] = 0.0f;
+        }
       }
+    });
+    d_w = at::empty({D * G, C}, w_ih.options());
+    for (int64_t d = 0; d < D; ++d) {
+      packed_gemm(G, C, K, g[d].const_data_ptr<float>(), 1, G, pk, nullptr, 0.0f,
+                  d_w.data_ptr<float>() + d * G * C, C);
     }
   }
   return {d_seq, d_w};
