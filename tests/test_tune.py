@@ -42,16 +42,23 @@ def record(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_times(monkeypatch):
     """Timing replaced by fixed medians (``times[name]``, ms); every candidate still runs
-    once. Returns (times, the signatures timed in order)."""
+    once. In the whole-model check ``times["whole:<name>"]`` where given, and its
+    "tuned" configuration (the per-layer choices) times as the fastest unless ``times``
+    says otherwise. Returns (times, the signatures timed in
+    order; the whole-model check's steps are not among them)."""
     times = {"torch": 2.0, "cpu": 3.0, "reference": 1.0}
     timed = []
 
     def fake(steps, device):
-        timed.append(tuple(steps))
+        if "tuned" not in steps:
+            timed.append(tuple(steps))
         for step in steps.values():
             step()
-        return {n: {"median_ms": times[n], "p20_ms": times[n], "p80_ms": times[n], "reps": 1}
-                for n in steps}, {}
+        whole = "tuned" in steps  # the whole-model check: "whole:<name>" first
+        got = {n: times.get(f"whole:{n}" if whole else n, times.get(n, min(times.values())))
+               for n in steps}
+        return {n: {"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "reps": 1}
+                for n, ms in got.items()}, {}
 
     monkeypatch.setattr(tune_module, "_time", fake)
     return times, timed
@@ -472,3 +479,55 @@ def test_a_bidirectional_layer_tunes_the_directions_order_and_auto_runs_the_choi
         backends.get_backend("cpu:x")
     with pytest.raises(ValueError, match="backend 'torch' has no variants, got 'x'"):
         backends.get_backend("torch:x")
+
+
+def test_the_whole_model_check_replaces_per_layer_choices_that_lose_together(
+        fake_times, reference_candidate):
+    """Each layer timed alone prefers the reference backend, but the whole model with
+    those choices is slower than with torch.nn everywhere: every signature of the run
+    takes torch.nn, the table and explain say why; the model's buffers (BatchNorm's
+    running statistics), .grad and the random number state are as the call leaves them."""
+    times, _ = fake_times
+    times.update({"whole:tuned": 5.0, "whole:torch": 4.0})
+    model = CNNLSTM(3, 2, conv_channels=(4,), hidden_size=8, dropout=0.5).train()
+    x = torch.randn(2, STEPS, 3)
+    torch.manual_seed(1)
+    model(x)
+    after_plain = torch.get_rng_state()
+    model = CNNLSTM(3, 2, conv_channels=(4,), hidden_size=8, dropout=0.5).train()
+    before = [b.clone() for b in model.buffers()]
+    torch.manual_seed(1)
+    table = clf.tune(model, x)
+    assert torch.equal(torch.get_rng_state(), after_plain)
+    assert all(p.grad is None for p in model.parameters())
+    # the call itself updates the running statistics once, as model(x) does; the whole
+    # model's timed calls leave no trace
+    model_once = CNNLSTM(3, 2, conv_channels=(4,), hidden_size=8, dropout=0.5).train()
+    model_once.load_state_dict({**model.state_dict(), **dict(zip(
+        [n for n, _ in model.named_buffers()], before))})
+    torch.manual_seed(1)
+    model_once(x)
+    for got, want in zip(model.buffers(), model_once.buffers()):
+        # not bit for bit: the call in tune ran the fused conv-to-sequence path (its
+        # norm folded), model_once the plain one (torch.nn took the rnn); the timed calls
+        # would have moved the statistics by far more (momentum 0.1 per call)
+        torch.testing.assert_close(got, want)
+    (row,) = table.rows
+    assert row["choice"] == "torch (whole model)"
+    note = next(n for n in table.notes if n.startswith("whole-model check"))
+    assert "torch 4 ms, tuned 5 ms" in note and note.endswith("-> torch for every layer tuned here")
+    (entry,) = json.loads(tuned.cache_path().read_text())["entries"].values()
+    # reference, which every layer chose, is the per-layer configuration ("tuned")
+    assert entry["choice"] == "torch" and entry["whole_model"] == {"tuned": 5.0, "torch": 4.0}
+    assert _explain_row(model, x)["why"].endswith(
+        f"the whole model: torch 4 ms, tuned 5 ms; {entry['measured']})")
+
+
+def test_the_whole_model_check_keeps_choices_that_hold_up(fake_times, reference_candidate):
+    times, _ = fake_times
+    times.update({"whole:tuned": 1.0, "whole:torch": 1.02})  # within TIE_MARGIN: they stay
+    layer, x = clf.GRU(3, 4, bidirectional=True), torch.randn(STEPS, 2, 3)
+    table = clf.tune(layer, x)
+    assert table.rows[0]["choice"] == "reference"
+    note = next(n for n in table.notes if n.startswith("whole-model check"))
+    assert note.endswith("-> the per-layer choices stay")

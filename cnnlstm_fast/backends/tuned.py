@@ -149,6 +149,11 @@ def _from_json(fields: dict) -> tuple:
 def _why(entry: dict) -> str:
     times = sorted(entry["times_ms"].items(), key=lambda item: item[1])
     measured = ", ".join(f"{name} {ms:.3g} ms" for name, ms in times) or "the only candidate"
+    whole = entry.get("whole_model")
+    if whole:  # the per-layer choice replaced after timing the whole model
+        model = ", ".join(f"{name} {ms:.3g} ms" for name, ms in
+                          sorted(whole.items(), key=lambda item: item[1]))
+        measured += f"; the whole model: {model}"
     return f"tuned on this machine ({measured}; {entry.get('measured', 'undated')})"
 
 
@@ -194,6 +199,20 @@ def remember(sig: tuple, choice: str, times: dict[str, dict], not_timed: dict[st
         "measured": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     key = _key_text(sig)
+    _entries[key] = entry
+    _unsaved.add(key)
+    _rebuild()
+    return entry
+
+
+def override(sig: tuple, choice: str, whole_model_ms: dict[str, float]) -> dict:
+    """Replaces the choice :func:`remember` made for ``sig`` after the whole model was
+    timed (``whole_model_ms``: each configuration's median, ``"tuned"`` the per-layer
+    choices); the layer's own times stay in the entry. Returns the entry."""
+    if _choices is None:
+        load()
+    key = _key_text(sig)
+    entry = dict(_entries[key], choice=choice, whole_model=dict(whole_model_ms))
     _entries[key] = entry
     _unsaved.add(key)
     _rebuild()

@@ -130,6 +130,7 @@ def tune(model: nn.Module, *example_inputs, **example_kwargs) -> Table:
     start = time.perf_counter()
     with _watching(tuner):
         model(*example_inputs, **example_kwargs)
+    check = _whole_model_check(model, tuner, example_inputs, example_kwargs)
     seconds = time.perf_counter() - start
     path = tuned.save() if tuner.measured else None
     devices = sorted({sig[0] for sig in tuner.measured})
@@ -137,9 +138,76 @@ def tune(model: nn.Module, *example_inputs, **example_kwargs) -> Table:
         f"cnnlstm_fast.tune: {len(tuner.measured)} signature(s) timed in {seconds:.1f} s on "
         f"{', '.join(devices) or 'no device'} ({torch.get_num_threads()} threads)",
         ("layer", "signature", "median ms", "choice", "rules"), tuner.rows)
+    if check is not None:
+        table.notes.append(check)
     if path is not None:
         table.notes.append(f"record: {path}")
     return table
+
+
+def _whole_model_check(model: nn.Module, tuner: "_Tuner", args, kwargs) -> str | None:
+    """Times the whole model (forward, and backward where it trains) with the per-layer
+    choices against every layer on one backend, for each backend the layers were timed
+    on. Where one backend for all layers is faster than the per-layer choices by more
+    than TIE_MARGIN (a layer's time alone does not show what it costs its neighbours:
+    caches, threads, copies between layouts), every signature of the run takes it. The
+    model's parameters' ``.grad``, its buffers (BatchNorm's running statistics) and the
+    random number state are left as they were. Returns the table's note, or None where
+    there was nothing to compare."""
+    if not tuner.measured:
+        return None
+    choices = {entry["choice"] for entry in tuner.measured.values()}
+    # each backend the layers were timed on, for all layers; not the one every layer
+    # chose already (that is the per-layer configuration itself)
+    names = sorted({n for entry in tuner.measured.values() for n in entry["times_ms"]
+                    if ":" not in n} - (choices if len(choices) == 1 else set()))
+    if not names:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    training = torch.is_grad_enabled() and bool(params)
+    tensors = _tensors((args, tuple(kwargs.values())))
+    device = tensors[0].device if tensors else (params[0].device if params else torch.device("cpu"))
+    grads: list[torch.Tensor] = []
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            with contextlib.nullcontext() if name == "tuned" else backends.use_backend(name):
+                out = model(*args, **kwargs)
+            if training:
+                outs = [t for t in _tensors(out) if t.requires_grad]
+                if not grads:
+                    grads.extend(torch.randn_like(t) for t in outs)
+                if outs:
+                    torch.autograd.grad(outs, params, grads, allow_unused=True)
+        return run
+
+    buffers = [b.detach().clone() for b in model.buffers()]
+    _busy.active = True
+    try:
+        with _lock, torch.random.fork_rng(
+                [device.index or 0] if device.type == "cuda" else []):
+            times, not_timed = _time({n: step(n) for n in ("tuned", *names)}, device)
+    finally:
+        _busy.active = False
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+    if "tuned" not in times:
+        return "whole-model check: not timed (" + "; ".join(
+            f"{n}: {why}" for n, why in not_timed.items()) + ")"
+    medians = {n: t["median_ms"] for n, t in times.items()}
+    shown = ", ".join(f"{n} {ms:.3g} ms" for n, ms in sorted(medians.items(), key=lambda i: i[1]))
+    best = min(medians, key=medians.get)
+    if best == "tuned" or medians[best] * (1 + TIE_MARGIN) >= medians["tuned"]:
+        return f"whole-model check ({'training' if training else 'inference'}): {shown} " \
+               "(tuned: the per-layer choices) -> the per-layer choices stay"
+    for sig in tuner.measured:
+        tuner.measured[sig] = tuned.override(sig, best, medians)
+    for row in tuner.rows:
+        if row.get("median ms") and row["choice"] != best:  # a layer timed here
+            row["choice"] = f"{best} (whole model)"
+    return f"whole-model check ({'training' if training else 'inference'}): {shown} " \
+           f"(tuned: the per-layer choices) -> {best} for every layer tuned here"
 
 
 def explain(model: nn.Module, *example_inputs, **example_kwargs) -> Table:
@@ -370,6 +438,10 @@ def _fresh(obj):
 def _tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
+    if isinstance(obj, PackedSequence):
+        return [obj.data]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
     if isinstance(obj, (tuple, list)):
         return [t for item in obj for t in _tensors(item)]
     return []
