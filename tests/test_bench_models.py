@@ -53,3 +53,49 @@ def test_the_models_suite_has_every_model_on_each_device():
     for device in ("cpu", "cuda"):
         names = {shape["model"] for shape in suites.shapes("models", device)}
         assert names == set(zoo.MODELS), f"{device}: {names}"
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_the_tuned_provider_tunes_in_a_record_of_its_own(tmp_path, monkeypatch, mode):
+    """``tuned``: the model tuned on the configuration (cnnlstm_fast.tune) in a record of
+    its own; its step follows that record while the process's record (what ``auto``
+    follows) stays as it was, empty here; a bare layer or a cell is skipped."""
+    from cnnlstm_fast.backends import tuned
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tuned.reset()
+    shape = next(s for s in suites.shapes("models", "cpu") if s["model"] == "stacked")
+    cfg = dataclasses.replace(_small_config(shape, "gru"), mode=mode, steps=20)  # past the
+    # short calls auto leaves to torch.nn without asking the record
+    steps, skipped = providers.config_steps(cfg, [providers.TUNED, providers.AUTO],
+                                            providers.LIMITS)
+    assert not skipped and set(steps) == {providers.TUNED, providers.AUTO}
+    assert tuned.entries() == {} and not list(tmp_path.rglob("*.json"))
+    with providers.auto_choices() as names:
+        steps[providers.TUNED]()
+    assert names and tuned.entries() == {}
+    # the tuned record was followed: explain's reason for each call says "tuned"
+    import logging
+
+    whys = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            whys.append(str(getattr(record, "why", "")))
+
+    logger = logging.getLogger("cnnlstm_fast.backends")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        steps[providers.TUNED]()
+        tuned_whys, whys[:] = list(whys), []
+        steps[providers.AUTO]()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert tuned_whys and all("tuned on this machine" in w for w in tuned_whys)
+    assert whys and not any("tuned on this machine" in w for w in whys)
+    layer = suites.Config(cell="gru", batch=2, steps=4, input_size=3, hidden_size=4)
+    _, skipped = providers.config_steps(layer, [providers.TUNED], providers.LIMITS)
+    assert "whole models only" in skipped[providers.TUNED]

@@ -219,6 +219,36 @@ def override(sig: tuple, choice: str, whole_model_ms: dict[str, float]) -> dict:
     return entry
 
 
+#: A record not read yet (:func:`swapped`): the first lookup reads the file at
+#: :func:`cache_path`.
+EMPTY = (None, {}, None, set())
+
+
+def snapshot() -> tuple:
+    """The record as this process holds it now (for :func:`swapped`)."""
+    return _choices, dict(_entries), short_calls, set(_unsaved)
+
+
+def _restore(state: tuple) -> None:
+    global _choices, _entries, short_calls
+    _choices, _entries, short_calls = state[0], dict(state[1]), state[2]
+    _unsaved.clear()
+    _unsaved.update(state[3])
+
+
+@contextlib.contextmanager
+def swapped(state: tuple) -> Iterator[None]:
+    """Runs the block with the record ``state`` (:func:`snapshot`) in place of this
+    process's, which is back afterwards: the benchmark's ``tuned`` provider times a model
+    tuned in a record of its own beside ``auto`` on the user's record."""
+    saved = snapshot()
+    _restore(state)
+    try:
+        yield
+    finally:
+        _restore(saved)
+
+
 def reset() -> None:
     """Forgets the record held in memory; the next lookup reads the file again."""
     global _choices, _entries, short_calls

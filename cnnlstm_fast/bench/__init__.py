@@ -31,7 +31,7 @@ from .. import env
 from ..backends import cpu as cpu_backend
 from . import providers as prov
 from . import conv2seq, report, suites, timing
-from .providers import AUTO, BASELINE, COMPILED, FLASHRNN
+from .providers import AUTO, BASELINE, COMPILED, FLASHRNN, TUNED
 from .suites import CELLS, MODES, SUITES, Config
 
 __all__ = ["AUTO", "BASELINE", "CELLS", "COMPILED", "Config", "FLASHRNN", "MODES", "SUITES", "main", "run"]
@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _rows(cfg: Config, suite: str, timings: dict, flops: int, peaks: dict,
-          picked: str | None, floor_us: float | None = None) -> list[dict]:
+          picked: dict[str, str | None], floor_us: float | None = None) -> list[dict]:
     base = timings.get(BASELINE, {}).get("median_ms")
     rows = []
     for provider, t in timings.items():
@@ -128,7 +128,7 @@ def _rows(cfg: Config, suite: str, timings: dict, flops: int, peaks: dict,
         us_per_step = t["median_ms"] * 1e3 / cfg.steps
         rows.append({
             "suite": suite, "config": cfg.name, **vars(cfg), "provider": provider,
-            "picked": picked if provider == AUTO else None,
+            "picked": picked.get(provider),
             "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
             "reps": t.get("reps"),
             "speedup": None if base is None else base / t["median_ms"],
@@ -145,13 +145,13 @@ def run_config(cfg: Config, suite: str, providers: list[str], limits: dict, reps
                peaks: dict) -> tuple[list[dict], list[dict]]:
     """Times every provider on ``cfg``: (result rows, skipped providers with reasons)."""
     steps, skipped = prov.config_steps(cfg, providers, limits)
-    picked = None
+    picked = {}
     for name in list(steps):  # first call: compiles, and finds providers that cannot run it
         try:
             with prov.auto_choices() as chosen:
                 steps[name]()
-            if name == AUTO:  # every layer's choice, e.g. "cpu" or "cpu+torch"
-                picked = "+".join(sorted(set(chosen))) or None
+            if name in (AUTO, TUNED):  # every layer's choice, e.g. "cpu" or "cpu+torch"
+                picked[name] = "+".join(sorted(set(chosen))) or None
         except Exception as error:  # a backend's "cannot run this input", an OOM, ...
             del steps[name]
             skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

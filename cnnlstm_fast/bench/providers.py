@@ -23,6 +23,9 @@ from .suites import CELL_LOOP, FRAME, GATES, Config
 
 BASELINE = "torch.nn"
 AUTO = "auto"
+#: Our layers with ``backend="auto"`` after ``cnnlstm_fast.tune`` on the configuration,
+#: in a tuning record of their own (the user's record and ``auto``'s rows untouched).
+TUNED = "tuned"
 COMPILED = "torch.compile"
 FLASHRNN = "flashrnn"
 LAYERS = {"lstm": (nn.LSTM, cnnlstm_fast.LSTM), "gru": (nn.GRU, cnnlstm_fast.GRU)}
@@ -47,7 +50,7 @@ def default_providers(device_type: str) -> list[str]:
 
 
 def known_providers() -> list[str]:
-    return [BASELINE, AUTO, *cnnlstm_fast.available_backends(), COMPILED, FLASHRNN]
+    return [BASELINE, AUTO, TUNED, *cnnlstm_fast.available_backends(), COMPILED, FLASHRNN]
 
 
 @contextlib.contextmanager
@@ -153,6 +156,8 @@ def layer_steps(cfg: Config, providers: list[str], limits: dict[str, int]) -> tu
     for provider in providers:
         try:
             _check_limit(cfg, provider, limits)
+            if provider == TUNED:
+                raise Skip(f"{TUNED}: whole models only (--suite models)")
             if provider == BASELINE:
                 steps[provider] = _layer_step(cfg, baseline, dtype, list(baseline.parameters()))
             elif provider == FLASHRNN:
@@ -221,6 +226,43 @@ def _model_step(cfg: Config, model: nn.Module) -> Callable[[], None]:
     return train_step
 
 
+def _tuned_model_step(cfg: Config, model: nn.Module) -> Callable[[], None]:
+    """``model`` (``backend="auto"``) tuned on ``cfg``'s input and mode by
+    ``cnnlstm_fast.tune`` (whole-model check included) in a record of its own, written
+    to a temporary directory; its step runs with that record in place of the process's."""
+    import tempfile
+
+    from cnnlstm_fast.backends import tuned
+
+    step = _model_step(cfg, model)  # sets train() or eval()
+    x = model_input(cfg)
+    with tempfile.TemporaryDirectory() as cache, _cache_home(cache), \
+            tuned.swapped(tuned.EMPTY), torch.set_grad_enabled(cfg.mode != "forward"):
+        cnnlstm_fast.tune(model, x)
+        record = tuned.snapshot()
+
+    def run():
+        with tuned.swapped(record):
+            step()
+
+    return run
+
+
+@contextlib.contextmanager
+def _cache_home(path: str) -> Iterator[None]:
+    import os
+
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = before
+
+
 def model_flops(cfg: Config) -> int:
     """FLOPs of one forward (x3 for a training step) counted by FlopCounterMode on the
     model with the ``reference`` backend, whose every matmul is a visible aten op."""
@@ -258,7 +300,7 @@ def cell_steps(cfg: Config, providers: list[str], limits: dict[str, int]) -> tup
     for provider in providers:
         try:
             _check_limit(cfg, provider, limits)
-            if provider in (COMPILED, FLASHRNN):
+            if provider in (COMPILED, FLASHRNN, TUNED):
                 raise Skip(f"{provider}: not a cell")
             cell = baseline
             if provider != BASELINE:
@@ -294,9 +336,10 @@ def model_steps(cfg: Config, providers: list[str], limits: dict[str, int]) -> tu
             if provider == BASELINE:
                 model = baseline
             else:
-                model = build_model(cfg, provider)
+                model = build_model(cfg, AUTO if provider == TUNED else provider)
                 model.load_state_dict(baseline.state_dict())
-            steps[provider] = _model_step(cfg, model)
+            steps[provider] = (_tuned_model_step(cfg, model) if provider == TUNED
+                               else _model_step(cfg, model))
         except Skip as why:
             skipped[provider] = str(why)
     return steps, skipped
