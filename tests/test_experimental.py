@@ -110,7 +110,8 @@ def test_the_cuda_backend_passes_the_selection_to_the_ops(monkeypatch):
     assert backend.kernel_arguments(backward=False)["kernel_name"] == "streamed"
     assert backend.kernel_arguments(backward=True) == dict(kernel_name="persistent", pdl=False,
                                                            experimental=True)
-    assert get_backend("cpu").kernel_arguments(backward=False) == {}
+    # the cpu backend passes its own time loop setting (cnnlstm_fast.backends.cpu.set_kernel)
+    assert get_backend("cpu").kernel_arguments(backward=False) == {"kernel_name": "auto"}
 
 
 def test_triton_backward_mode_needs_the_switch_for_the_persistent_backward(monkeypatch):
