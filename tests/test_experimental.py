@@ -191,7 +191,8 @@ def test_the_gpu_sessions_report_attributes_each_test_to_its_kernels(tmp_path):
 def test_the_selection_passes_through_inductor(monkeypatch):
     """The cuda backend calls the ops with the selection as keywords; inductor lowers
     the op as a fallback kernel and must take them (an argument named `kernel` clashed
-    with its own parameter). The CPU op takes the same schema."""
+    with its own parameter). The CPU op takes the same schema (its kernel_name names the
+    cpu time loop, so the cuda selection's is replaced by one of those here)."""
     from cnnlstm_fast.backends.compiled import ops
 
     if ops() is None:
@@ -202,7 +203,7 @@ def test_the_selection_passes_through_inductor(monkeypatch):
     def run(gx, h0, c0, w_hh):
         return torch.ops.cnnlstm_fast.recurrence_forward(
             "lstm", gx, h0, c0, w_hh, None, None, None, False, True,
-            **cuda_kernels().op_arguments(backward=False))[0]
+            **{**cuda_kernels().op_arguments(backward=False), "kernel_name": "per_step"})[0]
 
     args = (torch.randn(5, 2, 16), torch.zeros(2, 4), torch.zeros(2, 4), torch.randn(16, 4))
     torch.testing.assert_close(torch.compile(run, fullgraph=True)(*args), run(*args))
