@@ -49,12 +49,12 @@ def test_rows_carry_the_floor_and_the_ratio_to_it():
     cfg = Config("lstm", 16, 1000, 768, 768, dtype="float16", device="cuda")
     timings = {"torch.nn": {"median_ms": 2.0, "p20_ms": 1.9, "p80_ms": 2.1},
                "cuda": {"median_ms": 4.0, "p20_ms": 3.9, "p80_ms": 4.1}}
-    rows = bench._rows(cfg, "quick", timings, 10**9, {"float16": 700.0}, None, floor_us=0.5)
+    rows = bench._rows(cfg, "quick", timings, 10**9, {"float16": 700.0}, {}, floor_us=0.5)
     by = {r["provider"]: r for r in rows}
     assert by["torch.nn"]["floor_us_per_step"] == 0.5
     assert by["torch.nn"]["x_floor"] == pytest.approx(2.0 / 0.5)  # 2 us per step
     assert by["cuda"]["x_floor"] == pytest.approx(8.0)
-    rows = bench._rows(cfg, "quick", timings, 10**9, {"float16": 700.0}, None)
+    rows = bench._rows(cfg, "quick", timings, 10**9, {"float16": 700.0}, {})
     assert all(r["floor_us_per_step"] is None and r["x_floor"] is None for r in rows)
 
 
@@ -101,7 +101,8 @@ def test_results_tables_show_the_floor_where_a_run_has_it():
     cfg = Config("lstm", 16, 1000, 768, 768, dtype="float16", device="cuda")
     timings = {"torch.nn": {"median_ms": 2.0, "p20_ms": 1.9, "p80_ms": 2.1},
                "auto": {"median_ms": 4.0, "p20_ms": 3.9, "p80_ms": 4.1}}
-    rows = bench._rows(cfg, "quick", timings, 10**9, {"float16": 700.0}, "cuda", floor_us=0.5)
+    rows = bench._rows(cfg, "quick", timings, 10**9, {"float16": 700.0}, {"auto": "cuda"},
+                       floor_us=0.5)
     run = {"suite": "quick", "device": "GPU", "threads": 1, "peak_tflops": {"float16": 700.0},
            "environment": {"git_commit": "abc", "torch": "t", "triton": {"version": "x"},
                            "cnnlstm_fast": "v"}, "results": rows, "notes": []}
