@@ -50,8 +50,9 @@
 #              BENCH_S seconds (120); BENCH_ARGS adds bench options
 #   large      tests/test_gpu_large.py on the workers, with what is left
 # Suites: a name of `python -m cnnlstm_fast.bench --suite`, or canonical (B=16 T=1024
-# I=H=768), h<N> (B=16 T=1024 I=H=N), each with a suffix that pins a kernel (recorded in
-# the JSON's cuda_settings): -st the per-step kernels (e.g. h2048-st: their forward at
+# I=H=768), h<N> (B=16 T=1024 I=H=N), each with a suffix that pins a kernel (the bench's
+# --cuda-forward, --cuda-backward, --cuda-pdl or --triton-backward, recorded in the JSON's
+# cuda_settings): -st the per-step kernels (e.g. h2048-st: their forward at
 # hidden 2048); experimental, run with CNNLSTM_FAST_EXPERIMENTAL=1: -x the switch alone
 # (the default kernels' newer versions), -pb the cuda persistent backward, -tpb the
 # triton persistent backward, -mp the pipelined tensor-core forward, -mc the
@@ -146,16 +147,18 @@ fi
 
 if ! skipped bench; then
   for suite in $SUITES; do
-    pinned=() providers=()
+    # switch: the environment the bench runs in (the experimental switch); pins: its
+    # kernel pin options (cnnlstm_fast.experimental.set_kernels, recorded in cuda_settings)
+    switch=() pins=() providers=()
     x=CNNLSTM_FAST_EXPERIMENTAL=1
     case $suite in
-      *-tpb) pinned=(env $x CNNLSTM_FAST_TRITON_BACKWARD=persistent) providers=(--providers torch.nn,triton) ;;
-      *-pb) pinned=(env $x CNNLSTM_FAST_CUDA_BACKWARD=persistent) providers=(--providers torch.nn,cuda) ;;
-      *-mp) pinned=(env $x CNNLSTM_FAST_CUDA_KERNEL=mma-pipelined) providers=(--providers torch.nn,cuda) ;;
-      *-mc) pinned=(env $x CNNLSTM_FAST_CUDA_KERNEL=mma-cluster) providers=(--providers torch.nn,cuda) ;;
-      *-pdl) pinned=(env $x CNNLSTM_FAST_CUDA_PDL=1) providers=(--providers torch.nn,cuda) ;;
-      *-x) pinned=(env $x) providers=(--providers torch.nn,cuda,triton) ;;
-      *-st) pinned=(env CNNLSTM_FAST_CUDA_KERNEL=step) providers=(--providers torch.nn,cuda) ;;
+      *-tpb) switch=(env $x) pins=(--triton-backward persistent) providers=(--providers torch.nn,triton) ;;
+      *-pb) switch=(env $x) pins=(--cuda-backward persistent) providers=(--providers torch.nn,cuda) ;;
+      *-mp) switch=(env $x) pins=(--cuda-forward mma-pipelined) providers=(--providers torch.nn,cuda) ;;
+      *-mc) switch=(env $x) pins=(--cuda-forward mma-cluster) providers=(--providers torch.nn,cuda) ;;
+      *-pdl) switch=(env $x) pins=(--cuda-pdl) providers=(--providers torch.nn,cuda) ;;
+      *-x) switch=(env $x) providers=(--providers torch.nn,cuda,triton) ;;
+      *-st) pins=(--cuda-forward step) providers=(--providers torch.nn,cuda) ;;
     esac
     if [[ $suite =~ ^canonical(-[a-z]+)?$ ]]; then
       what=(--config B=16,T=1024,I=768,H=768)
@@ -164,9 +167,9 @@ if ! skipped bench; then
     else
       what=(--suite "$suite")
     fi
-    timeout "$(cap "$BENCH_S")" ${pinned[@]+"${pinned[@]}"} python3 -m cnnlstm_fast.bench "${what[@]}" \
-      --device cuda --no-progress ${providers[@]+"${providers[@]}"} ${BENCH_ARGS:-} \
-      --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1
+    timeout "$(cap "$BENCH_S")" ${switch[@]+"${switch[@]}"} python3 -m cnnlstm_fast.bench "${what[@]}" \
+      --device cuda --no-progress ${providers[@]+"${providers[@]}"} ${pins[@]+"${pins[@]}"} \
+      ${BENCH_ARGS:-} --json "$OUT/bench-$suite.json" >> "$OUT/summary.txt" 2>&1
     summary "bench $suite rc=$?"
   done
 fi

@@ -332,11 +332,12 @@ def render_performance(devices: dict[str, list[Result]], doc: Path = PERFORMANCE
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """A GPU kernel (or the default set of one backend): how a result row shows that it
-    ran (its backend's provider, the mode that runs it, the settings that select it:
-    none for a default kernel; CNNLSTM_FAST_EXPERIMENTAL=1, alone or with a pin, for an
-    experimental one) and the sources whose change after a verification makes that
-    verification stale. ``key``: for an experimental kernel, its key in
-    cnnlstm_fast/experimental.py and in a session's experimental verification."""
+    ran (its backend's provider, the mode that runs it, the settings that select it as
+    result files record them in ``cuda_settings``: none for a default kernel;
+    CNNLSTM_FAST_EXPERIMENTAL=1, alone or with a pin, for an experimental one) and the
+    sources whose change after a verification makes that verification stale. ``key``:
+    for an experimental kernel, its key in cnnlstm_fast/experimental.py and in a
+    session's experimental verification."""
 
     key: str
     name: str
@@ -367,6 +368,30 @@ class Kernel:
 
 _SWITCH = "CNNLSTM_FAST_EXPERIMENTAL"
 _ON = ((_SWITCH, "1"),)
+#: The pins result files record in ``cuda_settings`` (under the names of the environment
+#: variables they were), by the argument of ``cnnlstm_fast.experimental.set_kernels``
+#: that sets them now; CNNLSTM_FAST_CUDA_PDL is recorded as "1" for ``cuda_pdl=True``.
+PIN_ARGUMENTS = {"CNNLSTM_FAST_CUDA_KERNEL": "cuda_forward",
+                 "CNNLSTM_FAST_CUDA_BACKWARD": "cuda_backward",
+                 "CNNLSTM_FAST_CUDA_PDL": "cuda_pdl",
+                 "CNNLSTM_FAST_TRITON_BACKWARD": "triton_backward"}
+_BOOLEAN_PINS = {"CNNLSTM_FAST_CUDA_PDL"}
+
+
+def selected_by(settings: tuple[tuple[str, str], ...]) -> str:
+    """How a kernel is selected now, for the status table: "default", or the switch as
+    the environment variable it is and each pin as the ``set_kernels`` call that sets it."""
+    if not settings:
+        return "default"
+    parts = []
+    for key, value in settings:
+        if key in PIN_ARGUMENTS:
+            shown = (value == "1") if key in _BOOLEAN_PINS else value
+            parts.append(f"`set_kernels({PIN_ARGUMENTS[key]}={shown!r})`")
+        else:
+            parts.append(f"`{key}={value}`")
+    return " ".join(parts)
+
 # the default kernels' sources (the experimental ones' files changing leaves them as they are)
 _CUDA = ("csrc/cuda", ":(exclude)csrc/cuda/experimental", "csrc/recurrence_cuda.cpp",
          "csrc/include")
@@ -480,8 +505,7 @@ def render_kernels(statuses: list[Status], doc: Path = GPU) -> str:
              "| kernel | selected by | last GPU-verified commit | result file | changed since |",
              "|---|---|---|---|---|"]
     for s in statuses:
-        setting = (" ".join(f"`{k}={v}`" for k, v in s.kernel.settings) if s.kernel.settings
-                   else "default")
+        setting = selected_by(s.kernel.settings)
         if s.verified:
             lines.append(f"| {s.kernel.name} | {setting} | `{s.commit}` ({s.device}) | "
                          f"[`{s.file.name}`]({link(s.file, doc)}) | "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, _ext, backends
+from . import __version__, _ext, backends, experimental
 from .backends import tuned
 
 
@@ -101,11 +101,13 @@ def _cpu_settings() -> dict:
     return settings
 
 
-#: The GPU backends' kernel settings (cnnlstm_fast/experimental.py): the switch that lets
-#: experimental kernels run, and the pins of cuda and of triton's backward.
-CUDA_SETTINGS = ("CNNLSTM_FAST_EXPERIMENTAL", "CNNLSTM_FAST_CUDA_KERNEL",
-                 "CNNLSTM_FAST_CUDA_BACKWARD", "CNNLSTM_FAST_CUDA_PDL",
-                 "CNNLSTM_FAST_TRITON_BACKWARD")
+#: The keys of ``cuda_settings``, the GPU backends' kernel selection
+#: (cnnlstm_fast/experimental.py): the switch CNNLSTM_FAST_EXPERIMENTAL, as the
+#: environment has it, and the pins of ``experimental.set_kernels`` (cuda's forward,
+#: backward and PDL, triton's backward), where not the default, under the names of the
+#: environment variables they were before they became settings (so that
+#: benchmarks/report.py reads older result files and newer ones alike).
+CUDA_SETTINGS = (experimental.SWITCH, *(s.record_key for s in experimental.SETTINGS))
 
 
 def _cpu_gemm(module) -> dict:
@@ -177,10 +179,10 @@ def collect() -> dict:
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "CNNLSTM_FAST_BACKEND": os.environ.get(backends.ENV_VAR),
         # What changes the cpu backend's speed (its GEMM, buffer cache, persistent path;
-        # glibc's malloc thresholds, which decide torch.nn's page faults): recorded with
-        # every benchmark so runs can be compared.
+        # glibc's malloc thresholds, which decide torch.nn's page faults) and which GPU
+        # kernels ran: recorded with every benchmark so runs can be compared.
         "cpu_settings": _cpu_settings(),
-        "cuda_settings": {name: os.environ.get(name) for name in CUDA_SETTINGS},
+        "cuda_settings": experimental.recorded_settings(),
         "backends": backends.backend_report(),
         "available_backends": backends.available_backends(),
         "default_backend": _default_backend(),

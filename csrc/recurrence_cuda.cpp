@@ -10,12 +10,13 @@
 // one ATen GEMM each after the loop. Compiled only when setup.py found nvcc
 // (CNNLSTM_FAST_WITH_CUDA).
 //
-// Which kernels run is the ops' `kernel_name`, `pdl` and `experimental` arguments, read from
-// the environment in Python (cnnlstm_fast/experimental.py). With `experimental` false
-// (the default) only the kernels verified on a GPU run, as they were verified; with it
-// true the kernels of csrc/cuda/experimental/ may run too: the default kernels' newer
-// versions (the tensor-core forward's loads at the pass start, packed row counts written
-// on the device) and the opt-in ones that `kernel_name` and `pdl` name.
+// Which kernels run is the ops' `kernel_name`, `pdl` and `experimental` arguments, chosen
+// in Python (cnnlstm_fast/experimental.py: the pins of set_kernels, a process setting,
+// and the switch CNNLSTM_FAST_EXPERIMENTAL); the C++ reads no environment variable. With
+// `experimental` false (the default) only the kernels verified on a GPU run, as they were
+// verified; with it true the kernels of csrc/cuda/experimental/ may run too: the default
+// kernels' newer versions (the tensor-core forward's loads at the pass start, packed row
+// counts written on the device) and the opt-in ones that `kernel_name` and `pdl` name.
 #ifdef CNNLSTM_FAST_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -286,7 +287,8 @@ Tensors6 recurrence_forward(std::string_view cell_name, const Tensor& gx_in, con
   // an empty batch has nothing to launch: the step loop returns h0 and c0 as they are
   TORCH_CHECK(plan.usable || streamed.usable || choice == "auto" || choice == "step" ||
                   batch == 0 || hidden == 0,
-              "CNNLSTM_FAST_CUDA_KERNEL=", choice, ", but that kernel cannot run ", cell_name,
+              "cuda_forward='", choice, "' (cnnlstm_fast.experimental.set_kernels), but that "
+              "kernel cannot run ", cell_name,
               " with hidden_size ", hidden, ", batch ", batch, ", dtype ", gx.scalar_type(),
               proj ? " and proj_size" : "", " on this device (the tensor-core kernel needs "
               "float16/bfloat16, an even hidden_size and W_hh spread over at most one block "
@@ -434,12 +436,13 @@ Tensors6 recurrence_backward(std::string_view cell_name, const Tensor& act_in,
   if (kernel == "persistent") {
     // an empty batch or hidden size has nothing to launch: the step loop handles it
     const bool empty = batch == 0 || hidden == 0;
-    TORCH_CHECK(!proj || empty, "CNNLSTM_FAST_CUDA_BACKWARD=persistent, but the persistent "
-                "backward has no projection (proj_size)");
+    TORCH_CHECK(!proj || empty, "cuda_backward='persistent' (cnnlstm_fast.experimental."
+                "set_kernels), but the persistent backward has no projection (proj_size)");
     check_launch(experimental::persistent_backward_plan(cell, dtype, batch, hidden, &plan),
                  "persistent backward plan");
-    TORCH_CHECK(plan.usable || empty, "CNNLSTM_FAST_CUDA_BACKWARD=persistent, but this device "
-                "cannot launch it (no cooperative launch, or no block of it fits on an SM)");
+    TORCH_CHECK(plan.usable || empty, "cuda_backward='persistent' (cnnlstm_fast.experimental."
+                "set_kernels), but this device cannot launch it (no cooperative launch, or no "
+                "block of it fits on an SM)");
   }
   const bool step_loop = !plan.usable;
   const Tensor d_h_ws = step_loop ? rowmat_buffer(batch, gate_width, out, f32) : Tensor();

@@ -140,6 +140,15 @@ class ExperimentalReport:
         os.replace(tmp, self.path)
 
 
+@pytest.fixture
+def pin_kernels():
+    """``pin_kernels(cuda_forward="step", ...)``: ``cnnlstm_fast.experimental.set_kernels``
+    for the test (the GPU kernel pins); every pin is restored after it as it was before."""
+    before = experimental.get_kernels()
+    yield experimental.set_kernels
+    experimental.set_kernels(**before)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_precision():
     """Fresh, reproducible random inputs per test; IEEE fp32 matmuls (no tf32)."""

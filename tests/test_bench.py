@@ -302,7 +302,25 @@ def test_kernel_status_takes_the_newest_session_that_passed_and_timed_the_kernel
     assert not status["cuda-mma-cluster"].verified and not status["triton-forward"].verified
     text = report.render_kernels(list(status.values()))
     assert "not yet run on a GPU" in text and f"`{passed[:7]}`" in text
-    assert "`CNNLSTM_FAST_EXPERIMENTAL=1` `CNNLSTM_FAST_CUDA_BACKWARD=persistent`" in text
+    assert "`CNNLSTM_FAST_EXPERIMENTAL=1` `set_kernels(cuda_backward='persistent')`" in text
+
+
+def test_kernel_status_names_each_pin_by_the_setting_that_sets_it():
+    """Result files record the GPU kernel pins under the names of the environment
+    variables they were (cnnlstm_fast.env); the status table shows the set_kernels call."""
+    from cnnlstm_fast import experimental
+
+    report = _report_script()
+    assert report.PIN_ARGUMENTS == {s.record_key: s.argument for s in experimental.SETTINGS}
+    assert report.selected_by(()) == "default"
+    pdl = (("CNNLSTM_FAST_EXPERIMENTAL", "1"), ("CNNLSTM_FAST_CUDA_PDL", "1"))
+    assert report.selected_by(pdl) == "`CNNLSTM_FAST_EXPERIMENTAL=1` `set_kernels(cuda_pdl=True)`"
+    for kernel in report.KERNELS:  # every pin the table names is one set_kernels takes
+        for key, value in kernel.settings:
+            if key in report.PIN_ARGUMENTS:
+                setting = next(s for s in experimental.SETTINGS if s.record_key == key)
+                assert setting.recorded(setting.check(value == "1" if key in
+                                                      report._BOOLEAN_PINS else value)) == value
 
 
 def test_console_script_entry_point():
@@ -336,3 +354,49 @@ def test_cpu_gemm_and_kernel_options_apply_for_the_run_and_are_recorded(monkeypa
     assert (cpu.get_gemm(), cpu.get_kernel()) == ("auto", "auto")  # restored after the run
     with pytest.raises(SystemExit):
         bench.parse_args([*TINY, "--cpu-kernel", "fast"])
+
+
+def test_gpu_kernel_pin_options_apply_for_the_run_and_are_recorded(monkeypatch, pin_kernels):
+    """--cuda-forward, --cuda-backward, --cuda-pdl, --triton-backward (what
+    benchmarks/gpu_session.sh passes for its pinned suites): set for the run
+    (cnnlstm_fast.experimental.use_kernels), recorded in the environment's cuda_settings
+    under the old variables' names, restored after it."""
+    from cnnlstm_fast import experimental
+
+    monkeypatch.delenv(experimental.SWITCH, raising=False)
+    pin_kernels(cuda_forward="auto", cuda_backward="auto", cuda_pdl=False,
+                triton_backward="step")  # the defaults, whatever ran before
+    before = experimental.get_kernels()
+    seen = []
+    real = bench.run_config
+
+    def spy(*args, **kwargs):
+        seen.append(experimental.get_kernels())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_config", spy)
+    tiny = [*TINY, "--cells", "gru", "--modes", "forward", "--providers", "reference"]
+    result = bench.main([*tiny, "--cuda-forward", "step", "--cuda-backward", "step"])
+    assert seen == [{**before, "cuda_forward": "step", "cuda_backward": "step"}]
+    assert result["environment"]["cuda_settings"] == {
+        "CNNLSTM_FAST_EXPERIMENTAL": None, "CNNLSTM_FAST_CUDA_KERNEL": "step",
+        "CNNLSTM_FAST_CUDA_BACKWARD": "step", "CNNLSTM_FAST_CUDA_PDL": None,
+        "CNNLSTM_FAST_TRITON_BACKWARD": None}
+    assert experimental.get_kernels() == before  # restored after the run
+    # an experimental pin without the switch would time the default kernel: refused
+    for pin in (["--cuda-pdl"], ["--cuda-forward", "streamed"], ["--triton-backward", "auto"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args([*tiny, *pin])
+    with pytest.raises(SystemExit):
+        bench.parse_args([*tiny, "--cuda-forward", "fast"])
+    seen.clear()
+    monkeypatch.setenv(experimental.SWITCH, "1")
+    result = bench.main([*tiny, "--cuda-pdl", "--cuda-forward", "mma-cluster",
+                         "--triton-backward", "persistent"])
+    assert seen == [{**before, "cuda_forward": "mma-cluster", "cuda_pdl": True,
+                     "triton_backward": "persistent"}]
+    assert result["environment"]["cuda_settings"] == {
+        "CNNLSTM_FAST_EXPERIMENTAL": "1", "CNNLSTM_FAST_CUDA_KERNEL": "mma-cluster",
+        "CNNLSTM_FAST_CUDA_BACKWARD": None, "CNNLSTM_FAST_CUDA_PDL": "1",
+        "CNNLSTM_FAST_TRITON_BACKWARD": "persistent"}
+    assert experimental.get_kernels() == before

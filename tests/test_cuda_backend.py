@@ -107,8 +107,8 @@ def _make(case, steps=6):
 
 
 def _assert_matches_reference_fp32(case, steps=6):
-    """Forward and backward of the cuda backend in float32 (the kernels the environment
-    pins) against the float64 reference."""
+    """Forward and backward of the cuda backend in float32 (the kernels the pins
+    select) against the float64 reference."""
     spec, bs, tensors = _make(case, steps)
     ref_out, ref_grads = _run("reference", spec, bs, tensors, "cpu", torch.float64)
     out, grads = _run("cuda", spec, bs, tensors, "cuda", torch.float32)
@@ -122,8 +122,8 @@ def _assert_matches_reference_fp32(case, steps=6):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["step", "persistent", STREAMED, "auto"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_cuda_matches_reference_fp32(case, kernel, monkeypatch):
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
+def test_cuda_matches_reference_fp32(case, kernel, pin_kernels):
+    pin_kernels(cuda_forward=kernel)
     if kernel in ("persistent", "streamed") and case[2]:
         pytest.skip(f"the {kernel} kernel has no projection")
     _assert_matches_reference_fp32(case)
@@ -132,22 +132,21 @@ def test_cuda_matches_reference_fp32(case, kernel, monkeypatch):
 @pytest.mark.gpu
 @experimental("cuda-persistent-backward")
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if not c[2]], ids=str)
-def test_cuda_persistent_backward_matches_reference_fp32(case, monkeypatch):
-    """CNNLSTM_FAST_CUDA_BACKWARD=persistent (auto does not pick it yet): the reverse-time
+def test_cuda_persistent_backward_matches_reference_fp32(case, pin_kernels):
+    """cuda_backward="persistent" (auto does not pick it yet): the reverse-time
     loop in one cooperative launch, W_hh read from L2, against the float64 reference;
     packed sequences, reverse direction, several partial-sum splits and row tiles."""
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    pin_kernels(cuda_backward="persistent")
     _assert_matches_reference_fp32(case)
 
 
 @pytest.mark.gpu
 @experimental("cuda-device-row-counts", "cuda-persistent-backward")
 @pytest.mark.parametrize("kernel", ["auto", STREAMED])
-def test_cuda_packed_rows_written_by_several_launches(kernel, monkeypatch):
+def test_cuda_packed_rows_written_by_several_launches(kernel, pin_kernels):
     """125 distinct lengths: the kernels that read the row counts from device memory get
     them from two launches of write_row_runs (at most 120 runs each)."""
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    pin_kernels(cuda_forward=kernel, cuda_backward="persistent")
     _assert_matches_reference_fp32(("gru", 32, 0, False, list(range(125, 0, -1)), 125), 125)
 
 
@@ -161,12 +160,11 @@ STREAMED_LARGE_CASES = [("lstm", 1024, 0, False, None, 136), ("rnn_tanh", 2048, 
 @pytest.mark.gpu
 @experimental("cuda-streamed", "cuda-persistent-backward")
 @pytest.mark.parametrize("case", STREAMED_LARGE_CASES, ids=str)
-def test_cuda_streamed_kernels_several_items_per_block(case, monkeypatch):
+def test_cuda_streamed_kernels_several_items_per_block(case, pin_kernels):
     """The streamed forward and the persistent backward where each block loops over
     several work items and each thread over several elements (the smaller cases give
     every block one item), float32 against the float64 reference."""
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "streamed")
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    pin_kernels(cuda_forward="streamed", cuda_backward="persistent")
     _assert_matches_reference_fp32(case, steps=4)
 
 
@@ -175,13 +173,12 @@ def test_cuda_streamed_kernels_several_items_per_block(case, monkeypatch):
 @pytest.mark.parametrize("kernel", [STREAMED, "auto"])
 @pytest.mark.parametrize("case", [("gru", 301, 0, False, None, 100),
                                   ("lstm", 301, 0, True, [40, 40, 31, 17, 17, 2], 40)], ids=str)
-def test_cuda_streamed_kernels_are_deterministic(case, kernel, monkeypatch):
+def test_cuda_streamed_kernels_are_deterministic(case, kernel, pin_kernels):
     """The kernels that meet at grid barriers add their split sums in a fixed order, so
     five runs give the same bits; a race between blocks in global memory (which
     compute-sanitizer's racecheck does not see) would show as runs that differ.
     Forward (streamed, or auto's persistent kernel) and the persistent backward."""
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    pin_kernels(cuda_forward=kernel, cuda_backward="persistent")
     spec, bs, tensors = _make(case)
     first = _run("cuda", spec, bs, tensors, "cuda", torch.float32)
     for run in range(4):
@@ -193,10 +190,10 @@ def test_cuda_streamed_kernels_are_deterministic(case, kernel, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", [STREAMED, "persistent", "mma"])
-def test_cuda_inference_matches_reference(kernel, monkeypatch):
+def test_cuda_inference_matches_reference(kernel, pin_kernels):
     """Forward without saving for backward (act, h_prev and extra are null in the
     kernels), packed and reverse, against the reference: y, h_T, c_T."""
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
+    pin_kernels(cuda_forward=kernel)
     dtype = torch.bfloat16 if kernel == "mma" else torch.float32
     spec, bs, tensors = _make(("lstm", 130, 0, True, [7, 7, 5, 5, 2, 1], 7))
     # the inputs as the kernel sees them; in bf16 h is rounded once a step: 6 eps
@@ -238,22 +235,22 @@ def _graph_check(make_model, run, new_input, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl", ["0", pytest.param("1", marks=experimental("cuda-pdl"))],
+@pytest.mark.parametrize("pdl", [False, pytest.param(True, marks=experimental("cuda-pdl"))],
                          ids=["plain", "pdl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype, pdl, monkeypatch):
+def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype, pdl, pin_kernels):
     """Forward and backward through torch.cuda.make_graphed_callables (stacked,
     bidirectional; the persistent or per-step forward, the per-step backward, the dW
     GEMMs), replayed on fresh inputs: outputs, input and weight gradients as eager. With
-    CNNLSTM_FAST_CUDA_PDL=1 the per-step kernels are captured with programmatic
+    cuda_pdl=True the per-step kernels are captured with programmatic
     dependent launch (a graph edge of its own), the forward's too (the per-step forward
     pinned, so a PDL kernel also follows the saved-state copy's memcpy node)."""
-    if pdl == "1":
+    if pdl:
         if torch.cuda.get_device_capability() < (9, 0):
             pytest.skip("programmatic dependent launch needs sm_90")
-        monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "step")
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_PDL", pdl)
+        pin_kernels(cuda_forward="step")
+    pin_kernels(cuda_pdl=pdl)
     torch.manual_seed(0)
     kw = dict(input_size=24, hidden_size=64, num_layers=2, bidirectional=True, backend="cuda")
     model = getattr(clf, cls)(**kw).to("cuda", dtype)
@@ -282,14 +279,14 @@ def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype, pdl, monke
 @experimental("cuda-device-row-counts")
 @pytest.mark.parametrize("kernel", ["auto", "step", STREAMED])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_packed_inference_is_capturable_in_a_cuda_graph(dtype, kernel, monkeypatch):
+def test_cuda_packed_inference_is_capturable_in_a_cuda_graph(dtype, kernel, pin_kernels):
     """Packed sequences in inference, captured and replayed on fresh data: the module
     builds its packed index on the device while capturing (nn/rnn.py, _packed_index)
     and the row counts reach the kernels through write_row_runs, whose arguments the
     graph keeps (experimental: by default the counts are copied from the host, which a
     capture refuses). (Packed training is not captured here: make_graphed_callables
     takes tensors, not PackedSequences.)"""
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
+    pin_kernels(cuda_forward=kernel)
     lengths = torch.tensor([9, 7, 7, 4, 1])
 
     def new_input():
@@ -309,21 +306,20 @@ def test_cuda_packed_inference_is_capturable_in_a_cuda_graph(dtype, kernel, monk
 @pytest.mark.gpu
 @experimental("cuda-pdl")
 @pytest.mark.parametrize("case", GPU_CASES + [("lstm", 768, 0, False, None, 16)], ids=str)
-def test_cuda_pdl_gives_the_same_bits(case, monkeypatch):
-    """CNNLSTM_FAST_CUDA_PDL=1 (programmatic dependent launch of the per-step kernels,
+def test_cuda_pdl_gives_the_same_bits(case, pin_kernels):
+    """cuda_pdl=True (programmatic dependent launch of the per-step kernels,
     sm_90) runs the same kernels in the same order, only launched earlier: forward and
     backward through the per-step kernels are bit for bit those without it, three runs
     (a kernel that read its predecessor's output before pdl_wait would differ
     somewhere). Float32, and bfloat16 at hidden 768 (long per-step reductions)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90 (elsewhere it is plain launches)")
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "step")
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "step")
+    pin_kernels(cuda_forward="step", cuda_backward="step")
     spec, bs, tensors = _make(case)
     dtype = torch.bfloat16 if case[1] == 768 else torch.float32
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_PDL", "0")
+    pin_kernels(cuda_pdl=False)
     want = _run("cuda", spec, bs, tensors, "cuda", dtype)
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_PDL", "1")
+    pin_kernels(cuda_pdl=True)
     for _ in range(3):
         got = _run("cuda", spec, bs, tensors, "cuda", dtype)
         for name, a, e in zip(("outputs", "gradients"), got, want):
@@ -333,15 +329,8 @@ def test_cuda_pdl_gives_the_same_bits(case, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_pdl_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_PDL", "yes")
-    with pytest.raises(ValueError, match="CNNLSTM_FAST_CUDA_PDL must be one of 0, 1, got 'yes'"):
-        clf.LSTM(4, 8, backend="cuda").cuda()(torch.randn(3, 2, 4, device="cuda"))
-
-
-@pytest.mark.gpu
 def test_cuda_ops_refuse_experimental_kernels_without_the_switch():
-    """The ops themselves (not only the environment's reading) keep the default path to
+    """The ops themselves (not only the Python side's selection) keep the default path to
     the verified kernels: an experimental kernel named with experimental=False is an
     error, before anything runs."""
     layer = clf.LSTM(4, 8, backend="cuda").cuda()
@@ -362,8 +351,8 @@ def test_cuda_ops_refuse_experimental_kernels_without_the_switch():
 
 @pytest.mark.gpu
 @experimental("cuda-persistent-backward")
-def test_cuda_persistent_backward_pinned_with_projection_is_an_error(monkeypatch):
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+def test_cuda_persistent_backward_pinned_with_projection_is_an_error(pin_kernels):
+    pin_kernels(cuda_backward="persistent")
     layer = clf.LSTM(8, 16, proj_size=4, backend="cuda").cuda()
     y, _ = layer(torch.randn(3, 2, 8, device="cuda"))
     with pytest.raises(RuntimeError, match="persistent backward has no projection"):
@@ -373,10 +362,10 @@ def test_cuda_persistent_backward_pinned_with_projection_is_an_error(monkeypatch
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["step", "persistent", STREAMED])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_cuda_saved_state_matches_reference(case, kernel, monkeypatch):
+def test_cuda_saved_state_matches_reference(case, kernel, pin_kernels):
     """What forward saves (activations, state before each step, LSTM cell state / GRU
     a_n + b_hn, inactive rows included) is the reference's, in float32."""
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
+    pin_kernels(cuda_forward=kernel)
     if kernel in ("persistent", "streamed") and case[2]:
         pytest.skip(f"the {kernel} kernel has no projection")
     spec, bs, tensors = _make(case)
@@ -414,7 +403,7 @@ def _error_vs_fp64(outs_grads, exact):
 
 
 def _assert_low_precision_within_12_eps(case, dtype):
-    """Forward and backward in fp16/bf16 (the kernels the environment pins) against the
+    """Forward and backward in fp16/bf16 (the kernels the pins select) against the
     fp64 reference run on the same inputs rounded to the dtype: h is rounded at most once
     a step, so after 12 steps the bound is 12 eps."""
     cell, hidden, proj, reverse, sizes, batch = case
@@ -436,14 +425,13 @@ def _assert_low_precision_within_12_eps(case, dtype):
     "mma", pytest.param("mma-pipelined", marks=experimental("cuda-mma-pipelined"))])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", MMA_CASES, ids=str)
-def test_cuda_tensor_core_kernel_low_precision(case, dtype, kernel, backward, monkeypatch):
+def test_cuda_tensor_core_kernel_low_precision(case, dtype, kernel, backward, pin_kernels):
     """The tensor-core persistent kernel (pinned, so an unusable plan fails instead of
     passing on another path; "mma-pipelined" loads each pass's G_x, c and h during the
     previous pass, experimental), forward and backward (per-step or persistent)
     against the fp64 reference: h is rounded to the dtype at each of the 12 steps, so the
     bound is 12 eps. The cases include several passes of rows and packed sequences."""
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", backward)
+    pin_kernels(cuda_forward=kernel, cuda_backward=backward)
     _assert_low_precision_within_12_eps(case, dtype)
 
 
@@ -452,13 +440,12 @@ def test_cuda_tensor_core_kernel_low_precision(case, dtype, kernel, backward, mo
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", MMA_CASES + [("lstm", 2048, 0, False, [16] * 6 + [9] * 6, 16)],
                          ids=str)
-def test_cuda_streamed_kernels_low_precision(case, dtype, monkeypatch):
+def test_cuda_streamed_kernels_low_precision(case, dtype, pin_kernels):
     """The streamed forward and the persistent backward (both pinned; not picked by auto
     yet), fp16/bf16 against the fp64 reference with the tensor-core test's bound (the
     streamed kernel keeps h in float32, so it rounds less); hidden 2048 is the size the
     persistent kernels cannot hold on chip."""
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "streamed")
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "persistent")
+    pin_kernels(cuda_forward="streamed", cuda_backward="persistent")
     _assert_low_precision_within_12_eps(case, dtype)
 
 
@@ -481,21 +468,20 @@ CLUSTER_CASES = [
 @experimental("cuda-mma-cluster")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CLUSTER_CASES, ids=str)
-def test_cuda_tensor_core_cluster_low_precision(case, dtype, monkeypatch):
-    """CNNLSTM_FAST_CUDA_KERNEL=mma-cluster (sm_90; not picked by auto): the tensor-core
+def test_cuda_tensor_core_cluster_low_precision(case, dtype, pin_kernels):
+    """cuda_forward="mma-cluster" (sm_90; not picked by auto): the tensor-core
     forward as one thread-block cluster, h through distributed shared memory, against the
     fp64 reference within 12 eps (forward and the per-step backward)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma-cluster")
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_BACKWARD", "step")
+    pin_kernels(cuda_forward="mma-cluster", cuda_backward="step")
     _assert_low_precision_within_12_eps(case, dtype)
 
 
 @pytest.mark.gpu
 @experimental("cuda-mma-cluster")
 @pytest.mark.parametrize("case", CLUSTER_CASES, ids=str)
-def test_cuda_tensor_core_cluster_equals_grid_variant(case, monkeypatch):
+def test_cuda_tensor_core_cluster_equals_grid_variant(case, pin_kernels):
     """The cluster variant splits K over the warps as the grid variant does (the split
     depends on hidden only) and sums the warps' partials in the same order; the tiling of
     gate rows may differ (fewer, larger blocks), which does not change an MMA output
@@ -508,9 +494,9 @@ def test_cuda_tensor_core_cluster_equals_grid_variant(case, monkeypatch):
     spec = RecurrenceSpec(**{**spec.__dict__, "device": torch.device("cuda"),
                              "dtype": torch.bfloat16})
     moved = [None if v is None else v.detach().to("cuda", torch.bfloat16) for v in tensors]
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma")
+    pin_kernels(cuda_forward="mma")
     grid = _backend("cuda").forward(spec, *moved, bs, False)
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", "mma-cluster")
+    pin_kernels(cuda_forward="mma-cluster")
     for _ in range(3):
         cluster = _backend("cuda").forward(spec, *moved, bs, False)
         for name, a, e in zip(("y", "h_T", "c_T"), cluster[:3], grid[:3]):
@@ -528,7 +514,7 @@ def test_cuda_tensor_core_cluster_equals_grid_variant(case, monkeypatch):
     pytest.param("mma-cluster", torch.bfloat16, [(1, 128), (64, 128)],
                  marks=experimental("cuda-mma-cluster")),
 ])
-def test_cuda_concurrent_forwards_of_different_sizes(kernel, dtype, shapes, monkeypatch):
+def test_cuda_concurrent_forwards_of_different_sizes(kernel, dtype, shapes, pin_kernels):
     """Host threads planning and launching one persistent kernel at different sizes at
     once (a server running two models): each plan must leave the kernel's dynamic
     shared memory limit high enough for the other thread's launch (it only ever raises
@@ -538,7 +524,7 @@ def test_cuda_concurrent_forwards_of_different_sizes(kernel, dtype, shapes, monk
 
     if kernel == "mma-cluster" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
-    monkeypatch.setenv("CNNLSTM_FAST_CUDA_KERNEL", kernel)
+    pin_kernels(cuda_forward=kernel)
     gen = torch.Generator().manual_seed(0)
     work = []
     for batch, hidden in shapes:
@@ -590,8 +576,9 @@ def test_cuda_tensor_core_kernel_pinned_where_it_cannot_run_is_an_error(kernel, 
         "print('ran at the smaller batch')\n" if runs_at else ""
     )
     code = (
-        "import os, torch, cnnlstm_fast as clf\n"
-        f"os.environ['CNNLSTM_FAST_CUDA_KERNEL'] = '{kernel}'\n"
+        "import torch, cnnlstm_fast as clf\n"
+        "from cnnlstm_fast import experimental\n"
+        f"experimental.set_kernels(cuda_forward='{kernel}')\n"
         f"layer = clf.{ctor}.cuda().to(torch.{dtype})\n"
         + control +
         "try:\n"
@@ -603,7 +590,8 @@ def test_cuda_tensor_core_kernel_pinned_where_it_cannot_run_is_an_error(kernel, 
     assert run.returncode == 0, f"exit code {run.returncode}: {run.stderr[-3000:]}"
     if runs_at:
         assert "ran at the smaller batch" in run.stdout, run.stdout
-    expected = f"raised: CNNLSTM_FAST_CUDA_KERNEL={kernel}, but that kernel cannot run"
+    expected = (f"raised: cuda_forward='{kernel}' (cnnlstm_fast.experimental.set_kernels), "
+                "but that kernel cannot run")
     assert expected in run.stdout, run.stdout
 
 

@@ -249,21 +249,19 @@ def test_persistent_backward_low_precision(dtype):
 
 
 @interpreter_only
-def test_backward_mode_errors(monkeypatch):
+def test_backward_mode_errors(monkeypatch, pin_kernels):
     spec, args, cot = make_case("lstm", 3, 5, 2, proj=2)
     _, _, _, saved = launch.forward(spec, **args, need_saved=True)
     with pytest.raises(ValueError, match="no projection"):
         launch.backward(spec, saved, None, **cot, mode="persistent")
     with pytest.raises(ValueError, match="mode must be one of step, persistent, auto, got 'fast'"):
         launch.backward(spec, saved, None, **cot, mode="fast")
-    monkeypatch.setenv("CNNLSTM_FAST_TRITON_BACKWARD", "Persistent")
-    with pytest.raises(ValueError, match="CNNLSTM_FAST_TRITON_BACKWARD must be one of .*'Persistent'"):
-        launch.backward(spec, saved, None, **cot)
-    with pytest.raises(ValueError, match="CNNLSTM_FAST_TRITON_BACKWARD must be one of"):
-        clf.GRU(3, 5, backend="triton")(torch.randn(2, 1, 3))  # training: at the forward
-    with torch.no_grad():
-        clf.GRU(3, 5, backend="triton")(torch.randn(2, 1, 3))  # inference never reads it
-    monkeypatch.setenv("CNNLSTM_FAST_TRITON_BACKWARD", "auto")
+    # a bad pin is refused when it is set, before any layer runs with it
+    with pytest.raises(ValueError, match="triton_backward must be one of 'step', 'auto', "
+                                         "'persistent', got 'Persistent'"):
+        pin_kernels(triton_backward="Persistent")
+    assert launch.backward_mode() == "step"
+    pin_kernels(triton_backward="auto")
     monkeypatch.setenv("CNNLSTM_FAST_EXPERIMENTAL", "1")  # else auto is ignored: per step
     spec, args, cot = make_case("gru", 3, 5, 2)
     _, _, _, saved = launch.forward(spec, **args, need_saved=True)

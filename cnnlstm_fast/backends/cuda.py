@@ -6,12 +6,13 @@ Forward runs a persistent kernel (one cooperative launch for the sequence, one g
 barrier per step; for fp16/bf16 on tensor cores with W_hh in registers, else W_hh in
 shared memory) where the shape fits co-resident on the device, else the fused per-step
 kernels; backward runs per-step kernels in reverse time and one GEMM for dW_hh. These
-are the kernels as verified on a GPU. ``CNNLSTM_FAST_CUDA_KERNEL=auto|step|persistent|mma``
-pins a forward path; the experimental kernels (csrc/cuda/experimental/: ``mma-pipelined``,
-``mma-cluster``, ``streamed``, ``CNNLSTM_FAST_CUDA_BACKWARD=persistent``,
-``CNNLSTM_FAST_CUDA_PDL=1``, and the default kernels' newer versions) run only with
-``CNNLSTM_FAST_EXPERIMENTAL=1`` (``cnnlstm_fast/experimental.py``, which reads the
-settings and passes them to the ops as arguments).
+are the kernels as verified on a GPU. ``experimental.set_kernels(cuda_forward=...)``
+(``auto``, ``step``, ``persistent``, ``mma``) pins a forward path; the experimental
+kernels (csrc/cuda/experimental/: the forwards ``cuda_forward="mma-pipelined"``,
+``"mma-cluster"`` and ``"streamed"``, ``cuda_backward="persistent"``, ``cuda_pdl=True``,
+and the default kernels' newer versions) run only with ``CNNLSTM_FAST_EXPERIMENTAL=1``
+(``cnnlstm_fast/experimental.py``, which holds the pins, reads the switch and passes
+the selection to the ops as arguments).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ package imports without Triton. On CUDA tensors the forward uses the persistent 
 where its co-residency assumptions hold (grid <= SM count, W_hh slice on chip, no
 proj_size) and the per-step kernels otherwise; the backward runs per step. These are
 the kernels as verified on a GPU. With ``CNNLSTM_FAST_EXPERIMENTAL=1``
-(``cnnlstm_fast/experimental.py``; not yet run on a GPU) ``CNNLSTM_FAST_TRITON_BACKWARD``
-may be ``auto`` (persistent where it fits) or ``persistent``, and both persistent
+(``cnnlstm_fast/experimental.py``; not yet run on a GPU) the backward may be pinned to
+``auto`` (persistent where it fits) or ``persistent``
+(``experimental.set_kernels(triton_backward=...)``), and both persistent
 kernels are cooperative launches (where Triton has ``launch_cooperative_grid``): the
 driver starts all their programs together, also beside other kernels (with
 DistributedDataParallel, NCCL's all-reduce runs beside the backward), and refuses a
@@ -64,8 +65,6 @@ class TritonBackend(Backend):
     def forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
         from ..kernels.triton import launch
 
-        if need_saved:  # a bad CNNLSTM_FAST_TRITON_BACKWARD fails now, not after the forward
-            launch.backward_mode()
         return launch.forward(spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved)
 
     def backward(self, spec, saved, batch_sizes, d_y, d_hT, d_cT):

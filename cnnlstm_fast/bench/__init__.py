@@ -15,6 +15,12 @@ measured in the same run. On CUDA, the rows of bare layers also carry the per-st
 floor of a persistent recurrence measured on the device in the same run
 (``floor.py``: ``floor_us_per_step``) and the ratio of the measured step to it
 (``x_floor``).
+
+Kernel settings hold for the run and are recorded in its environment:
+``--cpu-gemm``/``--cpu-kernel`` (``cnnlstm_fast.backends.cpu``) and the GPU kernel pins
+``--cuda-forward``/``--cuda-backward``/``--cuda-pdl``/``--triton-backward``
+(``cnnlstm_fast.experimental.set_kernels``; an experimental value is refused unless
+``CNNLSTM_FAST_EXPERIMENTAL=1``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 
 import cnnlstm_fast
 
-from .. import env
+from .. import env, experimental
 from ..backends import cpu as cpu_backend
 from . import providers as prov
 from . import conv2seq, report, suites, timing
@@ -73,6 +79,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-kernel", choices=cpu_backend.KERNELS, default=None,
                         help="the cpu backend's time loop for the run "
                              "(cnnlstm_fast.backends.cpu.set_kernel; recorded in the environment)")
+    # the GPU kernel pins (cnnlstm_fast.experimental.set_kernels): experimental values
+    # need CNNLSTM_FAST_EXPERIMENTAL=1 (checked below: a run must time what it records)
+    pins = experimental.SETTINGS
+    parser.add_argument("--cuda-forward", choices=experimental.CUDA_FORWARD.verified
+                        + experimental.CUDA_FORWARD.experimental, default=None,
+                        help="pin the cuda forward kernel for the run "
+                             "(cnnlstm_fast.experimental.set_kernels(cuda_forward=...); "
+                             "recorded in the environment's cuda_settings)")
+    parser.add_argument("--cuda-backward", choices=experimental.CUDA_BACKWARD.verified
+                        + experimental.CUDA_BACKWARD.experimental, default=None,
+                        help="pin the cuda backward kernel for the run (set_kernels("
+                             "cuda_backward=...); recorded likewise)")
+    parser.add_argument("--cuda-pdl", action="store_const", const=True, default=None,
+                        help="launch the cuda per-step kernels with programmatic dependent "
+                             "launch (set_kernels(cuda_pdl=True); recorded likewise)")
+    parser.add_argument("--triton-backward", choices=experimental.TRITON_BACKWARD.verified
+                        + experimental.TRITON_BACKWARD.experimental, default=None,
+                        help="pin the triton backward for the run (set_kernels("
+                             "triton_backward=...); recorded likewise)")
     parser.add_argument("--json", metavar="PATH", help="write rows, skips and environment as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     parser.add_argument("--plot", metavar="DIR", help="write speedup charts (PNG) of the sweeps here")
@@ -91,6 +116,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             parser.error(f"{option} must be a comma list of {list(allowed)}, got {values}")
+    args.kernels = {s.argument: getattr(args, s.argument) for s in pins
+                    if getattr(args, s.argument) is not None}
+    try:
+        switch = experimental.enabled()
+    except ValueError as error:
+        parser.error(str(error))
+    for setting in pins:
+        value = args.kernels.get(setting.argument)
+        if value in setting.experimental and not switch:
+            option = "--" + setting.argument.replace("_", "-")
+            parser.error(f"{option} {'' if value is True else value + ' '}selects an "
+                         f"experimental kernel, which runs only with "
+                         f"{experimental.SWITCH}=1 (unset here): the run would time the "
+                         f"default kernel")
     for option in ("reps", "threads"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option} must be >= 1, got {getattr(args, option)}")
@@ -253,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
                     settings.enter_context(cpu_backend.use_kernel(args.cpu_kernel))
             except (ValueError, RuntimeError) as error:  # no AVX-512, no extension
                 raise SystemExit(f"cnnlstm_fast.bench: {error}") from None
+        settings.enter_context(experimental.use_kernels(**args.kernels))
         result = run(args)
     report.print_table(
         result["results"],

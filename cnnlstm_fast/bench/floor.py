@@ -23,7 +23,8 @@ go below the sum).
 ``cluster_us`` (sm_90, where h fits in shared memory twice) is the other design's
 exchange: one thread-block cluster of 16 blocks, each keeping h in its shared memory,
 pushing its slice into every block's copy through distributed shared memory and meeting
-at the cluster's hardware barrier (as ``CNNLSTM_FAST_CUDA_KERNEL=mma-cluster`` does);
+at the cluster's hardware barrier (as the ``mma-cluster`` kernel does,
+``experimental.set_kernels(cuda_forward="mma-cluster")``);
 None where it cannot run. It is not part of ``us``: 16 SMs hold W_hh only for small
 layers (the mma-cluster kernel's limits), and their product takes 132/16 times longer. Recorded too: ``barrier_us``, the
 barrier alone, and ``exchange_nofence_us``, the exchange with the barrier without its

@@ -345,14 +345,14 @@ def _persistent_backward_run(spec, act, h_prev, extra, w_hh, d_y, dh, dc, d_gx, 
     _check_barrier(flags, grid, "backward")
 
 
-#: Values of CNNLSTM_FAST_TRITON_BACKWARD (see ``backward``).
+#: Values of ``mode`` (see ``backward``).
 BACKWARD_MODES = ("step", "persistent", "auto")
 
 
 def backward_mode() -> str:
-    """CNNLSTM_FAST_TRITON_BACKWARD, default "step"; "auto" and "persistent" (the
-    persistent backward, not yet run on a GPU) only with CNNLSTM_FAST_EXPERIMENTAL=1
-    (cnnlstm_fast/experimental.py)."""
+    """The pin ``experimental.set_kernels(triton_backward=...)``, default "step"; "auto"
+    and "persistent" (the persistent backward, not yet run on a GPU) only with
+    CNNLSTM_FAST_EXPERIMENTAL=1 (cnnlstm_fast/experimental.py)."""
     return experimental.choice(experimental.TRITON_BACKWARD)
 
 
@@ -360,9 +360,9 @@ def backward(spec, saved, batch_sizes, d_y, d_hT, d_cT, mode=None):
     """The reverse-time recurrence. ``mode``: "step" (two launches a step), "persistent"
     (one launch for the layer; raises where it cannot run: projections, a grid larger
     than the SM count or a slice too large on chip; in the interpreter only a grid of
-    one program), or "auto" (persistent where it fits, else per step). None reads
-    CNNLSTM_FAST_TRITON_BACKWARD (``backward_mode``): the persistent backward has not run
-    on a GPU yet."""
+    one program), or "auto" (persistent where it fits, else per step). None: the
+    ``triton_backward`` pin (``backward_mode``; the persistent backward has not run on a
+    GPU yet)."""
     mode = backward_mode() if mode is None else mode
     if mode not in BACKWARD_MODES:
         raise ValueError(f"mode must be one of {', '.join(BACKWARD_MODES)}, got {mode!r}")

@@ -1,5 +1,5 @@
 // The per-step kernels (../step.cuh) with programmatic dependent launch, sm_90
-// (experimental: CNNLSTM_FAST_CUDA_PDL=1 with CNNLSTM_FAST_EXPERIMENTAL=1). A kernel
+// (experimental: set_kernels(cuda_pdl=True) with CNNLSTM_FAST_EXPERIMENTAL=1). A kernel
 // launched so may start while the previous kernel in the stream still runs, hiding the
 // launch latency between the steps' small kernels: each one waits (griddepcontrol.wait)
 // until its predecessor has completed and its writes are visible before it touches

@@ -1,5 +1,5 @@
 // Kernels that stream W_hh from L2 in one cooperative launch per layer (experimental:
-// CNNLSTM_FAST_CUDA_BACKWARD=persistent and CNNLSTM_FAST_CUDA_KERNEL=streamed, with
+// set_kernels(cuda_backward="persistent") and set_kernels(cuda_forward="streamed"), with
 // CNNLSTM_FAST_EXPERIMENTAL=1). Their pointwise math is the per-step kernels' (../step.cuh).
 #include <cooperative_groups.h>
 #include <cuda_runtime_api.h>
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kSplitCols)
   }
 }
 
-// Streamed forward (CUDA cores, any dtype; CNNLSTM_FAST_CUDA_KERNEL=streamed):
+// Streamed forward (CUDA cores, any dtype; set_kernels(cuda_forward="streamed")):
 // the per-step kernels' work in one cooperative launch for shapes whose W_hh the
 // persistent kernels cannot hold on chip; W_hh^T is read from L2 every step, and the
 // grid meets twice a step:
