@@ -541,23 +541,30 @@ class _SequenceMixin(_BackendMixin):
                            for d, p in enumerate(params)]
                 results = None if any(r is None for r in results) else results
             if results is None:
-                if given:
-                    gxs, sources = list(first_gx), [None] * directions
-                else:
-                    gxs, sources = [], []
-                    for p in params:
-                        gx = backend.input_projection(x, p["w_ih"], p["gx_bias"])
-                        gxs.append(gx if layout is None else layout.to_padded(gx))
-                        sources.append(ProjectionSource(x, p["w_ih"], p["gx_bias"],
-                                                        None if layout is None else layout.index))
-                if together:
+                def projected(d):
+                    """Direction d's G_x (padded) and what it was computed from."""
+                    if given:
+                        return first_gx[d], None
+                    p = params[d]
+                    gx = backend.input_projection(x, p["w_ih"], p["gx_bias"])
+                    return (gx if layout is None else layout.to_padded(gx),
+                            ProjectionSource(x, p["w_ih"], p["gx_bias"],
+                                             None if layout is None else layout.index))
+
+                if together:  # both G_x at once: the directions run at the same time
+                    gxs, sources = zip(*(projected(d) for d in range(directions)))
                     results = recurrence_directions(
-                        backend, specs, gxs, h0_l, c0_l,
-                        *_columns(params, ("w_hh", "w_hr", "b_hn")), batch_sizes, sources)
-                else:
-                    results = [recurrence(backend, specs[d], gxs[d], h0_l[d], c0_l[d], p["w_hh"],
-                                          p["w_hr"], p["b_hn"], batch_sizes, sources[d])
-                               for d, p in enumerate(params)]
+                        backend, specs, list(gxs), h0_l, c0_l,
+                        *_columns(params, ("w_hh", "w_hr", "b_hn")), batch_sizes, list(sources))
+                    del gxs
+                else:  # one direction's G_x at a time: where nothing keeps it, it is freed
+                    results = []
+                    for d, p in enumerate(params):
+                        gx, source = projected(d)
+                        results.append(recurrence(backend, specs[d], gx, h0_l[d], c0_l[d],
+                                                  p["w_hh"], p["w_hr"], p["b_hn"], batch_sizes,
+                                                  source))
+                        del gx
             outputs = []
             for y, h_t, c_t in results:
                 outputs.append(y if layout is None else layout.to_packed(y))
