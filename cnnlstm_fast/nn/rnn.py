@@ -529,7 +529,7 @@ class _SequenceMixin(_BackendMixin):
             c0_l = [None if c0 is None else c0[k0 + d] for d in range(directions)]
             together = (directions > 1 and hasattr(backend, "concurrent_directions")
                         and backend.concurrent_directions(spec) and not transforms_active())
-            results = None
+            results, packed = None, False  # packed: results' Y already in packed rows
             if from_input and together:
                 results = backend.forward_from_input_directions(
                     specs, x, *_columns(params, ("w_ih", "gx_bias")), h0_l, c0_l,
@@ -557,17 +557,21 @@ class _SequenceMixin(_BackendMixin):
                         backend, specs, list(gxs), h0_l, c0_l,
                         *_columns(params, ("w_hh", "w_hr", "b_hn")), batch_sizes, list(sources))
                     del gxs
-                else:  # one direction's G_x at a time: where nothing keeps it, it is freed
+                else:  # one direction at a time: its padded G_x and Y are freed (where
+                    # nothing keeps them) before the next direction's are made
                     results = []
                     for d, p in enumerate(params):
                         gx, source = projected(d)
-                        results.append(recurrence(backend, specs[d], gx, h0_l[d], c0_l[d],
-                                                  p["w_hh"], p["w_hr"], p["b_hn"], batch_sizes,
-                                                  source))
+                        y, h_t, c_t = recurrence(backend, specs[d], gx, h0_l[d], c0_l[d],
+                                                 p["w_hh"], p["w_hr"], p["b_hn"], batch_sizes,
+                                                 source)
                         del gx
+                        results.append((y if layout is None else layout.to_packed(y), h_t, c_t))
+                        del y
+                    packed = True
             outputs = []
             for y, h_t, c_t in results:
-                outputs.append(y if layout is None else layout.to_packed(y))
+                outputs.append(y if layout is None or packed else layout.to_packed(y))
                 h_n.append(h_t)
                 c_n.append(c_t)
             x = outputs[0] if directions == 1 else _cat_features(outputs)
