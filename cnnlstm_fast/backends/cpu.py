@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -233,15 +233,20 @@ def gemm_in_use() -> str:
 
 
 @contextlib.contextmanager
-def use_gemm(name: str) -> Iterator[None]:
-    """``with use_gemm("blas"): ...`` runs the block with that GEMM (:func:`set_gemm`) and
-    restores the previous setting after it. Process-wide, not per thread."""
-    before = get_gemm()
-    set_gemm(name)
+def _using(get: Callable[[], str], set_: Callable[[str], None], value: str) -> Iterator[None]:
+    """The block runs with ``set_(value)``; the setting ``get()`` gave is back after it."""
+    before = get()
+    set_(value)
     try:
         yield
     finally:
-        set_gemm(before)
+        set_(before)
+
+
+def use_gemm(name: str) -> contextlib.AbstractContextManager[None]:
+    """``with use_gemm("blas"): ...`` runs the block with that GEMM (:func:`set_gemm`) and
+    restores the previous setting after it. Process-wide, not per thread."""
+    return _using(get_gemm, set_gemm, name)
 
 
 def set_kernel(name: str) -> None:
@@ -261,16 +266,10 @@ def get_kernel() -> str:
     return _kernel
 
 
-@contextlib.contextmanager
-def use_kernel(name: str) -> Iterator[None]:
+def use_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     """``with use_kernel("per_step"): ...`` runs the block with that kernel setting
     (:func:`set_kernel`) and restores the previous one after it. Process-wide."""
-    before = _kernel
-    set_kernel(name)
-    try:
-        yield
-    finally:
-        set_kernel(before)
+    return _using(get_kernel, set_kernel, name)
 
 
 def set_directions(order: str) -> None:
@@ -297,16 +296,10 @@ def get_directions() -> str:
     return _directions
 
 
-@contextlib.contextmanager
-def use_directions(order: str) -> Iterator[None]:
+def use_directions(order: str) -> contextlib.AbstractContextManager[None]:
     """``with use_directions("side_by_side"): ...`` runs the block with that order
     (:func:`set_directions`) and restores the previous one after it. Process-wide."""
-    before = _directions
-    set_directions(order)
-    try:
-        yield
-    finally:
-        set_directions(before)
+    return _using(get_directions, set_directions, order)
 
 
 def set_cache_limit(mb: int) -> None:
