@@ -212,21 +212,29 @@ def test_use_gemm_restores_the_setting_after_an_error():
 def test_inference_saves_nothing(monkeypatch):
     """Under no_grad the recurrence is asked for no saved state, even though the
     weights require grad (a forward that saved it wrote T x B x gates x H for nothing).
-    Packed input: padded inference takes forward_from_input instead."""
+    Packed and padded inference take forward_from_input (packed rows read in place);
+    an input whose features are strided (which that path would copy) takes forward."""
     calls = []
-    forward = type(CPU).forward
+    forward, from_input = type(CPU).forward, type(CPU).forward_from_input
 
     def spy(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
         calls.append(need_saved)
         return forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved)
 
+    def spy_from_input(self, *args, **kwargs):
+        result = from_input(self, *args, **kwargs)
+        calls.append("from_input" if result is not None else "declined")
+        return result
+
     monkeypatch.setattr(type(CPU), "forward", spy)
+    monkeypatch.setattr(type(CPU), "forward_from_input", spy_from_input)
     lstm = clf.LSTM(4, 6, backend="cpu")
     x = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])
     with torch.no_grad():
         lstm(x)
+        lstm(torch.randn(3, 2, 8)[..., ::2])
     lstm(x)
-    assert calls == [False, True]
+    assert calls == ["from_input", "declined", False, True]
 
 
 @pytest.mark.parametrize(
@@ -241,32 +249,47 @@ def test_inference_saves_nothing(monkeypatch):
     ],
     ids=["lstm_chunks", "lstm_proj_bi", "gru_bi_chunks", "gru_nobias", "rnn_relu"],
 )
-def test_inference_from_input_matches_torch_nn(gemm, monkeypatch, cell, kwargs, steps, batch):
-    """Padded inference runs recurrence_forward_from_input (G_x in chunks of steps),
-    against torch.nn in float64 and against the training path's fp32 result."""
+@pytest.mark.parametrize("layout", ["time_major", "batch_first", "packed"])
+def test_inference_from_input_matches_torch_nn(gemm, monkeypatch, cell, kwargs, steps, batch,
+                                               layout):
+    """Inference runs recurrence_forward_from_input (G_x in chunks of steps) on the input
+    where it lies (time-major, a batch-first input's transposed view, a PackedSequence's
+    rows), against torch.nn in float64 and against torch.nn's fp32 result."""
     used = []
     # one direction at a time, or both at once (bidirectional: csrc/cpu/directions.cpp)
     for name in ("forward_from_input", "forward_from_input_directions"):
-        def spy(self, *args, _method=getattr(type(CPU), name)):
-            result = _method(self, *args)
+        def spy(self, *args, _method=getattr(type(CPU), name), **kw):
+            result = _method(self, *args, **kw)
             used.append(result is not None)
             return result
 
         monkeypatch.setattr(type(CPU), name, spy)
     torch.manual_seed(steps + batch)
+    kwargs = dict(kwargs, batch_first=layout == "batch_first")
     exact = getattr(torch.nn, cell)(input_size=10, **kwargs).double()
     ours = getattr(clf, cell)(input_size=10, **kwargs, backend="cpu")
     theirs = getattr(torch.nn, cell)(input_size=10, **kwargs)
     ours.load_state_dict(exact.state_dict())
     theirs.load_state_dict(exact.state_dict())
     x = torch.randn(steps, batch, 10, dtype=torch.float64)
+    if layout == "batch_first":
+        x = x.transpose(0, 1).contiguous()
+    lengths = torch.randint(1, steps + 1, (batch,), generator=torch.Generator().manual_seed(1))
+    lengths[batch // 2] = steps
+
+    def call(module, inp):
+        if layout == "packed":
+            inp = torch.nn.utils.rnn.pack_padded_sequence(inp, lengths, enforce_sorted=False)
+        y, state = module(inp)
+        return [y.data if layout == "packed" else y,
+                *(state if isinstance(state, tuple) else (state,))]
+
     with torch.no_grad():
-        got = ours(x.float())
-        reference = theirs(x.float())
-        wanted = exact(x)
+        got = call(ours, x.float())
+        reference = call(theirs, x.float())
+        wanted = call(exact, x)
     assert used and all(used), "inference did not take forward_from_input"
-    flat = lambda out: [out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))]  # noqa: E731
-    assert_as_accurate_as(["y", "h_n", "c_n"], flat(got), flat(reference), flat(wanted))
+    assert_as_accurate_as(["y", "h_n", "c_n"], got, reference, wanted)
 
 
 def test_forward_from_input_opcheck():
@@ -280,6 +303,28 @@ def test_forward_from_input_opcheck():
         torch.ops.cnnlstm_fast.recurrence_forward_from_input,
         ("lstm", x, w_ih, b, h0, c0, w_hh, None, None, False), {"kernel_name": "per_step"},
     )
+    # a PackedSequence's rows: 5 steps of 3, 3, 2, 1, 1 rows
+    torch.library.opcheck(
+        torch.ops.cnnlstm_fast.recurrence_forward_from_input,
+        ("lstm", torch.randn(10, 4), w_ih, b, h0, c0, w_hh, None, None, True),
+        {"batch_sizes": torch.tensor([3, 3, 2, 1, 1])},
+    )
+
+
+def test_forward_from_input_checks_packed_rows():
+    """Packed input must be a PackedSequence's: batch sizes never increasing, summing to
+    the rows of x; the errors say what was wrong."""
+    w_ih, h0, c0, w_hh = torch.randn(24, 4), torch.randn(3, 6), torch.randn(3, 6), torch.randn(24, 6)
+    op = torch.ops.cnnlstm_fast.recurrence_forward_from_input
+    with pytest.raises(RuntimeError, match="must sum to x's rows \\(9\\), got 10"):
+        op("lstm", torch.randn(9, 4), w_ih, None, h0, c0, w_hh, None, None, False,
+           batch_sizes=torch.tensor([3, 3, 2, 1, 1]))
+    with pytest.raises(RuntimeError, match="never increase.*got 2 then 3 at step 2"):
+        op("lstm", torch.randn(10, 4), w_ih, None, h0, c0, w_hh, None, None, False,
+           batch_sizes=torch.tensor([3, 2, 3, 1, 1]))
+    with pytest.raises(RuntimeError, match="x must be 2-D \\(rows, input\\) with batch_sizes"):
+        op("lstm", torch.randn(5, 2, 4), w_ih, None, h0, c0, w_hh, None, None, False,
+           batch_sizes=torch.tensor([2, 2, 2, 2, 2]))
 
 
 @pytest.mark.parametrize("rows,k,n", [(13, 257, 33), (97, 300, 95), (200, 513, 64), (25, 1, 7)],

@@ -113,19 +113,27 @@ def test_directions_ops_equal_the_one_direction_ops(threads, cell, T, B, H, proj
                                         d_cT[d])
         for k in range(6):
             same(got_b[k][d], want_b[k], (d, k))
-    # inference straight from a shared input
-    if lengths is None:
-        x = torch.randn(T, B, 11, generator=g, dtype=dtype)
-        w_ih = [torch.randn(GATES[cell] * H, 11, generator=g, dtype=dtype) for _ in range(2)]
-        bias = [torch.randn(GATES[cell] * H, generator=g, dtype=dtype), None]
-        got_i = op.recurrence_forward_from_input_directions(
-            cell, x, w_ih, bias, p["h0"], p["c0"], p["w_hh"], p["w_hr"], p["b_hn"], reverse)
+    # inference straight from a shared input, padded or packed (x a PackedSequence's
+    # data), each direction's Y in its column block of one output
+    N = T * B if batch_sizes is None else int(batch_sizes.sum())
+    x = torch.randn(N, 11, generator=g, dtype=dtype)
+    if batch_sizes is None:
+        x = x.view(T, B, 11)
+    w_ih = [torch.randn(GATES[cell] * H, 11, generator=g, dtype=dtype) for _ in range(2)]
+    bias = [torch.randn(GATES[cell] * H, generator=g, dtype=dtype), None]
+    out = proj or H
+    for side_by_side in (True, False):
+        got_y, got_h, got_c = op.recurrence_forward_from_input_directions(
+            cell, x, w_ih, bias, p["h0"], p["c0"], p["w_hh"], p["w_hr"], p["b_hn"], reverse,
+            batch_sizes=batch_sizes, side_by_side=side_by_side)
+        assert got_y.shape == (*x.shape[:-1], 2 * out)
         for d in range(2):
-            want_i = op.recurrence_forward_from_input(cell, x, w_ih[d], bias[d], p["h0"][d],
-                                                      p["c0"][d], p["w_hh"][d], p["w_hr"][d],
-                                                      p["b_hn"][d], reverse[d])
-            for k in range(3):
-                same(got_i[k][d], want_i[k], (d, k))
+            want_i = op.recurrence_forward_from_input(
+                cell, x, w_ih[d], bias[d], p["h0"][d], p["c0"][d], p["w_hh"][d],
+                p["w_hr"][d], p["b_hn"][d], reverse[d], batch_sizes=batch_sizes)
+            same(got_y[..., d * out:(d + 1) * out], want_i[0], (d, 0, side_by_side))
+            same(got_h[d], want_i[1], (d, 1, side_by_side))
+            same(got_c[d], want_i[2], (d, 2, side_by_side))
 
 
 def test_directions_ops_opcheck():
@@ -144,6 +152,11 @@ def test_directions_ops_opcheck():
     torch.library.opcheck(torch.ops.cnnlstm_fast.recurrence_forward_from_input_directions,
                           ("lstm", x, w_ih, [None, None], p["h0"], p["c0"], p["w_hh"],
                            [None, None], [None, None], [False, True]))
+    # packed rows (4 steps of 3, 2, 2, 1), one direction after the other
+    torch.library.opcheck(torch.ops.cnnlstm_fast.recurrence_forward_from_input_directions,
+                          ("lstm", torch.randn(8, 5), w_ih, [None, None], p["h0"], p["c0"],
+                           p["w_hh"], [None, None], [None, None], [False, True]),
+                          {"batch_sizes": torch.tensor([3, 2, 2, 1]), "side_by_side": False})
 
 
 def test_an_error_on_the_helper_thread_reaches_the_caller(threads):
@@ -166,8 +179,8 @@ def test_an_error_on_the_helper_thread_reaches_the_caller(threads):
 def _spied(monkeypatch):
     calls = []
     for name in ("forward_directions", "backward_directions", "forward_from_input_directions"):
-        def spy(self, *args, _name=name, _method=getattr(type(CPU), name)):
-            result = _method(self, *args)
+        def spy(self, *args, _name=name, _method=getattr(type(CPU), name), **kwargs):
+            result = _method(self, *args, **kwargs)
             if result is not None:  # None: the caller goes on with forward_directions
                 calls.append(_name)
             return result
@@ -215,13 +228,10 @@ def test_bidirectional_modules_run_both_directions_in_one_op(threads, monkeypatc
             assert_close(a, b, rtol=1e-9, atol=1e-10, what=f"{name} grad={grad} tensor {i}")
         if grad:
             assert calls == ["forward_directions"] * 2 + ["backward_directions"] * 2
-        elif packed:
-            assert calls == ["forward_directions"] * 2
         else:
-            # the batch_first input is a strided view: the first layer projects it in
-            # place (no copy) and runs forward_directions; the second layer's input is
-            # the contiguous output of the first
-            assert calls == ["forward_directions", "forward_from_input_directions"]
+            # inference reads its input where it lies: the batch_first input's strided
+            # view, the packed rows (never padded), each layer's output
+            assert calls == ["forward_from_input_directions"] * 2
 
 
 def test_directions_run_one_after_the_other_by_default_and_the_setting_is_checked(

@@ -99,10 +99,13 @@ class Backend:
         """``G_x = x @ weight^T + bias`` (differentiable) for a layer this backend runs."""
         return torch.nn.functional.linear(x, weight, bias)
 
-    def forward_from_input(self, spec, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn):
-        """Inference (no autograd) of a padded layer straight from its input ``x`` (T,B,I),
-        the input projection included: ``(Y, h_T, c_T | None)``, or None where the
-        backend has no such path (the module then projects and calls ``forward``)."""
+    def forward_from_input(self, spec, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
+                           batch_sizes=None):
+        """Inference (no autograd) of a layer straight from its input, the input
+        projection included: ``x`` padded (T, B, I), or with ``batch_sizes`` a
+        PackedSequence's data (N, I), and Y in the same layout. ``(Y, h_T, c_T | None)``,
+        or None where the backend has no such path (the module then projects and calls
+        ``forward``)."""
         return None
 
     def forward(self, spec, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):

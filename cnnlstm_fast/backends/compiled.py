@@ -111,10 +111,9 @@ def _pack_rows_backward(ctx, grad):
 
 
 def _forward_from_input_fake(cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, reverse,
-                             kernel_name="auto"):
-    steps, batch, _ = x.shape
+                             kernel_name="auto", batch_sizes=None):
     return (
-        x.new_empty(steps, batch, h0.shape[1]),
+        x.new_empty(*x.shape[:-1], h0.shape[1]),
         h0.new_empty(h0.shape),
         c0.new_empty(c0.shape) if cell == "lstm" else x.new_empty(0),
     )
@@ -209,10 +208,12 @@ def _backward_directions_fake(cell, act, h_prev, extra, w_hh, w_hr, batch_sizes,
 
 
 def _forward_from_input_directions_fake(cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
-                                        reverse, kernel_name="auto"):
-    return _transposed(_forward_from_input_fake(cell, x, w_ih[d], gx_bias[d], h0[d], c0[d],
-                                                w_hh[d], w_hr[d], b_hn[d], reverse[d])
-                       for d in range(len(w_ih)))
+                                        reverse, kernel_name="auto", batch_sizes=None,
+                                        side_by_side=True):
+    _, hs, cs = _transposed(_forward_from_input_fake(cell, x, w_ih[d], gx_bias[d], h0[d], c0[d],
+                                                     w_hh[d], w_hr[d], b_hn[d], reverse[d])
+                            for d in range(len(w_ih)))
+    return x.new_empty(*x.shape[:-1], len(w_ih) * h0[0].shape[1]), hs, cs
 
 
 class CompiledOpsBackend(Backend):

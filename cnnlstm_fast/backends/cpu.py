@@ -81,16 +81,18 @@ class CpuBackend(CompiledOpsBackend):
     def kernel_arguments(self, backward: bool) -> dict:
         return {"kernel_name": _kernel}
 
-    def forward_from_input(self, spec, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn):
-        if not x.is_contiguous():
-            # a strided view (a conv's output transposed): the op would copy it; the
-            # projection reads it in place instead (input_projection), then the recurrence
+    def forward_from_input(self, spec, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
+                           batch_sizes=None):
+        if x.stride(-1) != 1:
+            # the op would copy it; the projection reads it in place instead
+            # (input_projection), then the recurrence
             return None
         # G_x a chunk of steps at a time into one reused buffer, never (T, B, gates*H)
-        # whole: fresh memory that size cost more in page faults than its GEMM.
+        # whole: fresh memory that size cost more in page faults than its GEMM. A
+        # batch-first input's transposed view and packed rows are read where they lie.
         y, h_t, c_t = torch.ops.cnnlstm_fast.recurrence_forward_from_input(
             spec.cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, spec.reverse,
-            kernel_name=_kernel,
+            kernel_name=_kernel, batch_sizes=batch_sizes,
         )
         return y, h_t, c_t if spec.cell == "lstm" else None
 
@@ -126,17 +128,21 @@ class CpuBackend(CompiledOpsBackend):
         return known
 
     def forward_from_input_directions(self, specs, x, w_ih, gx_bias, h0, c0, w_hh, w_hr,
-                                      b_hn):
+                                      b_hn, batch_sizes=None, side_by_side=None):
         """forward_from_input for the directions of a layer at once (lists, one entry per
-        direction): a list of ``(Y, h_T, c_T | None)``, or None where the one-direction
-        path would not run either."""
-        if not x.is_contiguous():
+        direction), each direction's Y written into its column block of the layer's
+        output: ``(Y, [h_T], [c_T | None])``, or None where the one-direction path would
+        not run either. ``side_by_side`` (default :meth:`concurrent_directions`) runs
+        the directions at the same time, else one after the other."""
+        if x.stride(-1) != 1:
             return None
-        ys, hs, cs = torch.ops.cnnlstm_fast.recurrence_forward_from_input_directions(
+        if side_by_side is None:
+            side_by_side = self.concurrent_directions(specs[0])
+        y, hs, cs = torch.ops.cnnlstm_fast.recurrence_forward_from_input_directions(
             specs[0].cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
-            [s.reverse for s in specs], kernel_name=_kernel)
-        lstm = specs[0].cell == "lstm"
-        return [(y, h, c if lstm else None) for y, h, c in zip(ys, hs, cs)]
+            [s.reverse for s in specs], kernel_name=_kernel, batch_sizes=batch_sizes,
+            side_by_side=side_by_side)
+        return y, list(hs), list(cs) if specs[0].cell == "lstm" else [None] * len(specs)
 
     def forward_directions(self, specs, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, need_saved):
         """forward for the directions of a layer at once (lists, one entry per direction):

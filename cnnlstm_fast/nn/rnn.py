@@ -11,6 +11,7 @@ loop and inter-layer dropout; each layer and direction is one input-projection G
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import typing
 
@@ -250,8 +251,14 @@ class _PackedLayout:
     def __init__(self, batch_sizes: torch.Tensor, device: torch.device):
         self.steps = len(batch_sizes)
         self.batch = int(batch_sizes[0])
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        self.index = _packed_index(batch_sizes, device, on_device=capturing)
+        self._batch_sizes, self._device = batch_sizes, device
+        self._capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        """The flat padded position of each packed row, made on first use (the cpu
+        backend's inference reads packed rows in place and never needs it)."""
+        return _packed_index(self._batch_sizes, self._device, on_device=self._capturing)
 
     def to_padded(self, data: torch.Tensor) -> torch.Tensor:
         rows = self.steps * self.batch
@@ -520,7 +527,7 @@ class _SequenceMixin(_BackendMixin):
             # where nothing this layer reads requires grad (spec.needs_grad says so for
             # the module; this checks the tensors themselves) and no torch.func
             # transform or dual level is active, so no derivative is ever lost to it
-            from_input = not given and layout is None and not spec.needs_grad and not (
+            from_input = not given and not spec.needs_grad and not (
                 transforms_active()) and not (torch.is_grad_enabled() and any(
                     t is not None and t.requires_grad
                     for t in (x, h0, c0, *(v for p in params for v in p.values()))))
@@ -530,16 +537,27 @@ class _SequenceMixin(_BackendMixin):
             together = (directions > 1 and hasattr(backend, "concurrent_directions")
                         and backend.concurrent_directions(spec) and not transforms_active())
             results, packed = None, False  # packed: results' Y already in packed rows
-            if from_input and together:
-                results = backend.forward_from_input_directions(
+            if from_input and directions > 1 and hasattr(backend, "forward_from_input_directions"):
+                # both directions' Y straight into the layer's output: nothing to concatenate
+                whole = backend.forward_from_input_directions(
                     specs, x, *_columns(params, ("w_ih", "gx_bias")), h0_l, c0_l,
-                    *_columns(params, ("w_hh", "w_hr", "b_hn")))
+                    *_columns(params, ("w_hh", "w_hr", "b_hn")), batch_sizes=batch_sizes,
+                    side_by_side=together)
+                if whole is not None:
+                    x, h_l, c_l = whole
+                    h_n += h_l
+                    c_n += c_l
+                    if self.dropout and self.training and layer < self.num_layers - 1:
+                        x = F.dropout(x, self.dropout, True)
+                    continue
             elif from_input:
+                # packed input stays packed: its steps' rows are read and written in place
                 results = [backend.forward_from_input(specs[d], x, p["w_ih"], p["gx_bias"],
                                                       h0_l[d], c0_l[d], p["w_hh"], p["w_hr"],
-                                                      p["b_hn"])
+                                                      p["b_hn"], batch_sizes=batch_sizes)
                            for d, p in enumerate(params)]
                 results = None if any(r is None for r in results) else results
+                packed = results is not None
             if results is None:
                 def projected(d):
                     """Direction d's G_x (padded) and what it was computed from."""

@@ -1,7 +1,10 @@
 // The directions of a bidirectional layer side by side (the `cpu` backend): the ops
 // cnnlstm_fast::recurrence_forward_directions, recurrence_backward_directions and
-// recurrence_forward_from_input_directions run the one-direction ops of recurrence.cpp
-// for D directions at once, each on its share of torch's intra-op threads.
+// recurrence_forward_from_input_directions run the one-direction recurrences of
+// recurrence.cpp for D directions at once, each on its share of torch's intra-op threads.
+// The from-input op (inference) also runs them one after the other where asked
+// (side_by_side=False): either way each direction writes its Y straight into its column
+// block of the layer's output, so nothing is concatenated afterwards.
 //
 // Why: the two directions of a layer are independent, but one direction's time loop
 // uses extra cores badly (on a 2-core VM a direction gains 1.3-1.5x from the second
@@ -32,6 +35,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "alloc.h"
+#include "recurrence.h"
+
 #include <omp.h>
 
 #include <unistd.h>
@@ -51,7 +57,6 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 
 // The thread count a direction runs with, set on the thread that runs it for the
 // guard's lifetime.
@@ -150,12 +155,13 @@ class Workers {
   }
 };
 
-// Runs run(d) for d in [0, D): side by side where there are threads to share (see the
-// file comment), else one after the other. Exceptions reach the caller (the first
-// direction's first), after every direction has finished.
-void for_each_direction(int64_t D, const std::function<void(int64_t)>& run) {
+// Runs run(d) for d in [0, D): side by side where asked and there are threads to share
+// (see the file comment), else one after the other. Exceptions reach the caller (the
+// first direction's first), after every direction has finished.
+void for_each_direction(int64_t D, const std::function<void(int64_t)>& run,
+                        bool side_by_side = true) {
   const int threads = at::get_num_threads();
-  if (D < 2 || threads < 2 || at::in_parallel_region()) {
+  if (!side_by_side || D < 2 || threads < 2 || at::in_parallel_region()) {
     for (int64_t d = 0; d < D; ++d) run(d);
     return;
   }
@@ -300,14 +306,20 @@ recurrence_backward_directions(c10::string_view cell, const std::vector<Tensor>&
   return transpose(out);
 }
 
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+// Inference of a layer's directions straight from its input, each direction's Y written
+// into its column block of the layer's output (T, B, D * Hout), or (N, D * Hout) for a
+// PackedSequence's data with batch_sizes: no concatenation afterwards. Side by side, or
+// one after the other on the caller.
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>
 recurrence_forward_from_input_directions(
     c10::string_view cell, const Tensor& x, const std::vector<Tensor>& w_ih,
     const std::vector<OptTensor>& gx_bias, const std::vector<Tensor>& h0,
     const std::vector<OptTensor>& c0, const std::vector<Tensor>& w_hh,
     const std::vector<OptTensor>& w_hr, const std::vector<OptTensor>& b_hn,
-    const c10::List<bool>& reverse, c10::string_view kernel_name) {
+    const c10::List<bool>& reverse, c10::string_view kernel_name, const OptTensor& batch_sizes,
+    bool side_by_side) {
   const size_t D = w_ih.size();
+  TORCH_CHECK(D > 0, "cnnlstm_fast cpu backend: w_ih must have an entry per direction, got none");
   check_count("h0", h0.size(), D);
   check_count("w_hh", w_hh.size(), D);
   check_count("reverse", reverse.size(), D);
@@ -316,19 +328,25 @@ recurrence_forward_from_input_directions(
                 "w_hr and b_hn must be empty or have one entry per direction (", D, "), got ",
                 list->size());
   }
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("cnnlstm_fast::recurrence_forward_from_input", "")
-          .typed<Tensors3(c10::string_view, const Tensor&, const Tensor&, const OptTensor&,
-                          const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                          const OptTensor&, bool, c10::string_view)>();
+  const int64_t Hout = h0[0].dim() == 2 ? h0[0].size(1) : 0;
+  for (size_t d = 1; d < D; ++d) {
+    TORCH_CHECK(h0[d].dim() == 2 && h0[d].size(1) == Hout, "cnnlstm_fast cpu backend: h0 of "
+                "every direction must have the width of direction 0's (", Hout, "), got ",
+                h0[d].sizes(), " for direction ", d);
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  TORCH_CHECK(!shape.empty(), "cnnlstm_fast cpu backend: x must be 2-D or 3-D, got 0-D");
+  shape.back() = static_cast<int64_t>(D) * Hout;
+  Tensor y = empty_large(shape, h0[0].options());
   const std::vector<char> rev = flags(reverse);
-  std::vector<Tensors3> out(D);
+  std::vector<Tensor> h(D), c(D);
   for_each_direction(static_cast<int64_t>(D), [&](int64_t d) {
-    out[d] = op.call(cell, x, w_ih[d], at_or_none(gx_bias, d), h0[d], at_or_none(c0, d),
-                     w_hh[d], at_or_none(w_hr, d), at_or_none(b_hn, d), rev[d] != 0, kernel_name);
-  });
-  return transpose(out);
+    Tensor block = y.narrow(-1, d * Hout, Hout);
+    std::tie(h[d], c[d]) = forward_from_input_into(
+        cell, x, w_ih[d], at_or_none(gx_bias, d), h0[d], at_or_none(c0, d), w_hh[d],
+        at_or_none(w_hr, d), at_or_none(b_hn, d), rev[d] != 0, kernel_name, batch_sizes, block);
+  }, side_by_side);
+  return {y, h, c};
 }
 
 }  // namespace
@@ -348,8 +366,8 @@ TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
   m.def(
       "recurrence_forward_from_input_directions(str cell, Tensor x, Tensor[] w_ih, "
       "Tensor?[] gx_bias, Tensor[] h0, Tensor?[] c0, Tensor[] w_hh, Tensor?[] w_hr, "
-      "Tensor?[] b_hn, bool[] reverse, str kernel_name=\"auto\") -> (Tensor[] y, "
-      "Tensor[] h_T, Tensor[] c_T)");
+      "Tensor?[] b_hn, bool[] reverse, str kernel_name=\"auto\", Tensor? batch_sizes=None, "
+      "bool side_by_side=True) -> (Tensor y, Tensor[] h_T, Tensor[] c_T)");
 }
 
 TORCH_LIBRARY_IMPL(cnnlstm_fast, CPU, m) {

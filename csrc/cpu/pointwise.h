@@ -34,6 +34,7 @@ struct ForwardStep {
   const scalar_t* h_in;  // GRU (rows, hidden): h_{t-1} (may be h)
   scalar_t* h;           // (rows, hidden) out: h_t (not with projection)
   scalar_t* y;           // (rows, hidden) out: Y[t] (not with projection)
+  int64_t y_row_stride;  // Y[t]'s row stride: hidden, or wider where Y is a column block
   scalar_t* c;           // LSTM (rows, hidden): cell state, updated in place
   scalar_t* m;           // LSTM with projection (rows, hidden) out: o * tanh(c)
   scalar_t* extra;       // GRU (rows, hidden) out: a_n + b_hn, saved for backward (nullable)

@@ -155,7 +155,7 @@ void lstm_forward(const ForwardStep<scalar_t>& s) {
       r.m.store(s.m + k, n);
     } else {
       r.m.store(s.h + k, n);
-      r.m.store(s.y + k, n);
+      r.m.store(s.y + row * s.y_row_stride + j, n);
     }
   });
 }
@@ -179,7 +179,7 @@ void gru_forward(const ForwardStep<scalar_t>& s) {
     }
     if (s.extra != nullptr) r.h_n.store(s.extra + k, n);
     r.h.store(s.h + k, n);
-    r.h.store(s.y + k, n);
+    r.h.store(s.y + row * s.y_row_stride + j, n);
   });
 }
 
@@ -193,7 +193,7 @@ void rnn_forward(const ForwardStep<scalar_t>& s) {
     const V h = gm::rnn_forward<VecMath<scalar_t>, Relu>(in.hw(0) + in.gx(0));
     if (s.act != nullptr) h.store(s.act + k, n);
     h.store(s.h + k, n);
-    h.store(s.y + k, n);
+    h.store(s.y + row * s.y_row_stride + j, n);
   });
 }
 

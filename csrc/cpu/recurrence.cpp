@@ -38,6 +38,7 @@
 #include "gemm.h"
 #include "linear.h"
 #include "pointwise.h"
+#include "recurrence.h"
 #include "stats.h"
 
 // The Fortran BLAS of the BLAS torch links (MKL, OpenBLAS): the per-step GEMMs go
@@ -217,6 +218,47 @@ std::vector<int64_t> active_rows(const c10::optional<Tensor>& batch_sizes, int64
   return rows;
 }
 
+// Where each step's rows lie in the layer input x, in G_x computed from it and in Y.
+// Padded: (T, B, .), step t's rows from t * B on, rows[t] of them active (the others
+// are zeroed in Y). Packed (a PackedSequence's data, (N, .)): step t's rows[t] rows
+// from first[t] on, rows[t] never increasing; no other rows exist.
+struct StepRows {
+  std::vector<int64_t> rows;   // active rows of step t
+  std::vector<int64_t> first;  // T + 1 entries: step t's first row; first[T] = all rows
+  bool packed = false;
+  int64_t steps() const { return static_cast<int64_t>(rows.size()); }
+};
+
+StepRows padded_rows(std::vector<int64_t> rows, int64_t B) {
+  StepRows out;
+  const int64_t T = static_cast<int64_t>(rows.size());
+  out.rows = std::move(rows);
+  out.first.resize(T + 1);
+  for (int64_t t = 0; t <= T; ++t) out.first[t] = t * B;
+  return out;
+}
+
+// The steps of packed input of `total` rows: batch_sizes never increasing, summing to
+// total (PackedSequence's invariants, checked: the recurrence relies on them).
+StepRows packed_rows(const Tensor& batch_sizes, int64_t total) {
+  TORCH_CHECK(batch_sizes.dim() == 1, "batch_sizes must be 1-D, got ", batch_sizes.dim(), "-D");
+  const int64_t T = batch_sizes.size(0);
+  const int64_t B = T == 0 ? 0 : batch_sizes.contiguous().const_data_ptr<int64_t>()[0];
+  StepRows out;
+  out.packed = true;
+  out.rows = active_rows(batch_sizes, T, B);
+  out.first.resize(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(t == 0 || out.rows[t] <= out.rows[t - 1],
+                "batch_sizes must never increase (a PackedSequence's), got ", out.rows[t - 1],
+                " then ", out.rows[t], " at step ", t);
+    out.first[t + 1] = out.first[t] + out.rows[t];
+  }
+  TORCH_CHECK(out.first[T] == total, "batch_sizes must sum to x's rows (", total, "), got ",
+              out.first[T]);
+  return out;
+}
+
 void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype,
                   std::initializer_list<int64_t> shape) {
   TORCH_CHECK(t.device().is_cpu(), "cnnlstm_fast cpu backend: ", name,
@@ -235,6 +277,13 @@ void zero_tail(scalar_t* slab, int64_t rows, int64_t batch, int64_t width) {
   if (rows < batch) std::memset(slab + rows * width, 0, (batch - rows) * width * sizeof(scalar_t));
 }
 
+// The same for rows `stride` apart.
+template <typename scalar_t>
+void zero_tail(scalar_t* slab, int64_t rows, int64_t batch, int64_t width, int64_t stride) {
+  if (stride == width) return zero_tail(slab, rows, batch, width);
+  for (int64_t r = rows; r < batch; ++r) std::memset(slab + r * stride, 0, width * sizeof(scalar_t));
+}
+
 // How many steps of step_bytes each fit in budget bytes: at least 1, at most T (>= 1).
 int64_t steps_per_chunk(int64_t budget, int64_t step_bytes, int64_t T) {
   return std::clamp<int64_t>(budget / std::max<int64_t>(1, step_bytes), 1,
@@ -245,19 +294,30 @@ int64_t steps_per_chunk(int64_t budget, int64_t step_bytes, int64_t T) {
 // layer input) computed a chunk of steps at a time as x W_ih^T + b into one reused
 // buffer, so the (T, B, G) projection is never materialised: writing fresh memory that
 // size cost more in page faults than the projection's GEMM (8 ms for 32 MB on the
-// 2-core Zen 5 VM).
+// 2-core Zen 5 VM). x is padded (T, B, I) in any strides with unit inner stride (a
+// batch-first input transposed is read in place), or packed (N, I) rows (StepRows).
 template <typename scalar_t>
 class GxSource {
  public:
-  explicit GxSource(const Tensor& gx)
-      : whole_(gx.const_data_ptr<scalar_t>()), step_stride_(gx.size(1) * gx.size(2)) {}
+  GxSource(const Tensor& gx, const StepRows& steps)
+      : steps_(&steps), whole_(gx.const_data_ptr<scalar_t>()),
+        step_stride_(gx.size(1) * gx.size(2)) {}
 
-  GxSource(const Tensor& x, const Tensor& w_ih, const Tensor& bias, int64_t gates_width)
-      : from_input_(true), x_(x), w_ih_(w_ih), bias_(bias) {
-    const int64_t T = x.size(0), B = x.size(1);
+  GxSource(const Tensor& x, const Tensor& w_ih, const Tensor& bias, int64_t gates_width,
+           int64_t B, const StepRows& steps)
+      : steps_(&steps), from_input_(true), x_(x), w_ih_(w_ih), bias_(bias), batch_(B),
+        gates_width_(gates_width) {
+    const int64_t T = steps.steps();
+    if (steps.packed) {
+      row_stride_ = x.size(0) > 1 ? x.stride(0) : x.size(1);
+    } else {
+      step_stride_ = x.stride(0);
+      // one batch row per step: the rows of consecutive steps are step_stride_ apart
+      row_stride_ = B == 1 ? x.stride(0) : x.stride(1);
+      even_ = B == 1 || x.stride(0) == B * x.stride(1);
+    }
     chunk_ = steps_per_chunk(int64_t{2} << 20, B * gates_width * int64_t{sizeof(scalar_t)}, T);
-    buffer_ = empty_large({chunk_, B, gates_width}, x.options());
-    step_stride_ = B * gates_width;
+    buffer_ = empty_large({chunk_ * B, gates_width}, x.options());
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (use_packed_gemm()) {
         packed_ = pack_weight(w_ih);
@@ -274,6 +334,25 @@ class GxSource {
   const Tensor& w_ih() const { return w_ih_; }
   const Tensor& bias() const { return bias_; }
 
+  // Calls block(a, lda, rows, out_row) over the input rows of steps [first, first + len):
+  // a (rows x I, row stride lda) goes to rows [out_row, out_row + rows) of the chunk's
+  // G_x. One block where those rows are evenly spaced (packed input, time-major rows),
+  // else one per step.
+  template <typename Block>
+  void for_each_block(int64_t first, int64_t len, const Block& block) const {
+    const scalar_t* x = x_.const_data_ptr<scalar_t>();
+    const auto& at = steps_->first;
+    if (steps_->packed) {
+      block(x + at[first] * row_stride_, row_stride_, at[first + len] - at[first], int64_t{0});
+    } else if (even_) {
+      block(x + first * step_stride_, row_stride_, len * batch_, int64_t{0});
+    } else {
+      for (int64_t i = 0; i < len; ++i) {
+        block(x + (first + i) * step_stride_, row_stride_, batch_, i * batch_);
+      }
+    }
+  }
+
   // G_x[t] for the step-th step of the walk (t = step, or T - 1 - step in reverse).
   const scalar_t* at(int64_t step, int64_t t, bool reverse, int64_t T) {
     if (!from_input_) return whole_ + t * step_stride_;
@@ -282,34 +361,42 @@ class GxSource {
       first_ = reverse ? T - step - len : step;
       project(first_, len);
     }
-    return buffer_.const_data_ptr<scalar_t>() + (t - first_) * step_stride_;
+    const auto& at = steps_->first;
+    return buffer_.const_data_ptr<scalar_t>() + (at[t] - at[first_]) * gates_width_;
   }
 
  private:
   void project(int64_t first, int64_t len) {
-    const int64_t B = x_.size(1), I = x_.size(2), G = buffer_.size(2);
-    const Tensor x_rows = x_.narrow(0, first, len).view({len * B, I});
-    Tensor out = buffer_.narrow(0, 0, len).view({len * B, G});
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (packed_.defined()) {
-        packed_gemm(len * B, G, I, x_rows.const_data_ptr<float>(), I, 1,
-                    packed_.const_data_ptr<float>(),
-                    bias_.defined() ? bias_.const_data_ptr<float>() : nullptr, 0.0f,
-                    out.data_ptr<float>(), G);
-        return;
+    const int64_t I = w_ih_.size(1), G = gates_width_;
+    scalar_t* out = buffer_.data_ptr<scalar_t>();
+    for_each_block(first, len, [&](const scalar_t* a, int64_t lda, int64_t rows, int64_t row) {
+      if (rows == 0) return;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (packed_.defined()) {
+          packed_gemm(rows, G, I, a, lda, 1, packed_.const_data_ptr<float>(),
+                      bias_.defined() ? bias_.const_data_ptr<float>() : nullptr, 0.0f,
+                      out + row * G, G);
+          return;
+        }
       }
-    }
-    if (bias_.defined()) {
-      at::addmm_out(out, bias_, x_rows, w_ih_.t());
-    } else {
-      at::mm_out(out, x_rows, w_ih_.t());
-    }
+      const Tensor a_rows = at::from_blob(const_cast<scalar_t*>(a), {rows, I}, {lda, 1},
+                                          x_.options());
+      Tensor c = buffer_.narrow(0, row, rows);
+      if (bias_.defined()) {
+        at::addmm_out(c, bias_, a_rows, w_ih_.t());
+      } else {
+        at::mm_out(c, a_rows, w_ih_.t());
+      }
+    });
   }
 
+  const StepRows* steps_;
   bool from_input_ = false;
   const scalar_t* whole_ = nullptr;
-  int64_t step_stride_ = 0;
+  int64_t step_stride_ = 0, row_stride_ = 0;  // x's: padded step stride, row stride
+  bool even_ = true;                          // padded x: rows of a chunk evenly spaced
   Tensor x_, w_ih_, bias_, buffer_, packed_;
+  int64_t batch_ = 0, gates_width_ = 0;
   int64_t chunk_ = 1, first_ = 0;
 };
 
@@ -459,8 +546,7 @@ void pack_gate_rows(const Tensor& w, int gates, int64_t H, int64_t j0, int64_t j
   }
 }
 
-bool persistent_forward(PersistentMode mode, Cell cell, const std::vector<int64_t>& rows,
-                        bool reverse,
+bool persistent_forward(PersistentMode mode, Cell cell, const StepRows& steps, bool reverse,
                         GxSource<float>& source, int64_t T, int64_t B, int64_t G,
                         const Tensor& w_hh, const Tensor& w_hr, const Tensor& b_hn, Tensor& h,
                         Tensor& c, Tensor& y, Tensor& act, Tensor& h_prev, Tensor& extra,
@@ -471,7 +557,10 @@ bool persistent_forward(PersistentMode mode, Cell cell, const std::vector<int64_
   if (team == 0) return false;
   const int64_t units = (H + kUnitWidth - 1) / kUnitWidth;
   const bool from_input = source.from_input();
-  const int64_t I = from_input ? source.x().size(2) : 0;
+  const int64_t I = from_input ? source.w_ih().size(1) : 0;
+  const std::vector<int64_t>& rows = steps.rows;
+  const std::vector<int64_t>& at_row = steps.first;
+  const int64_t y_ld = y.stride(-2);
   std::vector<PersistentSlice> slices(team);
   // Steps per projected chunk, one for all threads (they project at the same steps and
   // each buffer holds `chunk` steps of its own slice), about 1 MB for the widest slice.
@@ -491,7 +580,6 @@ bool persistent_forward(PersistentMode mode, Cell cell, const std::vector<int64_
     }
   }
   Tensor other = at::empty_like(h);
-  float* const x = from_input ? source.x().data_ptr<float>() : nullptr;
   const auto& kernels = pointwise_kernels<float>();
   SpinBarrier barrier;
   const bool ran = run_on_team(team, [&](int i) {
@@ -538,9 +626,9 @@ bool persistent_forward(PersistentMode mode, Cell cell, const std::vector<int64_
     for (int64_t step = 0; step < T; ++step) {
       const int64_t t = reverse ? T - 1 - step : step;
       const int64_t n = rows[t];
-      float* y_t = y.data_ptr<float>() + t * B * H;
+      float* y_t = y.data_ptr<float>() + at_row[t] * y_ld;
       float* act_t = act.data_ptr<float>() + (need_saved ? t * B * G : 0);
-      zero_units(y_t, n, B, H, 1);
+      if (!steps.packed) zero_units(y_t, n, B, y_ld, 1);
       if (need_saved) {
         zero_units(act_t, n, B, G, gates);
         copy_units(h_prev.data_ptr<float>() + t * B * H, cur, 0, B);
@@ -555,13 +643,17 @@ bool persistent_forward(PersistentMode mode, Cell cell, const std::vector<int64_
           const int64_t len = std::min(chunk, T - step);
           first = reverse ? T - step - len : step;
           if (span > 0) {
-            packed_gemm_block_avx512(len * B, panels, width, I, x + first * B * I, I, 1,
-                                     sl.w_ih.const_data_ptr<float>(), I * kPanelWidth,
-                                     sl.bias.const_data_ptr<float>(), 0.0f,
-                                     sl.gx.data_ptr<float>(), width);
+            source.for_each_block(first, len, [&](const float* a, int64_t lda, int64_t m,
+                                                  int64_t row) {
+              if (m == 0) return;
+              packed_gemm_block_avx512(m, panels, width, I, a, lda, 1,
+                                       sl.w_ih.const_data_ptr<float>(), I * kPanelWidth,
+                                       sl.bias.const_data_ptr<float>(), 0.0f,
+                                       sl.gx.data_ptr<float>() + row * width, width);
+            });
           }
         }
-        s.gx = sl.gx.const_data_ptr<float>() + (t - first) * B * width - j0;
+        s.gx = sl.gx.const_data_ptr<float>() + (at_row[t] - at_row[first]) * width - j0;
         s.gx_row_stride = width;
         s.gx_gate_stride = pspan;
       } else {
@@ -578,6 +670,7 @@ bool persistent_forward(PersistentMode mode, Cell cell, const std::vector<int64_
         s.h_in = cur;
         s.h = next;
         s.y = y_t;
+        s.y_row_stride = y_ld;
         s.extra = need_saved && cell == kGru ? extra.data_ptr<float>() + t * B * H : nullptr;
         kernels.forward[cell](s);
       }
@@ -593,15 +686,19 @@ bool persistent_forward(PersistentMode mode, Cell cell, const std::vector<int64_
   return true;
 }
 
+// y: (T, B, Hout) padded or (N, Hout) packed (steps), rows y.stride(-2) apart (a
+// column block of a wider output).
 template <typename scalar_t>
-void forward_loop(PersistentMode mode, Cell cell, const std::vector<int64_t>& rows, bool reverse,
+void forward_loop(PersistentMode mode, Cell cell, const StepRows& steps, bool reverse,
                   GxSource<scalar_t>& gx, int64_t T, int64_t B, int64_t G, const Tensor& w_hh,
                   const Tensor& w_hr, const Tensor& b_hn, Tensor& h, Tensor& c, Tensor& y,
                   Tensor& act, Tensor& h_prev, Tensor& extra, bool need_saved) {
   const int64_t H = G / kGates[cell], Hout = h.size(1);
   const bool proj = w_hr.defined();
+  const std::vector<int64_t>& rows = steps.rows;
+  const int64_t y_ld = y.stride(-2);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (persistent_forward(mode, cell, rows, reverse, gx, T, B, G, w_hh, w_hr, b_hn, h, c, y, act,
+    if (persistent_forward(mode, cell, steps, reverse, gx, T, B, G, w_hh, w_hr, b_hn, h, c, y, act,
                            h_prev, extra, need_saved)) {
       return;
     }
@@ -615,6 +712,7 @@ void forward_loop(PersistentMode mode, Cell cell, const std::vector<int64_t>& ro
   s.col_end = H;
   s.gx_row_stride = s.hw_row_stride = G;
   s.gx_gate_stride = s.hw_gate_stride = H;
+  s.y_row_stride = y_ld;
   s.h = h.data_ptr<scalar_t>();
   s.h_in = s.h;
   s.c = c.defined() ? c.data_ptr<scalar_t>() : nullptr;
@@ -626,9 +724,9 @@ void forward_loop(PersistentMode mode, Cell cell, const std::vector<int64_t>& ro
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? T - 1 - step : step;
     const int64_t n = rows[t];
-    scalar_t* y_t = y.data_ptr<scalar_t>() + t * B * Hout;
+    scalar_t* y_t = y.data_ptr<scalar_t>() + steps.first[t] * y_ld;
     scalar_t* act_t = act.data_ptr<scalar_t>() + (need_saved ? t * B * G : 0);
-    zero_tail(y_t, n, B, Hout);
+    if (!steps.packed) zero_tail(y_t, n, B, Hout, y_ld);
     if (need_saved) {
       zero_tail(act_t, n, B, G);
       std::memcpy(h_prev.data_ptr<scalar_t>() + t * B * Hout, s.h, B * Hout * sizeof(scalar_t));
@@ -650,7 +748,9 @@ void forward_loop(PersistentMode mode, Cell cell, const std::vector<int64_t>& ro
     kernels.forward[cell](s);
     if (proj) {
       projection->apply(n, s.m, 0, s.h);
-      std::memcpy(y_t, s.h, n * Hout * sizeof(scalar_t));
+      for (int64_t r = 0; r < n; ++r) {
+        std::memcpy(y_t + r * y_ld, s.h + r * Hout, Hout * sizeof(scalar_t));
+      }
     }
   }
 }
@@ -677,12 +777,14 @@ void check_layer(Cell cell, c10::string_view cell_name, at::ScalarType dtype, in
   if (cell == kLstm) check_tensor(*c0, "c0", dtype, {B, H});
 }
 
+// Runs the forward loop into y (allocated by the caller: (T, B, Hout) padded, or (N, Hout)
+// packed, or a column block of a wider output): (h_T, c_T, act, h_prev, extra).
 template <typename MakeSource>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_forward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run_forward(
     Cell cell, at::ScalarType dtype, int64_t T, int64_t B, int64_t G, const Tensor& h0,
     const c10::optional<Tensor>& c0, const Tensor& w_hh_in, const c10::optional<Tensor>& w_hr_in,
-    const c10::optional<Tensor>& b_hn_in, const std::vector<int64_t>& rows, bool reverse,
-    bool need_saved, PersistentMode mode, const MakeSource& make_source) {
+    const c10::optional<Tensor>& b_hn_in, const StepRows& steps, bool reverse,
+    bool need_saved, PersistentMode mode, Tensor& y, const MakeSource& make_source) {
   const int64_t H = G / kGates[cell];
   const bool proj = present(w_hr_in);
   const int64_t Hout = proj ? w_hr_in->size(0) : H;
@@ -692,7 +794,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_forward(
   const auto opts = h0.options();
   Tensor h = h0.clone(at::MemoryFormat::Contiguous);
   Tensor c = cell == kLstm ? c0->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opts);
-  Tensor y = empty_large({T, B, Hout}, opts);
   // Without need_saved the activations of a step go to one reused (B, G) scratch slab.
   Tensor act = need_saved ? empty_large({T, B, G}, opts) : at::empty({B, G}, opts);
   Tensor h_prev = need_saved ? empty_large({T, B, Hout}, opts) : at::empty({0}, opts);
@@ -701,11 +802,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> run_forward(
   Tensor c_state = cell == kLstm ? c : Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "cnnlstm_fast_recurrence_forward", [&] {
     GxSource<scalar_t> source = make_source(scalar_t{});
-    forward_loop<scalar_t>(mode, cell, rows, reverse, source, T, B, G, w_hh, w_hr, b_hn, h, c_state,
-                           y, act, h_prev, extra, need_saved);
+    forward_loop<scalar_t>(mode, cell, steps, reverse, source, T, B, G, w_hh, w_hr, b_hn, h,
+                           c_state, y, act, h_prev, extra, need_saved);
   });
   if (!need_saved) act = at::empty({0}, opts);
-  return {y, h, c, act, h_prev, extra};
+  return {h, c, act, h_prev, extra};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
@@ -720,34 +821,73 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const auto dtype = gx_in.scalar_type();
   const int64_t T = gx_in.size(0), B = gx_in.size(1), G = gx_in.size(2);
   check_layer(cell, cell_name, dtype, B, G, h0, c0, w_hh, w_hr, b_hn);
-  const auto rows = active_rows(batch_sizes, T, B);
+  const StepRows steps = padded_rows(active_rows(batch_sizes, T, B), B);
   const Tensor gx = gx_in.contiguous();
-  return run_forward(cell, dtype, T, B, G, h0, c0, w_hh, w_hr, b_hn, rows, reverse, need_saved,
-                     mode, [&](auto zero) { return GxSource<decltype(zero)>(gx); });
+  Tensor y = empty_large({T, B, h0.size(1)}, h0.options());
+  auto [h, c, act, h_prev, extra] =
+      run_forward(cell, dtype, T, B, G, h0, c0, w_hh, w_hr, b_hn, steps, reverse, need_saved,
+                  mode, y, [&](auto zero) { return GxSource<decltype(zero)>(gx, steps); });
+  return {y, h, c, act, h_prev, extra};
 }
 
-// Inference of one layer and direction on padded input: recurrence_forward with
-// G_x = x W_ih^T + gx_bias computed a chunk of steps at a time (GxSource), never whole.
-std::tuple<Tensor, Tensor, Tensor> recurrence_forward_from_input(
+}  // namespace
+
+// See recurrence.h.
+std::tuple<Tensor, Tensor> forward_from_input_into(
     c10::string_view cell_name, const Tensor& x_in, const Tensor& w_ih,
     const c10::optional<Tensor>& gx_bias, const Tensor& h0, const c10::optional<Tensor>& c0,
     const Tensor& w_hh, const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& b_hn,
-    bool reverse, c10::string_view kernel_name) {
+    bool reverse, c10::string_view kernel_name, const c10::optional<Tensor>& batch_sizes,
+    Tensor& y) {
   const Cell cell = parse_cell(cell_name);
   const PersistentMode mode = persistent_mode(kernel_name);
-  TORCH_CHECK(x_in.dim() == 3, "cnnlstm_fast cpu backend: x must be 3-D (T, B, input), got ",
-              x_in.dim(), "-D");
+  const bool packed = present(batch_sizes);
   const auto dtype = x_in.scalar_type();
-  const int64_t T = x_in.size(0), B = x_in.size(1), I = x_in.size(2), G = w_ih.size(0);
+  TORCH_CHECK(x_in.dim() == (packed ? 2 : 3), "cnnlstm_fast cpu backend: x must be ",
+              packed ? "2-D (rows, input) with batch_sizes" : "3-D (T, B, input)", ", got ",
+              x_in.dim(), "-D");
+  const int64_t G = w_ih.size(0), I = x_in.size(-1);
+  const StepRows steps =
+      packed ? packed_rows(*batch_sizes, x_in.size(0))
+             : padded_rows(std::vector<int64_t>(x_in.size(0), x_in.size(1)), x_in.size(1));
+  const int64_t T = steps.steps(), B = packed ? (T == 0 ? 0 : steps.rows[0]) : x_in.size(1);
   check_layer(cell, cell_name, dtype, B, G, h0, c0, w_hh, w_hr, b_hn);
   check_tensor(w_ih, "w_ih", dtype, {G, I});
   if (present(gx_bias)) check_tensor(*gx_bias, "gx_bias", dtype, {G});
-  const Tensor x = x_in.contiguous(), w = w_ih.contiguous();
+  const int64_t Hout = h0.size(1);
+  TORCH_CHECK(y.scalar_type() == dtype && y.size(-1) == Hout && y.stride(-1) == 1 &&
+                  (packed ? y.dim() == 2 && y.size(0) == x_in.size(0)
+                          : y.dim() == 3 && y.size(0) == T && y.size(1) == B &&
+                                y.stride(0) == B * y.stride(1)),
+              "cnnlstm_fast cpu backend: the output must match x's rows and h0's width, rows "
+              "evenly spaced, got ", y.sizes(), " with strides ", y.strides());
+  // a unit inner stride is all the projection needs: a transposed batch-first input is
+  // read where it lies
+  const Tensor x = x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
+  const Tensor w = w_ih.contiguous();
   const Tensor bias = present(gx_bias) ? gx_bias->contiguous() : Tensor();
-  auto [y, h, c, act, h_prev, extra] =
-      run_forward(cell, dtype, T, B, G, h0, c0, w_hh, w_hr, b_hn, std::vector<int64_t>(T, B),
-                  reverse, false, mode,
-                  [&](auto zero) { return GxSource<decltype(zero)>(x, w, bias, G); });
+  auto [h, c, act, h_prev, extra] =
+      run_forward(cell, dtype, T, B, G, h0, c0, w_hh, w_hr, b_hn, steps, reverse, false, mode,
+                  y, [&](auto zero) { return GxSource<decltype(zero)>(x, w, bias, G, B, steps); });
+  return {h, c};
+}
+
+namespace {
+
+// Inference of one layer and direction straight from its input: recurrence_forward with
+// G_x = x W_ih^T + gx_bias computed a chunk of steps at a time (GxSource), never whole.
+// x is padded (T, B, I), or with batch_sizes a PackedSequence's data (N, I); y has x's
+// rows.
+std::tuple<Tensor, Tensor, Tensor> recurrence_forward_from_input(
+    c10::string_view cell_name, const Tensor& x, const Tensor& w_ih,
+    const c10::optional<Tensor>& gx_bias, const Tensor& h0, const c10::optional<Tensor>& c0,
+    const Tensor& w_hh, const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& b_hn,
+    bool reverse, c10::string_view kernel_name, const c10::optional<Tensor>& batch_sizes) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  if (!shape.empty()) shape.back() = h0.size(-1);
+  Tensor y = empty_large(shape, h0.options());
+  auto [h, c] = forward_from_input_into(cell_name, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
+                                        reverse, kernel_name, batch_sizes, y);
   return {y, h, c};
 }
 
@@ -954,7 +1094,7 @@ TORCH_LIBRARY_FRAGMENT(cnnlstm_fast, m) {
   m.def(
       "recurrence_forward_from_input(str cell, Tensor x, Tensor w_ih, Tensor? gx_bias, "
       "Tensor h0, Tensor? c0, Tensor w_hh, Tensor? w_hr, Tensor? b_hn, bool reverse, "
-      "str kernel_name=\"auto\") "
+      "str kernel_name=\"auto\", Tensor? batch_sizes=None) "
       "-> (Tensor y, Tensor h_T, Tensor c_T)");
   m.def(
       "recurrence_backward(str cell, Tensor act, Tensor h_prev, Tensor? extra, Tensor w_hh, "
