@@ -8,15 +8,19 @@ model's torch.nn layers; ``auto`` swaps them (``cnnlstm_fast.swap``, backend aut
 The cpu backend keeps freed large buffers in its block cache (alloc.h), which counts
 as resident here, as it does for the user.
 
-    python benchmarks/peak_memory.py [--json PATH]
+    python benchmarks/peak_memory.py [--repeats N] [--json PATH]
 
-Prints one row per configuration: the rise of each provider in MiB and their ratio.
+Prints one row per configuration: the median rise of each provider in MiB over
+``--repeats`` fresh processes (the providers alternating), and the process peaks. One
+process per provider moved by up to ~30 MiB between identical runs on the rows whose CNN
+dominates (glibc's arenas and trim thresholds), hence the repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 
@@ -74,21 +78,32 @@ def measure(spec: str, provider: str, mode: str) -> tuple[float, float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="fresh processes per provider and row (the median is reported)")
     args = parser.parse_args(argv)
     rows = []
     print(f"{'configuration':72s} {'mode':9s} {'torch MiB':>9s} {'auto MiB':>9s} "
           f"{'total t/a':>15s}")
     for spec in configs():
         for mode in ("inference", "training"):
-            (rise_t, total_t), (rise_a, total_a) = (measure(spec, p, mode) for p in ("torch", "auto"))
+            runs = {"torch": [], "auto": []}
+            for _ in range(args.repeats):
+                for provider, got in runs.items():
+                    got.append(measure(spec, provider, mode))
+            (rise_t, total_t), (rise_a, total_a) = (
+                (statistics.median(r for r, _ in got), statistics.median(p for _, p in got))
+                for got in runs.values())
             rows.append(dict(config=spec, mode=mode, torch_rise_mib=rise_t, auto_rise_mib=rise_a,
-                             torch_peak_mib=total_t, auto_peak_mib=total_a))
+                             torch_peak_mib=total_t, auto_peak_mib=total_a,
+                             torch_rises=[r for r, _ in runs["torch"]],
+                             auto_rises=[r for r, _ in runs["auto"]]))
             print(f"{spec:72s} {mode:9s} {rise_t:9.1f} {rise_a:9.1f} "
                   f"{total_t:7.0f}/{total_a:<7.0f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"what": "ru_maxrss rise over 4 steps from the built model and input, and "
-                               "the process peak, per provider (fresh process each)",
+                               "the process peak, per provider: medians over "
+                               f"{args.repeats} fresh processes each (every rise listed)",
                        "rows": rows}, f, indent=1)
 
 

@@ -212,8 +212,9 @@ def test_use_gemm_restores_the_setting_after_an_error():
 def test_inference_saves_nothing(monkeypatch):
     """Under no_grad the recurrence is asked for no saved state, even though the
     weights require grad (a forward that saved it wrote T x B x gates x H for nothing).
-    Packed and padded inference take forward_from_input (packed rows read in place);
-    an input whose features are strided (which that path would copy) takes forward."""
+    Packed and padded inference take forward_from_input (packed rows read in place, a
+    permuted conv output's strided features copied); a ConvToSequence block hands its
+    first layer G_x and takes forward."""
     calls = []
     forward, from_input = type(CPU).forward, type(CPU).forward_from_input
 
@@ -232,9 +233,10 @@ def test_inference_saves_nothing(monkeypatch):
     x = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])
     with torch.no_grad():
         lstm(x)
-        lstm(torch.randn(3, 2, 8)[..., ::2])
+        lstm(torch.randn(2, 4, 3).permute(2, 0, 1))
+        clf.ConvToSequence(lstm)(torch.randn(2, 4, 3))
     lstm(x)
-    assert calls == ["from_input", "declined", False, True]
+    assert calls == ["from_input", "from_input", False, True]
 
 
 @pytest.mark.parametrize(
@@ -249,12 +251,13 @@ def test_inference_saves_nothing(monkeypatch):
     ],
     ids=["lstm_chunks", "lstm_proj_bi", "gru_bi_chunks", "gru_nobias", "rnn_relu"],
 )
-@pytest.mark.parametrize("layout", ["time_major", "batch_first", "packed"])
+@pytest.mark.parametrize("layout", ["time_major", "batch_first", "conv_permute", "packed"])
 def test_inference_from_input_matches_torch_nn(gemm, monkeypatch, cell, kwargs, steps, batch,
                                                layout):
     """Inference runs recurrence_forward_from_input (G_x in chunks of steps) on the input
-    where it lies (time-major, a batch-first input's transposed view, a PackedSequence's
-    rows), against torch.nn in float64 and against torch.nn's fp32 result."""
+    where it lies (time-major, a batch-first input's transposed view, a conv output
+    permuted to (T, B, C), a PackedSequence's rows), against torch.nn in float64 and
+    against torch.nn's fp32 result."""
     used = []
     # one direction at a time, or both at once (bidirectional: csrc/cpu/directions.cpp)
     for name in ("forward_from_input", "forward_from_input_directions"):
@@ -274,6 +277,8 @@ def test_inference_from_input_matches_torch_nn(gemm, monkeypatch, cell, kwargs, 
     x = torch.randn(steps, batch, 10, dtype=torch.float64)
     if layout == "batch_first":
         x = x.transpose(0, 1).contiguous()
+    elif layout == "conv_permute":  # a conv's (B, C, T) output permuted to (T, B, C)
+        x = x.permute(1, 2, 0).contiguous().permute(2, 0, 1)
     lengths = torch.randint(1, steps + 1, (batch,), generator=torch.Generator().manual_seed(1))
     lengths[batch // 2] = steps
 

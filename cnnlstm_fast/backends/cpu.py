@@ -83,13 +83,10 @@ class CpuBackend(CompiledOpsBackend):
 
     def forward_from_input(self, spec, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
                            batch_sizes=None):
-        if x.stride(-1) != 1:
-            # the op would copy it; the projection reads it in place instead
-            # (input_projection), then the recurrence
-            return None
         # G_x a chunk of steps at a time into one reused buffer, never (T, B, gates*H)
         # whole: fresh memory that size cost more in page faults than its GEMM. A
-        # batch-first input's transposed view and packed rows are read where they lie.
+        # batch-first input's transposed view, a conv output permuted to (T, B, C) and
+        # packed rows are read where they lie, never copied.
         y, h_t, c_t = torch.ops.cnnlstm_fast.recurrence_forward_from_input(
             spec.cell, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn, spec.reverse,
             kernel_name=_kernel, batch_sizes=batch_sizes,
@@ -131,11 +128,9 @@ class CpuBackend(CompiledOpsBackend):
                                       b_hn, batch_sizes=None, side_by_side=None):
         """forward_from_input for the directions of a layer at once (lists, one entry per
         direction), each direction's Y written into its column block of the layer's
-        output: ``(Y, [h_T], [c_T | None])``, or None where the one-direction path would
-        not run either. ``side_by_side`` (default :meth:`concurrent_directions`) runs
-        the directions at the same time, else one after the other."""
-        if x.stride(-1) != 1:
-            return None
+        output: ``(Y, [h_T], [c_T | None])``. ``side_by_side`` (default
+        :meth:`concurrent_directions`) runs the directions at the same time, else one
+        after the other."""
         if side_by_side is None:
             side_by_side = self.concurrent_directions(specs[0])
         y, hs, cs = torch.ops.cnnlstm_fast.recurrence_forward_from_input_directions(

@@ -294,8 +294,9 @@ int64_t steps_per_chunk(int64_t budget, int64_t step_bytes, int64_t T) {
 // layer input) computed a chunk of steps at a time as x W_ih^T + b into one reused
 // buffer, so the (T, B, G) projection is never materialised: writing fresh memory that
 // size cost more in page faults than the projection's GEMM (8 ms for 32 MB on the
-// 2-core Zen 5 VM). x is padded (T, B, I) in any strides with unit inner stride (a
-// batch-first input transposed is read in place), or packed (N, I) rows (StepRows).
+// 2-core Zen 5 VM). x is padded (T, B, I) or packed (N, I) rows (StepRows), in any
+// strides: a batch-first input's transposed view and a conv output permuted to
+// (T, B, C) are read where they lie (the GEMM packs its A tiles from any strides).
 template <typename scalar_t>
 class GxSource {
  public:
@@ -308,8 +309,9 @@ class GxSource {
       : steps_(&steps), from_input_(true), x_(x), w_ih_(w_ih), bias_(bias), batch_(B),
         gates_width_(gates_width) {
     const int64_t T = steps.steps();
+    col_stride_ = x.stride(-1);
     if (steps.packed) {
-      row_stride_ = x.size(0) > 1 ? x.stride(0) : x.size(1);
+      row_stride_ = x.stride(0);
     } else {
       step_stride_ = x.stride(0);
       // one batch row per step: the rows of consecutive steps are step_stride_ apart
@@ -334,21 +336,22 @@ class GxSource {
   const Tensor& w_ih() const { return w_ih_; }
   const Tensor& bias() const { return bias_; }
 
-  // Calls block(a, lda, rows, out_row) over the input rows of steps [first, first + len):
-  // a (rows x I, row stride lda) goes to rows [out_row, out_row + rows) of the chunk's
-  // G_x. One block where those rows are evenly spaced (packed input, time-major rows),
-  // else one per step.
+  // Calls block(a, lda, acs, rows, out_row) over the input rows of steps
+  // [first, first + len): a (rows x I, element (r, k) at a[r * lda + k * acs]) goes to
+  // rows [out_row, out_row + rows) of the chunk's G_x. One block where those rows are
+  // evenly spaced (packed input, time-major rows), else one per step.
   template <typename Block>
   void for_each_block(int64_t first, int64_t len, const Block& block) const {
     const scalar_t* x = x_.const_data_ptr<scalar_t>();
     const auto& at = steps_->first;
     if (steps_->packed) {
-      block(x + at[first] * row_stride_, row_stride_, at[first + len] - at[first], int64_t{0});
+      block(x + at[first] * row_stride_, row_stride_, col_stride_, at[first + len] - at[first],
+            int64_t{0});
     } else if (even_) {
-      block(x + first * step_stride_, row_stride_, len * batch_, int64_t{0});
+      block(x + first * step_stride_, row_stride_, col_stride_, len * batch_, int64_t{0});
     } else {
       for (int64_t i = 0; i < len; ++i) {
-        block(x + (first + i) * step_stride_, row_stride_, batch_, i * batch_);
+        block(x + (first + i) * step_stride_, row_stride_, col_stride_, batch_, i * batch_);
       }
     }
   }
@@ -369,17 +372,18 @@ class GxSource {
   void project(int64_t first, int64_t len) {
     const int64_t I = w_ih_.size(1), G = gates_width_;
     scalar_t* out = buffer_.data_ptr<scalar_t>();
-    for_each_block(first, len, [&](const scalar_t* a, int64_t lda, int64_t rows, int64_t row) {
+    for_each_block(first, len, [&](const scalar_t* a, int64_t lda, int64_t acs, int64_t rows,
+                                   int64_t row) {
       if (rows == 0) return;
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (packed_.defined()) {
-          packed_gemm(rows, G, I, a, lda, 1, packed_.const_data_ptr<float>(),
+          packed_gemm(rows, G, I, a, lda, acs, packed_.const_data_ptr<float>(),
                       bias_.defined() ? bias_.const_data_ptr<float>() : nullptr, 0.0f,
                       out + row * G, G);
           return;
         }
       }
-      const Tensor a_rows = at::from_blob(const_cast<scalar_t*>(a), {rows, I}, {lda, 1},
+      const Tensor a_rows = at::from_blob(const_cast<scalar_t*>(a), {rows, I}, {lda, acs},
                                           x_.options());
       Tensor c = buffer_.narrow(0, row, rows);
       if (bias_.defined()) {
@@ -393,7 +397,8 @@ class GxSource {
   const StepRows* steps_;
   bool from_input_ = false;
   const scalar_t* whole_ = nullptr;
-  int64_t step_stride_ = 0, row_stride_ = 0;  // x's: padded step stride, row stride
+  int64_t step_stride_ = 0, row_stride_ = 0;  // x's: padded step stride, row stride,
+  int64_t col_stride_ = 1;                    // and feature stride
   bool even_ = true;                          // padded x: rows of a chunk evenly spaced
   Tensor x_, w_ih_, bias_, buffer_, packed_;
   int64_t batch_ = 0, gates_width_ = 0;
@@ -643,10 +648,10 @@ bool persistent_forward(PersistentMode mode, Cell cell, const StepRows& steps, b
           const int64_t len = std::min(chunk, T - step);
           first = reverse ? T - step - len : step;
           if (span > 0) {
-            source.for_each_block(first, len, [&](const float* a, int64_t lda, int64_t m,
-                                                  int64_t row) {
+            source.for_each_block(first, len, [&](const float* a, int64_t lda, int64_t acs,
+                                                  int64_t m, int64_t row) {
               if (m == 0) return;
-              packed_gemm_block_avx512(m, panels, width, I, a, lda, 1,
+              packed_gemm_block_avx512(m, panels, width, I, a, lda, acs,
                                        sl.w_ih.const_data_ptr<float>(), I * kPanelWidth,
                                        sl.bias.const_data_ptr<float>(), 0.0f,
                                        sl.gx.data_ptr<float>() + row * width, width);
@@ -861,9 +866,7 @@ std::tuple<Tensor, Tensor> forward_from_input_into(
                                 y.stride(0) == B * y.stride(1)),
               "cnnlstm_fast cpu backend: the output must match x's rows and h0's width, rows "
               "evenly spaced, got ", y.sizes(), " with strides ", y.strides());
-  // a unit inner stride is all the projection needs: a transposed batch-first input is
-  // read where it lies
-  const Tensor x = x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
+  const Tensor& x = x_in;  // any strides: read where it lies (GxSource)
   const Tensor w = w_ih.contiguous();
   const Tensor bias = present(gx_bias) ? gx_bias->contiguous() : Tensor();
   auto [h, c, act, h_prev, extra] =

@@ -12,8 +12,8 @@ namespace cnnlstm_fast::cpu {
 
 // One layer and direction in inference, G_x = x W_ih^T + gx_bias computed a chunk of
 // steps at a time, Y written into y: the op recurrence_forward_from_input's work with
-// the output given. x is padded (T, B, I) in any strides with unit inner stride, or with
-// batch_sizes a PackedSequence's data (N, I). y is (T, B, Hout) or (N, Hout) with unit
+// the output given. x is padded (T, B, I), or with batch_sizes a PackedSequence's data
+// (N, I), in any strides (read where it lies, never copied). y is (T, B, Hout) or (N, Hout) with unit
 // inner stride and evenly spaced rows: a column block of a wider output is fine.
 // Returns (h_T, c_T); c_T is empty for the cells without a cell state.
 std::tuple<at::Tensor, at::Tensor> forward_from_input_into(
