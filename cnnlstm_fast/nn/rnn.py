@@ -5,7 +5,9 @@ keyword-only ``backend``), parameters, initialisation, state_dict, forward signa
 return values and error messages are torch's. Only the computation is ours: the
 module handles arguments, PackedSequence/unbatched input, the layers x directions
 loop and inter-layer dropout; each layer and direction is one input-projection GEMM
-(``G_x = x W_ih^T + b``) followed by the recurrence op of the resolved backend.
+(``G_x = x W_ih^T + b``) followed by the recurrence op of the resolved backend, or, in
+inference on a backend that has it, one op from the layer's input (``forward_from_input``:
+packed rows kept packed, a bidirectional layer's output written in place).
 """
 
 from __future__ import annotations
@@ -537,19 +539,15 @@ class _SequenceMixin(_BackendMixin):
             together = (directions > 1 and hasattr(backend, "concurrent_directions")
                         and backend.concurrent_directions(spec) and not transforms_active())
             results, packed = None, False  # packed: results' Y already in packed rows
+            joined = None  # (output, h_Ts, c_Ts): both directions' Y already in place
             if from_input and directions > 1 and hasattr(backend, "forward_from_input_directions"):
                 # both directions' Y straight into the layer's output: nothing to concatenate
-                whole = backend.forward_from_input_directions(
+                joined = backend.forward_from_input_directions(
                     specs, x, *_columns(params, ("w_ih", "gx_bias")), h0_l, c0_l,
                     *_columns(params, ("w_hh", "w_hr", "b_hn")), batch_sizes=batch_sizes,
                     side_by_side=together)
-                if whole is not None:
-                    x, h_l, c_l = whole
-                    h_n += h_l
-                    c_n += c_l
-                    if self.dropout and self.training and layer < self.num_layers - 1:
-                        x = F.dropout(x, self.dropout, True)
-                    continue
+                if joined is not None:
+                    results = ()
             elif from_input:
                 # packed input stays packed: its steps' rows are read and written in place
                 results = [backend.forward_from_input(specs[d], x, p["w_ih"], p["gx_bias"],
@@ -587,12 +585,17 @@ class _SequenceMixin(_BackendMixin):
                         results.append((y if layout is None else layout.to_packed(y), h_t, c_t))
                         del y
                     packed = True
-            outputs = []
-            for y, h_t, c_t in results:
-                outputs.append(y if layout is None or packed else layout.to_packed(y))
-                h_n.append(h_t)
-                c_n.append(c_t)
-            x = outputs[0] if directions == 1 else _cat_features(outputs)
+            if joined is not None:
+                x = joined[0]
+                h_n += joined[1]
+                c_n += joined[2]
+            else:
+                outputs = []
+                for y, h_t, c_t in results:
+                    outputs.append(y if layout is None or packed else layout.to_packed(y))
+                    h_n.append(h_t)
+                    c_n.append(c_t)
+                x = outputs[0] if directions == 1 else _cat_features(outputs)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, True)
         return x, torch.stack(h_n), None if c0 is None else torch.stack(c_n)
