@@ -99,6 +99,11 @@ class Backend:
         """``G_x = x @ weight^T + bias`` (differentiable) for a layer this backend runs."""
         return torch.nn.functional.linear(x, weight, bias)
 
+    #: Whether ``forward``/``backward`` take packed input as a PackedSequence's rows: G_x
+    #: (N, gates*H) with ``batch_sizes``, and Y, the saved tensors, dY and dG_x in the same
+    #: rows (the module then never pads G_x or packs Y). Otherwise G_x is padded.
+    packed_rows = False
+
     def forward_from_input(self, spec, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
                            batch_sizes=None):
         """Inference (no autograd) of a layer straight from its input, the input

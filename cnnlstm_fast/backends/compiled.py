@@ -153,7 +153,10 @@ def _linear_backward(ctx, grad):
 
 def _forward_fake(cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, reverse, need_saved,
                   kernel_name="auto", pdl=False, experimental=False):
-    steps, batch, gate_width = gx.shape
+    # gx (T, B, G), or (N, G) packed rows on the cpu backend: y and the saved tensors
+    # have its rows
+    rows, gate_width = gx.shape[:-1], gx.shape[-1]
+    batch = h0.shape[0]
     hidden = gate_width // GATES[cell]
     out = h0.shape[1]
     acc = compute_dtype(gx.dtype)
@@ -162,22 +165,23 @@ def _forward_fake(cell, gx, h0, c0, w_hh, w_hr, b_hn, batch_sizes, reverse, need
         return gx.new_empty(*shape, dtype=acc) if need_saved and keep else gx.new_empty(0, dtype=acc)
 
     return (
-        gx.new_empty(steps, batch, out),
+        gx.new_empty(*rows, out),
         h0.new_empty(batch, out),
         c0.new_empty(batch, hidden) if cell == "lstm" else gx.new_empty(0, dtype=acc),
-        saved(steps, batch, gate_width),
-        saved(steps, batch, out),
-        saved(steps, batch, hidden, keep=cell in _SAVES_EXTRA),
+        saved(*rows, gate_width),
+        saved(*rows, out),
+        saved(*rows, hidden, keep=cell in _SAVES_EXTRA),
     )
 
 
 def _backward_fake(cell, act, h_prev, extra, w_hh, w_hr, batch_sizes, reverse, d_y, d_hT, d_cT,
                    kernel_name="auto", pdl=False, experimental=False):
-    steps, batch, gate_width = act.shape
+    rows, gate_width = act.shape[:-1], act.shape[-1]  # (T, B) or packed (N,)
+    batch = d_hT.shape[0]
     hidden = gate_width // GATES[cell]
     acc = compute_dtype(d_y.dtype)
     return (
-        d_y.new_empty(steps, batch, gate_width),
+        d_y.new_empty(*rows, gate_width),
         d_hT.new_empty(d_hT.shape),
         (d_cT if d_cT is not None else d_hT).new_empty(batch, hidden)
         if cell == "lstm"

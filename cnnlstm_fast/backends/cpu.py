@@ -81,6 +81,9 @@ class CpuBackend(CompiledOpsBackend):
     def kernel_arguments(self, backward: bool) -> dict:
         return {"kernel_name": _kernel}
 
+    #: csrc/cpu/recurrence.cpp walks each step's rows of packed input where they lie.
+    packed_rows = True
+
     def forward_from_input(self, spec, x, w_ih, gx_bias, h0, c0, w_hh, w_hr, b_hn,
                            batch_sizes=None):
         # G_x a chunk of steps at a time into one reused buffer, never (T, B, gates*H)

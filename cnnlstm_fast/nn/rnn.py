@@ -557,21 +557,30 @@ class _SequenceMixin(_BackendMixin):
                 results = None if any(r is None for r in results) else results
                 packed = results is not None
             if results is None:
+                # packed input on a backend that walks packed rows: G_x, Y and the saved
+                # activations stay in the packed rows, never padded (not under torch.func's
+                # transforms, whose formulas pad; not for a G_x handed over padded)
+                rows_in_place = layout is not None and not given and backend.packed_rows and not (
+                    transforms_active())
+
                 def projected(d):
-                    """Direction d's G_x (padded) and what it was computed from."""
+                    """Direction d's G_x (padded, or packed rows) and what it was computed
+                    from."""
                     if given:
                         return first_gx[d], None
                     p = params[d]
                     gx = backend.input_projection(x, p["w_ih"], p["gx_bias"])
-                    return (gx if layout is None else layout.to_padded(gx),
-                            ProjectionSource(x, p["w_ih"], p["gx_bias"],
-                                             None if layout is None else layout.index))
+                    if layout is None or rows_in_place:
+                        return gx, ProjectionSource(x, p["w_ih"], p["gx_bias"])
+                    return layout.to_padded(gx), ProjectionSource(x, p["w_ih"], p["gx_bias"],
+                                                                  layout.index)
 
                 if together:  # both G_x at once: the directions run at the same time
                     gxs, sources = zip(*(projected(d) for d in range(directions)))
                     results = recurrence_directions(
                         backend, specs, list(gxs), h0_l, c0_l,
                         *_columns(params, ("w_hh", "w_hr", "b_hn")), batch_sizes, list(sources))
+                    packed = rows_in_place
                     del gxs
                 else:  # one direction at a time: its padded G_x and Y are freed (where
                     # nothing keeps them) before the next direction's are made
@@ -582,7 +591,8 @@ class _SequenceMixin(_BackendMixin):
                                                  p["w_hh"], p["w_hr"], p["b_hn"], batch_sizes,
                                                  source)
                         del gx
-                        results.append((y if layout is None else layout.to_packed(y), h_t, c_t))
+                        results.append((y if layout is None or rows_in_place
+                                        else layout.to_packed(y), h_t, c_t))
                         del y
                     packed = True
             if joined is not None:

@@ -243,7 +243,8 @@ class _RecurrenceForwardAD(_Recurrence):
 
 
 def recompute_gx(gx_shape, x, w_ih, bias, index):
-    """G_x from what it was computed from (see :class:`ProjectionSource`), recorded."""
+    """G_x from what it was computed from (see :class:`ProjectionSource`), recorded:
+    (T, B, G), or for a backend with ``packed_rows`` on packed input (N, G)."""
     gx = F.linear(x, w_ih, bias)
     if index is not None:
         gx = gx.new_zeros(gx_shape[0] * gx_shape[1], gx.shape[-1]).index_copy(0, index, gx)
@@ -263,7 +264,7 @@ def _recurrence_gradients(spec, batch_sizes, gx_shape, present,
         args = list(state)
         for i, v in zip(present, wrt):
             args[i] = v
-        return tuple(o for o in differentiable_forward(spec, *args, batch_sizes) if o is not None)
+        return tuple(o for o in _outputs(spec, batch_sizes, *args) if o is not None)
 
     # torch.func's vjp: a level of its own, so each input is differentiated apart (h0 and
     # c0 may be one tensor) and nothing of the graph around the inputs is walked
@@ -271,8 +272,19 @@ def _recurrence_gradients(spec, batch_sizes, gx_shape, present,
     return vjp(tuple(d for d in (d_y, d_hT, d_cT) if d is not None))
 
 
-def _outputs(spec, batch_sizes, *state):
-    return differentiable_forward(spec, *state, batch_sizes)
+def _outputs(spec, batch_sizes, gx, *state):
+    """The reference recurrence's (Y, h_T, c_T) in recorded ops. G_x of 2 dims is a
+    PackedSequence's rows (a backend with ``packed_rows``): padded for the reference,
+    its Y packed back."""
+    if gx.dim() == 3:
+        return differentiable_forward(spec, gx, *state, batch_sizes)
+    from ..nn.rnn import _packed_index
+
+    steps, batch = len(batch_sizes), int(batch_sizes[0])
+    index = _packed_index(batch_sizes, gx.device, on_device=False)
+    padded = gx.new_zeros(steps * batch, gx.shape[-1]).index_copy(0, index, gx)
+    y, h_t, c_t = differentiable_forward(spec, padded.view(steps, batch, -1), *state, batch_sizes)
+    return y.reshape(steps * batch, -1).index_select(0, index), h_t, c_t
 
 
 def _tangents(fn, primals, tangents):

@@ -300,9 +300,9 @@ int64_t steps_per_chunk(int64_t budget, int64_t step_bytes, int64_t T) {
 template <typename scalar_t>
 class GxSource {
  public:
+  // G_x given whole: (T, B, G) padded or (N, G) packed (steps)
   GxSource(const Tensor& gx, const StepRows& steps)
-      : steps_(&steps), whole_(gx.const_data_ptr<scalar_t>()),
-        step_stride_(gx.size(1) * gx.size(2)) {}
+      : steps_(&steps), whole_(gx.const_data_ptr<scalar_t>()), gates_width_(gx.size(-1)) {}
 
   GxSource(const Tensor& x, const Tensor& w_ih, const Tensor& bias, int64_t gates_width,
            int64_t B, const StepRows& steps)
@@ -358,7 +358,7 @@ class GxSource {
 
   // G_x[t] for the step-th step of the walk (t = step, or T - 1 - step in reverse).
   const scalar_t* at(int64_t step, int64_t t, bool reverse, int64_t T) {
-    if (!from_input_) return whole_ + t * step_stride_;
+    if (!from_input_) return whole_ + steps_->first[t] * gates_width_;
     if (step % chunk_ == 0) {
       const int64_t len = std::min(chunk_, T - step);
       first_ = reverse ? T - step - len : step;
@@ -632,15 +632,18 @@ bool persistent_forward(PersistentMode mode, Cell cell, const StepRows& steps, b
       const int64_t t = reverse ? T - 1 - step : step;
       const int64_t n = rows[t];
       float* y_t = y.data_ptr<float>() + at_row[t] * y_ld;
-      float* act_t = act.data_ptr<float>() + (need_saved ? t * B * G : 0);
+      const int64_t r0 = at_row[t];  // the step's first row in the saved tensors
+      float* act_t = act.data_ptr<float>() + (need_saved ? r0 * G : 0);
       if (!steps.packed) zero_units(y_t, n, B, y_ld, 1);
       if (need_saved) {
-        zero_units(act_t, n, B, G, gates);
-        copy_units(h_prev.data_ptr<float>() + t * B * H, cur, 0, B);
+        // packed: the step has n rows in the saved tensors; padded: B, the last B - n zero
+        const int64_t saved_rows = steps.packed ? n : B;
+        if (!steps.packed) zero_units(act_t, n, B, G, gates);
+        copy_units(h_prev.data_ptr<float>() + r0 * H, cur, 0, saved_rows);
         if (cell == kLstm) {
-          copy_units(extra.data_ptr<float>() + t * B * H, c_data, 0, B);
-        } else if (cell == kGru) {
-          zero_units(extra.data_ptr<float>() + t * B * H, n, B, H, 1);
+          copy_units(extra.data_ptr<float>() + r0 * H, c_data, 0, saved_rows);
+        } else if (cell == kGru && !steps.packed) {
+          zero_units(extra.data_ptr<float>() + r0 * H, n, B, H, 1);
         }
       }
       if (from_input) {
@@ -662,7 +665,7 @@ bool persistent_forward(PersistentMode mode, Cell cell, const StepRows& steps, b
         s.gx_row_stride = width;
         s.gx_gate_stride = pspan;
       } else {
-        s.gx = source.whole() + t * B * G;
+        s.gx = source.whole() + r0 * G;
         s.gx_row_stride = G;
         s.gx_gate_stride = H;
       }
@@ -676,7 +679,7 @@ bool persistent_forward(PersistentMode mode, Cell cell, const StepRows& steps, b
         s.h = next;
         s.y = y_t;
         s.y_row_stride = y_ld;
-        s.extra = need_saved && cell == kGru ? extra.data_ptr<float>() + t * B * H : nullptr;
+        s.extra = need_saved && cell == kGru ? extra.data_ptr<float>() + r0 * H : nullptr;
         kernels.forward[cell](s);
       }
       copy_units(next, cur, n, B);  // rows past the step keep their state
@@ -730,15 +733,19 @@ void forward_loop(PersistentMode mode, Cell cell, const StepRows& steps, bool re
     const int64_t t = reverse ? T - 1 - step : step;
     const int64_t n = rows[t];
     scalar_t* y_t = y.data_ptr<scalar_t>() + steps.first[t] * y_ld;
-    scalar_t* act_t = act.data_ptr<scalar_t>() + (need_saved ? t * B * G : 0);
+    const int64_t r0 = steps.first[t];  // the step's first row in the saved tensors
+    scalar_t* act_t = act.data_ptr<scalar_t>() + (need_saved ? r0 * G : 0);
     if (!steps.packed) zero_tail(y_t, n, B, Hout, y_ld);
     if (need_saved) {
-      zero_tail(act_t, n, B, G);
-      std::memcpy(h_prev.data_ptr<scalar_t>() + t * B * Hout, s.h, B * Hout * sizeof(scalar_t));
+      // packed: the step has n rows in the saved tensors; padded: B, the last B - n zero
+      const int64_t saved_rows = steps.packed ? n : B;
+      if (!steps.packed) zero_tail(act_t, n, B, G);
+      std::memcpy(h_prev.data_ptr<scalar_t>() + r0 * Hout, s.h,
+                  saved_rows * Hout * sizeof(scalar_t));
       if (cell == kLstm) {
-        std::memcpy(extra.data_ptr<scalar_t>() + t * B * H, s.c, B * H * sizeof(scalar_t));
-      } else if (cell == kGru) {
-        zero_tail(extra.data_ptr<scalar_t>() + t * B * H, n, B, H);
+        std::memcpy(extra.data_ptr<scalar_t>() + r0 * H, s.c, saved_rows * H * sizeof(scalar_t));
+      } else if (cell == kGru && !steps.packed) {
+        zero_tail(extra.data_ptr<scalar_t>() + r0 * H, n, B, H);
       }
     }
     const scalar_t* gx_t = gx.at(step, t, reverse, T);
@@ -749,7 +756,7 @@ void forward_loop(PersistentMode mode, Cell cell, const StepRows& steps, bool re
     s.hw = act_t;
     s.act = act_t;
     s.y = y_t;
-    s.extra = need_saved && cell == kGru ? extra.data_ptr<scalar_t>() + t * B * H : nullptr;
+    s.extra = need_saved && cell == kGru ? extra.data_ptr<scalar_t>() + r0 * H : nullptr;
     kernels.forward[cell](s);
     if (proj) {
       projection->apply(n, s.m, 0, s.h);
@@ -799,11 +806,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> run_forward(
   const auto opts = h0.options();
   Tensor h = h0.clone(at::MemoryFormat::Contiguous);
   Tensor c = cell == kLstm ? c0->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opts);
+  // The saved tensors: (T, B, width) padded, (N, width) packed.
+  auto saved = [&](int64_t width) {
+    return steps.packed ? empty_large({steps.first[T], width}, opts)
+                        : empty_large({T, B, width}, opts);
+  };
   // Without need_saved the activations of a step go to one reused (B, G) scratch slab.
-  Tensor act = need_saved ? empty_large({T, B, G}, opts) : at::empty({B, G}, opts);
-  Tensor h_prev = need_saved ? empty_large({T, B, Hout}, opts) : at::empty({0}, opts);
-  Tensor extra = need_saved && (cell == kLstm || cell == kGru) ? empty_large({T, B, H}, opts)
-                                                               : at::empty({0}, opts);
+  Tensor act = need_saved ? saved(G) : at::empty({B, G}, opts);
+  Tensor h_prev = need_saved ? saved(Hout) : at::empty({0}, opts);
+  Tensor extra = need_saved && (cell == kLstm || cell == kGru) ? saved(H) : at::empty({0}, opts);
   Tensor c_state = cell == kLstm ? c : Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "cnnlstm_fast_recurrence_forward", [&] {
     GxSource<scalar_t> source = make_source(scalar_t{});
@@ -821,14 +832,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     bool need_saved, c10::string_view kernel_name, bool /*pdl*/, bool /*experimental*/) {
   const Cell cell = parse_cell(cell_name);
   const PersistentMode mode = persistent_mode(kernel_name);
-  TORCH_CHECK(gx_in.dim() == 3, "cnnlstm_fast cpu backend: gx must be 3-D (T, B, gates*H), got ",
-              gx_in.dim(), "-D");
+  // packed: gx is (N, G), a PackedSequence's rows (as are y and the saved tensors)
+  const bool packed = gx_in.dim() == 2 && present(batch_sizes);
+  TORCH_CHECK(gx_in.dim() == 3 || packed, "cnnlstm_fast cpu backend: gx must be 3-D (T, B, "
+              "gates*H), or 2-D (rows, gates*H) with batch_sizes, got ", gx_in.dim(), "-D");
   const auto dtype = gx_in.scalar_type();
-  const int64_t T = gx_in.size(0), B = gx_in.size(1), G = gx_in.size(2);
+  const StepRows steps = packed ? packed_rows(*batch_sizes, gx_in.size(0))
+                                : padded_rows(active_rows(batch_sizes, gx_in.size(0),
+                                                          gx_in.size(1)), gx_in.size(1));
+  const int64_t T = steps.steps(), G = gx_in.size(-1);
+  const int64_t B = packed ? (T == 0 ? 0 : steps.rows[0]) : gx_in.size(1);
   check_layer(cell, cell_name, dtype, B, G, h0, c0, w_hh, w_hr, b_hn);
-  const StepRows steps = padded_rows(active_rows(batch_sizes, T, B), B);
   const Tensor gx = gx_in.contiguous();
-  Tensor y = empty_large({T, B, h0.size(1)}, h0.options());
+  Tensor y = packed ? empty_large({gx.size(0), h0.size(1)}, h0.options())
+                    : empty_large({T, B, h0.size(1)}, h0.options());
   auto [h, c, act, h_prev, extra] =
       run_forward(cell, dtype, T, B, G, h0, c0, w_hh, w_hr, b_hn, steps, reverse, need_saved,
                   mode, y, [&](auto zero) { return GxSource<decltype(zero)>(gx, steps); });
@@ -895,12 +912,13 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_forward_from_input(
 }
 
 // The backward of the persistent path (see above): bit for bit the per-step path's.
-bool persistent_backward(PersistentMode mode, Cell cell, const std::vector<int64_t>& rows,
-                         bool reverse,
+bool persistent_backward(PersistentMode mode, Cell cell, const StepRows& steps, bool reverse,
+                         int64_t B, int64_t G,
                          const Tensor& act, const Tensor& h_prev, const Tensor& extra,
                          const Tensor& w_hh, const Tensor& w_hr, const Tensor& d_y, Tensor& dh,
                          Tensor& dc, Tensor& d_gx, Tensor& d_gh) {
-  const int64_t T = act.size(0), B = act.size(1), G = act.size(2);
+  const int64_t T = steps.steps();
+  const std::vector<int64_t>& rows = steps.rows;
   const int gates = kGates[cell];
   const int64_t H = G / gates;
   const int team = persistent_team(mode, T, B, G, H, w_hr.defined());
@@ -935,16 +953,19 @@ bool persistent_backward(PersistentMode mode, Cell cell, const std::vector<int64
     for (int64_t step = 0; step < T; ++step) {
       const int64_t t = reverse ? step : T - 1 - step;
       const int64_t n = rows[t];
-      s.d_gx = d_gx.data_ptr<float>() + t * B * G;
-      s.d_gh = d_gh.data_ptr<float>() + t * B * G;
-      zero_units(s.d_gx, n);
-      if (cell == kGru) zero_units(s.d_gh, n);
+      const int64_t r0 = steps.first[t];  // the step's first row
+      s.d_gx = d_gx.data_ptr<float>() + r0 * G;
+      s.d_gh = d_gh.data_ptr<float>() + r0 * G;
+      if (!steps.packed) {
+        zero_units(s.d_gx, n);
+        if (cell == kGru) zero_units(s.d_gh, n);
+      }
       if (n == 0) continue;  // every thread skips the step: no barrier
       s.rows = n;
-      s.act = act.const_data_ptr<float>() + t * B * G;
-      s.extra = extra.numel() > 0 ? extra.const_data_ptr<float>() + t * B * H : nullptr;
-      s.h_prev = h_prev.const_data_ptr<float>() + t * B * H;
-      s.d_y = d_y.const_data_ptr<float>() + t * B * H;
+      s.act = act.const_data_ptr<float>() + r0 * G;
+      s.extra = extra.numel() > 0 ? extra.const_data_ptr<float>() + r0 * H : nullptr;
+      s.h_prev = h_prev.const_data_ptr<float>() + r0 * H;
+      s.d_y = d_y.const_data_ptr<float>() + r0 * H;
       kernels.backward[cell](s);
       barrier.wait(team);  // dG[t] complete
       // GRU: the pointwise pass left d_h * z in dh; the recurrent part adds to it.
@@ -958,18 +979,21 @@ bool persistent_backward(PersistentMode mode, Cell cell, const std::vector<int64
   return true;
 }
 
+// The saved tensors, d_y and the gradients: (T, B, width) padded or (N, width) packed
+// (steps).
 template <typename scalar_t>
-void backward_loop(PersistentMode mode, Cell cell, const std::vector<int64_t>& rows, bool reverse,
-                   const Tensor& act,
+void backward_loop(PersistentMode mode, Cell cell, const StepRows& steps, bool reverse,
+                   int64_t B, int64_t G, const Tensor& act,
                    const Tensor& h_prev, const Tensor& extra, const Tensor& w_hh,
                    const Tensor& w_hr, const Tensor& d_y, Tensor& dh, Tensor& dc, Tensor& d_gx,
                    Tensor& d_gh, Tensor& dh_all, Tensor& m_all) {
-  const int64_t T = act.size(0), B = act.size(1), G = act.size(2);
+  const int64_t T = steps.steps();
+  const std::vector<int64_t>& rows = steps.rows;
   const int64_t H = G / kGates[cell], Hout = dh.size(1);
   const bool proj = w_hr.defined();
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (persistent_backward(mode, cell, rows, reverse, act, h_prev, extra, w_hh, w_hr, d_y, dh, dc,
-                            d_gx, d_gh)) {
+    if (persistent_backward(mode, cell, steps, reverse, B, G, act, h_prev, extra, w_hh, w_hr, d_y,
+                            dh, dc, d_gx, d_gh)) {
       return;
     }
   }
@@ -990,22 +1014,25 @@ void backward_loop(PersistentMode mode, Cell cell, const std::vector<int64_t>& r
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? step : T - 1 - step;
     const int64_t n = rows[t];
-    s.d_gx = d_gx.data_ptr<scalar_t>() + t * B * G;
-    s.d_gh = d_gh.data_ptr<scalar_t>() + t * B * G;
-    zero_tail(s.d_gx, n, B, G);
-    if (cell == kGru) zero_tail(s.d_gh, n, B, G);
-    scalar_t* dh_all_t = proj ? dh_all.data_ptr<scalar_t>() + t * B * Hout : nullptr;
-    s.m = proj ? m_all.data_ptr<scalar_t>() + t * B * H : nullptr;
-    if (proj) {
-      zero_tail(dh_all_t, n, B, Hout);
-      zero_tail(s.m, n, B, H);
+    const int64_t r0 = steps.first[t];  // the step's first row
+    s.d_gx = d_gx.data_ptr<scalar_t>() + r0 * G;
+    s.d_gh = d_gh.data_ptr<scalar_t>() + r0 * G;
+    scalar_t* dh_all_t = proj ? dh_all.data_ptr<scalar_t>() + r0 * Hout : nullptr;
+    s.m = proj ? m_all.data_ptr<scalar_t>() + r0 * H : nullptr;
+    if (!steps.packed) {  // packed: the step's rows are all active
+      zero_tail(s.d_gx, n, B, G);
+      if (cell == kGru) zero_tail(s.d_gh, n, B, G);
+      if (proj) {
+        zero_tail(dh_all_t, n, B, Hout);
+        zero_tail(s.m, n, B, H);
+      }
     }
     if (n == 0) continue;
     s.rows = n;
-    s.act = act.const_data_ptr<scalar_t>() + t * B * G;
-    s.extra = extra.numel() > 0 ? extra.const_data_ptr<scalar_t>() + t * B * H : nullptr;
-    s.h_prev = h_prev.const_data_ptr<scalar_t>() + t * B * Hout;
-    s.d_y = d_y.const_data_ptr<scalar_t>() + t * B * Hout;
+    s.act = act.const_data_ptr<scalar_t>() + r0 * G;
+    s.extra = extra.numel() > 0 ? extra.const_data_ptr<scalar_t>() + r0 * H : nullptr;
+    s.h_prev = h_prev.const_data_ptr<scalar_t>() + r0 * Hout;
+    s.d_y = d_y.const_data_ptr<scalar_t>() + r0 * Hout;
     if (proj) {
       kernels.add(n * Hout, s.dh, s.d_y, dh_all_t);
       projection->apply(n, dh_all_t, 0, d_m.data_ptr<scalar_t>());
@@ -1024,26 +1051,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     c10::string_view kernel_name, bool /*pdl*/, bool /*experimental*/) {
   const Cell cell = parse_cell(cell_name);
   const PersistentMode mode = persistent_mode(kernel_name);
-  TORCH_CHECK(act_in.dim() == 3, "cnnlstm_fast cpu backend: act must be 3-D, got ",
-              act_in.dim(), "-D");
+  // packed: act is (N, G), a PackedSequence's rows (as are h_prev, extra, d_y and d_gx)
+  const bool packed = act_in.dim() == 2 && present(batch_sizes);
+  TORCH_CHECK(act_in.dim() == 3 || packed, "cnnlstm_fast cpu backend: act must be 3-D, or "
+              "2-D with batch_sizes, got ", act_in.dim(), "-D");
   const auto dtype = act_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "cnnlstm_fast cpu backend supports float32 and float64, got ", dtype);
-  const int64_t T = act_in.size(0), B = act_in.size(1), G = act_in.size(2);
+  const StepRows steps = packed ? packed_rows(*batch_sizes, act_in.size(0))
+                                : padded_rows(active_rows(batch_sizes, act_in.size(0),
+                                                          act_in.size(1)), act_in.size(1));
+  const int64_t T = steps.steps(), G = act_in.size(-1);
+  const int64_t B = packed ? (T == 0 ? 0 : steps.rows[0]) : act_in.size(1);
   const int64_t H = G / kGates[cell];
   const bool proj = present(w_hr_in);
   const int64_t Hout = proj ? w_hr_in->size(0) : H;
-  check_tensor(h_prev_in, "h_prev", dtype, {T, B, Hout});
+  const int64_t N = steps.first[T];
+  auto shape = [&](int64_t width) {
+    return packed ? std::vector<int64_t>{N, width} : std::vector<int64_t>{T, B, width};
+  };
+  auto check_rows = [&](const Tensor& t, const char* name, int64_t width) {
+    const auto want = shape(width);
+    TORCH_CHECK(t.device().is_cpu(), "cnnlstm_fast cpu backend: ", name,
+                " must be a CPU tensor, got one on ", t.device());
+    TORCH_CHECK(t.scalar_type() == dtype, "cnnlstm_fast cpu backend: ", name,
+                " must have dtype ", dtype, " (that of act), got ", t.scalar_type());
+    TORCH_CHECK(t.sizes().equals(want), "cnnlstm_fast cpu backend: ", name, " must have shape ",
+                c10::IntArrayRef(want), ", got ", t.sizes());
+  };
+  check_rows(h_prev_in, "h_prev", Hout);
   check_tensor(w_hh_in, "w_hh", dtype, {G, Hout});
   if (proj) check_tensor(*w_hr_in, "w_hr", dtype, {Hout, H});
-  check_tensor(d_y_in, "d_y", dtype, {T, B, Hout});
+  check_rows(d_y_in, "d_y", Hout);
   check_tensor(d_hT, "d_hT", dtype, {B, Hout});
   if (cell == kLstm || cell == kGru) {
     TORCH_CHECK(present(extra_in), "extra must be given for ", std::string(cell_name));
-    check_tensor(*extra_in, "extra", dtype, {T, B, H});
+    check_rows(*extra_in, "extra", H);
   }
   if (present(d_cT)) check_tensor(*d_cT, "d_cT", dtype, {B, H});
-  const auto rows = active_rows(batch_sizes, T, B);
 
   const Tensor act = act_in.contiguous(), h_prev = h_prev_in.contiguous();
   const Tensor extra = present(extra_in) ? extra_in->contiguous() : at::empty({0}, act.options());
@@ -1054,22 +1099,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Tensor dc = cell != kLstm       ? at::empty({0}, opts)
               : present(d_cT) ? d_cT->clone(at::MemoryFormat::Contiguous)
                               : at::zeros({B, H}, opts);
-  Tensor d_gx = empty_large({T, B, G}, opts);
-  Tensor d_gh = cell == kGru ? empty_large({T, B, G}, opts) : d_gx;
-  Tensor dh_all = proj ? empty_large({T, B, Hout}, opts) : Tensor();
-  Tensor m_all = proj ? empty_large({T, B, H}, opts) : Tensor();
+  Tensor d_gx = empty_large(shape(G), opts);
+  Tensor d_gh = cell == kGru ? empty_large(shape(G), opts) : d_gx;
+  Tensor dh_all = proj ? empty_large(shape(Hout), opts) : Tensor();
+  Tensor m_all = proj ? empty_large(shape(H), opts) : Tensor();
   Tensor dc_state = cell == kLstm ? dc : Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "cnnlstm_fast_recurrence_backward", [&] {
-    backward_loop<scalar_t>(mode, cell, rows, reverse, act, h_prev, extra, w_hh, w_hr, d_y, dh,
-                            dc_state, d_gx, d_gh, dh_all, m_all);
+    backward_loop<scalar_t>(mode, cell, steps, reverse, B, G, act, h_prev, extra, w_hh, w_hr, d_y,
+                            dh, dc_state, d_gx, d_gh, dh_all, m_all);
   });
   // dW = dG^T h_prev as linear(dG^T, h_prev^T): transposed views, our GEMM where in use.
   Tensor d_w_hh =
-      cnnlstm_fast::cpu::linear(d_gh.view({T * B, G}).t(), h_prev.view({T * B, Hout}).t(), {});
-  Tensor d_w_hr = proj ? cnnlstm_fast::cpu::linear(dh_all.view({T * B, Hout}).t(),
-                                                   m_all.view({T * B, H}).t(), {})
+      cnnlstm_fast::cpu::linear(d_gh.view({N, G}).t(), h_prev.view({N, Hout}).t(), {});
+  Tensor d_w_hr = proj ? cnnlstm_fast::cpu::linear(dh_all.view({N, Hout}).t(),
+                                                   m_all.view({N, H}).t(), {})
                        : at::empty({0}, opts);
-  Tensor d_b_hn = cell == kGru ? at::sum(d_gh.view({T * B, G}).narrow(1, 2 * H, H), {0})
+  Tensor d_b_hn = cell == kGru ? at::sum(d_gh.view({N, G}).narrow(1, 2 * H, H), {0})
                                : at::empty({0}, opts);
   return {d_gx, dh, dc, d_w_hh, d_w_hr, d_b_hn};
 }
