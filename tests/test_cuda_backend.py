@@ -281,7 +281,7 @@ def test_cuda_training_step_is_capturable_in_a_cuda_graph(cls, dtype, pdl, pin_k
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_packed_inference_is_capturable_in_a_cuda_graph(dtype, kernel, pin_kernels):
     """Packed sequences in inference, captured and replayed on fresh data: the module
-    builds its packed index on the device while capturing (nn/rnn.py, _packed_index)
+    builds its packed index on the device while capturing (ops/recurrence.py, packed_index)
     and the row counts reach the kernels through write_row_runs, whose arguments the
     graph keeps (experimental: by default the counts are copied from the host, which a
     capture refuses). (Packed training is not captured here: make_graphed_callables

@@ -25,8 +25,9 @@ from torch.nn.utils.rnn import PackedSequence
 from .. import backends
 from ..backends import tuned
 from ..backends.base import RecurrenceSpec
-from ..ops.recurrence import (ProjectionSource, recurrence, recurrence_directions,
-                               transforms_active)
+from ..ops.recurrence import ProjectionSource
+from ..ops.recurrence import packed_index as _packed_index
+from ..ops.recurrence import recurrence, recurrence_directions, transforms_active
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
 
@@ -193,30 +194,6 @@ def _torch_class_of_type(cls: type) -> type:
 
 def _torch_class(module: nn.Module) -> type:
     return _torch_class_of_type(type(module))
-
-
-def _packed_index(batch_sizes: torch.Tensor, device: torch.device, on_device: bool):
-    """Flat positions t * B + b of the valid (t, b) of a packed batch, in packed order.
-
-    Built on the CPU and copied from pinned memory without blocking the host, or with
-    ``on_device`` from aranges on ``device``, one per run of equal batch sizes: no copy
-    from host memory, which a CUDA graph capture cannot take (a blocking copy
-    synchronises the stream; an asynchronous one would re-read a freed buffer at every
-    replay)."""
-    steps, batch = len(batch_sizes), int(batch_sizes[0])
-    if on_device:
-        sizes, parts, start = batch_sizes.tolist(), [], 0
-        for t in range(1, steps + 1):
-            if t == steps or sizes[t] != sizes[start]:
-                rows = torch.arange(start, t, device=device) * batch
-                parts.append((rows[:, None] + torch.arange(sizes[start], device=device)).reshape(-1))
-                start = t
-        return torch.cat(parts)
-    cols = torch.arange(batch)
-    index = (torch.arange(steps)[:, None] * batch + cols)[cols[None, :] < batch_sizes[:, None]]
-    if device.type == "cuda":
-        return index.pin_memory().to(device, non_blocking=True)
-    return index.to(device)
 
 
 _ROWS_OPS: list = []  # [the op namespace or None] once resolved

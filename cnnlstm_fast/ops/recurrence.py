@@ -272,16 +272,38 @@ def _recurrence_gradients(spec, batch_sizes, gx_shape, present,
     return vjp(tuple(d for d in (d_y, d_hT, d_cT) if d is not None))
 
 
+def packed_index(batch_sizes: torch.Tensor, device: torch.device, on_device: bool):
+    """Flat positions t * B + b of the valid (t, b) of a packed batch, in packed order.
+
+    Built on the CPU and copied from pinned memory without blocking the host, or with
+    ``on_device`` from aranges on ``device``, one per run of equal batch sizes: no copy
+    from host memory, which a CUDA graph capture cannot take (a blocking copy
+    synchronises the stream; an asynchronous one would re-read a freed buffer at every
+    replay)."""
+    steps, batch = len(batch_sizes), int(batch_sizes[0])
+    if on_device:
+        sizes, parts, start = batch_sizes.tolist(), [], 0
+        for t in range(1, steps + 1):
+            if t == steps or sizes[t] != sizes[start]:
+                rows = torch.arange(start, t, device=device) * batch
+                parts.append((rows[:, None] + torch.arange(sizes[start], device=device)).reshape(-1))
+                start = t
+        return torch.cat(parts)
+    cols = torch.arange(batch)
+    index = (torch.arange(steps)[:, None] * batch + cols)[cols[None, :] < batch_sizes[:, None]]
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
 def _outputs(spec, batch_sizes, gx, *state):
     """The reference recurrence's (Y, h_T, c_T) in recorded ops. G_x of 2 dims is a
     PackedSequence's rows (a backend with ``packed_rows``): padded for the reference,
     its Y packed back."""
     if gx.dim() == 3:
         return differentiable_forward(spec, gx, *state, batch_sizes)
-    from ..nn.rnn import _packed_index
-
     steps, batch = len(batch_sizes), int(batch_sizes[0])
-    index = _packed_index(batch_sizes, gx.device, on_device=False)
+    index = packed_index(batch_sizes, gx.device, on_device=False)
     padded = gx.new_zeros(steps * batch, gx.shape[-1]).index_copy(0, index, gx)
     y, h_t, c_t = differentiable_forward(spec, padded.view(steps, batch, -1), *state, batch_sizes)
     return y.reshape(steps * batch, -1).index_select(0, index), h_t, c_t

@@ -226,12 +226,14 @@ struct StepRows {
   std::vector<int64_t> rows;   // active rows of step t
   std::vector<int64_t> first;  // T + 1 entries: step t's first row; first[T] = all rows
   bool packed = false;
+  int64_t batch = 0;  // B: rows of the state (packed: batch_sizes[0])
   int64_t steps() const { return static_cast<int64_t>(rows.size()); }
 };
 
 StepRows padded_rows(std::vector<int64_t> rows, int64_t B) {
   StepRows out;
   const int64_t T = static_cast<int64_t>(rows.size());
+  out.batch = B;
   out.rows = std::move(rows);
   out.first.resize(T + 1);
   for (int64_t t = 0; t <= T; ++t) out.first[t] = t * B;
@@ -246,6 +248,7 @@ StepRows packed_rows(const Tensor& batch_sizes, int64_t total) {
   const int64_t B = T == 0 ? 0 : batch_sizes.contiguous().const_data_ptr<int64_t>()[0];
   StepRows out;
   out.packed = true;
+  out.batch = B;
   out.rows = active_rows(batch_sizes, T, B);
   out.first.resize(T + 1, 0);
   for (int64_t t = 0; t < T; ++t) {
@@ -257,6 +260,13 @@ StepRows packed_rows(const Tensor& batch_sizes, int64_t total) {
   TORCH_CHECK(out.first[T] == total, "batch_sizes must sum to x's rows (", total, "), got ",
               out.first[T]);
   return out;
+}
+
+// The steps of t's rows (an op's x, G_x or saved activations): packed, (N, .) with
+// batch_sizes, or padded, (T, B, .) with batch_sizes or without (every row active).
+StepRows step_rows(const Tensor& t, const c10::optional<Tensor>& batch_sizes, bool packed) {
+  if (packed) return packed_rows(*batch_sizes, t.size(0));
+  return padded_rows(active_rows(batch_sizes, t.size(0), t.size(1)), t.size(1));
 }
 
 void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype,
@@ -837,11 +847,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   TORCH_CHECK(gx_in.dim() == 3 || packed, "cnnlstm_fast cpu backend: gx must be 3-D (T, B, "
               "gates*H), or 2-D (rows, gates*H) with batch_sizes, got ", gx_in.dim(), "-D");
   const auto dtype = gx_in.scalar_type();
-  const StepRows steps = packed ? packed_rows(*batch_sizes, gx_in.size(0))
-                                : padded_rows(active_rows(batch_sizes, gx_in.size(0),
-                                                          gx_in.size(1)), gx_in.size(1));
-  const int64_t T = steps.steps(), G = gx_in.size(-1);
-  const int64_t B = packed ? (T == 0 ? 0 : steps.rows[0]) : gx_in.size(1);
+  const StepRows steps = step_rows(gx_in, batch_sizes, packed);
+  const int64_t T = steps.steps(), G = gx_in.size(-1), B = steps.batch;
   check_layer(cell, cell_name, dtype, B, G, h0, c0, w_hh, w_hr, b_hn);
   const Tensor gx = gx_in.contiguous();
   Tensor y = packed ? empty_large({gx.size(0), h0.size(1)}, h0.options())
@@ -869,10 +876,8 @@ std::tuple<Tensor, Tensor> forward_from_input_into(
               packed ? "2-D (rows, input) with batch_sizes" : "3-D (T, B, input)", ", got ",
               x_in.dim(), "-D");
   const int64_t G = w_ih.size(0), I = x_in.size(-1);
-  const StepRows steps =
-      packed ? packed_rows(*batch_sizes, x_in.size(0))
-             : padded_rows(std::vector<int64_t>(x_in.size(0), x_in.size(1)), x_in.size(1));
-  const int64_t T = steps.steps(), B = packed ? (T == 0 ? 0 : steps.rows[0]) : x_in.size(1);
+  const StepRows steps = step_rows(x_in, batch_sizes, packed);
+  const int64_t T = steps.steps(), B = steps.batch;
   check_layer(cell, cell_name, dtype, B, G, h0, c0, w_hh, w_hr, b_hn);
   check_tensor(w_ih, "w_ih", dtype, {G, I});
   if (present(gx_bias)) check_tensor(*gx_bias, "gx_bias", dtype, {G});
@@ -1058,11 +1063,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   const auto dtype = act_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "cnnlstm_fast cpu backend supports float32 and float64, got ", dtype);
-  const StepRows steps = packed ? packed_rows(*batch_sizes, act_in.size(0))
-                                : padded_rows(active_rows(batch_sizes, act_in.size(0),
-                                                          act_in.size(1)), act_in.size(1));
-  const int64_t T = steps.steps(), G = act_in.size(-1);
-  const int64_t B = packed ? (T == 0 ? 0 : steps.rows[0]) : act_in.size(1);
+  const StepRows steps = step_rows(act_in, batch_sizes, packed);
+  const int64_t T = steps.steps(), G = act_in.size(-1), B = steps.batch;
   const int64_t H = G / kGates[cell];
   const bool proj = present(w_hr_in);
   const int64_t Hout = proj ? w_hr_in->size(0) : H;
