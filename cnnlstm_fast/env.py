@@ -235,6 +235,10 @@ def format_report(info: dict) -> str:
         row("cpu float32 GEMM", (
             f"{gemm['in_use']} (AVX-512 {'present' if gemm['avx512_supported'] else 'absent'}; "
             f"cnnlstm_fast.backends.cpu.set_gemm: {gemm.get('setting', 'auto')})"))
+        if gemm.get("fma512_ratio"):
+            ratio = gemm["fma512_ratio"]
+            row("512-bit FMA rate", f"{ratio:.2f}x the floats of 256-bit ("
+                f"{'full width' if ratio >= 1.5 else 'half rate: double-pumped or one port'})")
         if gemm["error"]:
             row("cpu settings error", gemm["error"])
         set_ = {k: v for k, v in info["cpu_settings"].items() if v is not None}

@@ -103,9 +103,12 @@ PYBIND11_MODULE(_C, m) {
     info["avx512_supported"] = cnnlstm_fast::cpu::packed_gemm_supported();
     info["setting"] = cnnlstm_fast::cpu::gemm_choice();
     info["in_use"] = cnnlstm_fast::cpu::use_packed_gemm() ? "avx512" : "blas";
+    info["fma512_ratio"] = cnnlstm_fast::cpu::fma_rate_ratio();
     return info;
   }, "The float32 GEMM of the cpu backend: {'avx512_supported': bool, 'setting': 'auto', "
-     "'avx512' or 'blas' (cpu_set_gemm), 'in_use': 'avx512' or 'blas'}");
+     "'avx512' or 'blas' (cpu_set_gemm), 'in_use': 'avx512' or 'blas', 'fma512_ratio': "
+     "a core's float32 FMA rate in 512-bit vectors over 256-bit ones (~2 full-width "
+     "512-bit units, ~1 double-pumped; 0 without AVX-512), timed once per process}");
   m.def("cpu_set_gemm", &cnnlstm_fast::cpu::set_gemm_choice, py::arg("name"),
         "Sets the cpu backend's float32 GEMM for the whole process: 'auto' (ours where the "
         "CPU has AVX-512F), 'avx512' or 'blas'; ValueError for another name or for 'avx512' "

@@ -199,6 +199,9 @@ def test_auto_follows_the_measured_rules(monkeypatch):
     # would follow it.
     if not avx512:
         monkeypatch.setattr(backends, "_cpu_gemm_is_avx512", lambda: True)
+    # The rows measured on full-rate 512-bit FMA cores (Zen 5), whatever this CPU has;
+    # the half-rate ones (Zen 4) at the end.
+    monkeypatch.setattr(backends, "_cpu_avx512_full_rate", lambda: True)
     assert picks(_cpu("gru", 256, 256, 32, needs_grad=True))
     assert picks(_cpu("gru", 256, 1, 8)) and not picks(_cpu("gru", 256, 1, 4))  # short-seq
     assert not picks(_cpu("lstm", 256, 1, 1, needs_grad=True))  # one step: the cells' calls
@@ -251,6 +254,35 @@ def test_auto_follows_the_measured_rules(monkeypatch):
     assert not picks(_cpu("rnn_tanh", 128, 1, 1000))
     # float64 keeps the BLAS rule
     assert picks(_cpu("lstm", 1024, 16, 8, dtype=torch.float64))
+    # Half-rate 512-bit FMAs (Zen 4): LSTM batch 8-256 measured 0.82x-0.93x, so only
+    # batch <= 2, the long sequences and the training rows that rest on torch.nn's page
+    # faults keep the cpu backend; the GRU keeps it everywhere.
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setattr(backends, "_cpu_avx512_full_rate", lambda: False)
+    assert not picks(_cpu("lstm", 256, 16, 64))  # 0.90x: the stacked BiLSTM's shape
+    assert not picks(_cpu("lstm", 1024, 16, 32))  # 0.82x
+    assert picks(_cpu("lstm", 256, 2, 32)) and picks(_cpu("lstm", 128, 1, 1000))
+    assert not picks(_cpu("lstm", 64, 1, 32))  # below the measured hidden sizes
+    assert picks(_cpu("lstm", 128, 8, 1000, needs_grad=True))
+    assert not picks(_cpu("lstm", 256, 2, 32, needs_grad=True))  # 0.95x
+    assert picks(_cpu("lstm", 256, 64, 128, needs_grad=True))  # 32 MiB of activations
+    assert picks(_cpu("lstm", 1024, 16, 32, needs_grad=True))
+    assert picks(_cpu("gru", 256, 16, 64)) and picks(_cpu("lstm", 256, 32, 32, packed=True))
+
+
+def test_the_fma_rate_is_measured_once_and_kept(monkeypatch):
+    """``avx512_full_rate`` comes from the extension's timing (fma512_ratio ~2 on full-rate
+    cores, ~1 on Zen 4), taken once per process: the same ratio at every ask."""
+    module = _ext.load()
+    if module is None:
+        pytest.skip("the extension is not built")
+    first = module.cpu_gemm_info()["fma512_ratio"]
+    assert module.cpu_gemm_info()["fma512_ratio"] == first
+    if not module.cpu_gemm_info()["avx512_supported"]:
+        assert first == 0.0 and not backends._cpu_avx512_full_rate()
+        return
+    assert 0.5 < first < 3.0, first  # 16 lanes against 8, at the same or half the rate
+    assert backends._cpu_avx512_full_rate() == (first >= backends._FULL_RATE_RATIO)
 
 
 def test_short_calls_resolve_to_torch_without_a_spec(caplog, monkeypatch):

@@ -45,7 +45,8 @@ def _recorded(assume: dict, name: str, recorded):
 
 
 def _measured(entry: dict, choice: str, against: str):
-    """(facts, device, malloc_keeps_freed or None, against_ms / choice_ms) for every
+    """(facts, device, malloc_keeps_freed or None, gemm in use, avx512_full_rate or None,
+    against_ms / choice_ms) for every
     single-layer, single-direction row of the cited file that measured both backends."""
     path = ROOT / entry["file"]
     assert path.is_file(), f"{entry['file']} is cited but not committed"
@@ -62,13 +63,18 @@ def _measured(entry: dict, choice: str, against: str):
             facts = rules.Facts(assume["cell"], mode, assume["dtype"], int(batch), int(hidden),
                                 int(steps), assume["packed"], False, None)
             out.append((facts, assume["device"], assume.get("malloc_keeps_freed"),
-                        assume.get("gemm"), ms[against] / ms[choice]))
+                        assume.get("gemm"), assume.get("avx512_full_rate"),
+                        ms[against] / ms[choice]))
         assert out, f"{entry['file']}: no measured lines read"
         return out
     data = json.loads(path.read_text())
     environment = data.get("environment", {})
     extension = environment.get("extension") or {}
-    in_use = _recorded(assume, "gemm", (extension.get("cpu_gemm") or {}).get("in_use"))
+    gemm_info = extension.get("cpu_gemm") or {}
+    in_use = _recorded(assume, "gemm", gemm_info.get("in_use"))
+    ratio = gemm_info.get("fma512_ratio")
+    full_rate = _recorded(assume, "avx512_full_rate", None if ratio is None else
+                          ratio >= backends._FULL_RATE_RATIO)
     settings = environment.get("cpu_settings")
     malloc = _recorded(assume, "malloc_keeps_freed", None if settings is None else
                        backends._malloc_keeps(settings, _glibc(environment.get("platform"))))
@@ -89,7 +95,7 @@ def _measured(entry: dict, choice: str, against: str):
                             "training" if mine["mode"] == "forward_backward" else "inference",
                             mine["dtype"], mine["batch"], mine["hidden_size"], steps,
                             bool(assume.get("packed", False)), False, None)
-        out.append((facts, mine["device"], malloc, in_use,
+        out.append((facts, mine["device"], malloc, in_use, full_rate,
                     theirs["median_ms"] / mine["median_ms"]))
     return out
 
@@ -106,8 +112,8 @@ def check_row(row: dict, min_steps: dict[str, int]) -> list[str]:
     matcher = rules.Rows(row["device"], [row])
     for entry in row["evidence"]:
         inside = []
-        for facts, device, malloc, in_use, ratio in _measured(entry, row["choice"],
-                                                              row["against"]):
+        for facts, device, malloc, in_use, full_rate, ratio in _measured(
+                entry, row["choice"], row["against"]):
             if device != row["device"] or facts.steps < min_steps.get(device, 0):
                 continue
             facts.gemm = _gemm(facts, device, in_use)
@@ -121,7 +127,13 @@ def check_row(row: dict, min_steps: dict[str, int]) -> list[str]:
                                          "assumes none, and the row asks")
                 return malloc
 
-            if matcher.first(facts, malloc_keeps_freed) is not None:
+            def avx512_full_rate(full_rate=full_rate):
+                if full_rate is None:
+                    raise AssertionError(f"{entry['file']}: records no fma512_ratio and "
+                                         "assumes no avx512_full_rate, and the row asks")
+                return full_rate
+
+            if matcher.first(facts, avx512_full_rate, malloc_keeps_freed) is not None:
                 inside.append((facts, ratio))
         if len(inside) != entry["rows"]:
             problems.append(f"{entry['file']}: {len(inside)} measured rows fall in the row's "
@@ -199,3 +211,49 @@ def test_load_rejects_unknown_conditions(tmp_path):
     with pytest.raises(ValueError, match=r"row 'cpu-avx512-gru': unknown conditions "
                                          r"\['batchsize'\]"):
         rules.load(path)
+
+
+#: What one core running 512-bit FMAs at half rate (16 float FMAs, 32 flops, a cycle:
+#: AMD Zen 4's double-pumped units) reaches at 4 GHz, in TFLOP/s.
+_HALF_RATE_CORE_TFLOPS = 32 * 4.0e9 / 1e12
+
+
+def test_files_assumed_full_rate_measured_above_a_half_rate_core():
+    """The AVX-512 LSTM rows rest on files measured before the bench recorded
+    ``fma512_ratio``; each such entry assumes ``avx512_full_rate``. The assumption is
+    checked against the peak each file does record (the best square GEMM): per thread
+    above what a half-rate core reaches at 4 GHz."""
+    checked = 0
+    for row in rules.TABLE["rules"]:
+        for entry in row["evidence"] if row["evidence"] != "none" else ():
+            if not entry.get("assume", {}).get("avx512_full_rate"):
+                continue
+            data = json.loads((ROOT / entry["file"]).read_text())
+            per_thread = data["peak_tflops"]["float32"] / data["threads"]
+            assert per_thread > _HALF_RATE_CORE_TFLOPS, (entry["file"], per_thread)
+            checked += 1
+    assert checked >= 6
+
+
+def test_the_fma_rate_is_asked_last_and_only_by_rows_that_ask():
+    row = {"id": "r", "device": "cpu", "choice": "cpu", "against": "torch", "evidence": "none",
+           "when": {"gemm": "avx512", "cells": ["lstm"], "batch": [None, 16],
+                    "avx512_full_rate": True}}
+    plain = dict(row, id="p", when={"gemm": "avx512", "cells": ["gru"]})
+    rows = rules.Rows("cpu", [row, plain])
+    asked = []
+
+    def full_rate(answer):
+        return lambda: asked.append(answer) or answer
+
+    def never():
+        raise AssertionError("asked")
+
+    facts = rules.Facts("lstm", "inference", "float32", 8, 256, 64, False, False, "avx512")
+    assert rules.Rows.first(rows, facts, full_rate(True), never) is row
+    assert rules.Rows.first(rows, facts, full_rate(False), never) is None
+    assert asked == [True, False]
+    facts.batch = 32  # outside the row's batches: the rate is not asked
+    assert rows.first(facts, never, never) is None
+    facts.cell = "gru"
+    assert rows.first(facts, never, never) is plain

@@ -77,6 +77,23 @@ def _cpu_gemm_is_avx512() -> bool:
     return _ext.load() is not None and _cpu_module.gemm_in_use() == "avx512"
 
 
+#: fma512_ratio (``_C.cpu_gemm_info()``) from which a CPU counts as running 512-bit FMAs at
+#: full rate: ~2 measured where it does, ~1 on the double-pumped AMD Zen 4.
+_FULL_RATE_RATIO = 1.5
+
+
+@torch.compiler.assume_constant_result
+def _cpu_avx512_full_rate() -> bool:
+    """Whether this CPU's cores run 512-bit float32 FMAs at full rate, twice the floats a
+    cycle of 256-bit ones (AMD Zen 5, Intel server cores with two FMA-512 ports), as on
+    the machines where ``auto``'s ``gemm: avx512`` LSTM rows were measured; on a core that
+    splits them in two (AMD Zen 4) our GEMM gains nothing on torch's and oneDNN's LSTM
+    keeps its lead. Timed once per process by the extension (~0.3 ms, first asked by a
+    rule that needs it); False without it or without AVX-512."""
+    module = _ext.load()
+    return module is not None and module.cpu_gemm_info()["fma512_ratio"] >= _FULL_RATE_RATIO
+
+
 #: glibc's own ceiling for its dynamic mmap threshold: a threshold set at least this high
 #: keeps every block torch.nn's LSTM frees at these sizes for reuse. glibc before 2.35
 #: ignores a threshold above it (``do_set_mmap_threshold`` refused values over
@@ -155,7 +172,8 @@ def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
     the rows measured on a 2-core AMD EPYC (``gemm: avx512``), float64 and BLAS GEMMs the
     rows measured on a 2-core Xeon before that GEMM existed (``gemm: blas``); some LSTM
     training rows hold only with glibc's default malloc (:func:`_malloc_keeps_freed_memory`)."""
-    return rules.takes(_CPU_ROWS, spec, _cpu_gemm_is_avx512, _malloc_keeps_freed_memory) \
+    return rules.takes(_CPU_ROWS, spec, _cpu_gemm_is_avx512, _cpu_avx512_full_rate,
+                       _malloc_keeps_freed_memory) \
         is not None
 
 
@@ -164,7 +182,8 @@ def _cuda_beats_torch(spec: RecurrenceSpec) -> bool:
     of the table of rules (``rules.json``, device ``cuda``) takes the call. Inference
     only, bfloat16 LSTM and GRU and some float16 shapes, at >= 256 steps; see the rows'
     notes for the measurements."""
-    return rules.takes(_CUDA_ROWS, spec, _cpu_gemm_is_avx512, _malloc_keeps_freed_memory) \
+    return rules.takes(_CUDA_ROWS, spec, _cpu_gemm_is_avx512, _cpu_avx512_full_rate,
+                       _malloc_keeps_freed_memory) \
         is not None
 
 

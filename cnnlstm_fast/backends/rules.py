@@ -12,8 +12,12 @@ of which must hold (a missing one, or a null bound, takes anything; bounds inclu
 GEMM (``avx512`` where the call is float32 and our AVX-512 GEMM is in use, else
 ``blas``); ``packed``, ``projection``: true or false; ``hidden_multiple_of``: an integer;
 ``saved_bytes_above``: an LSTM's saved activations (steps x batch x 4 x hidden float32)
-above this many bytes; ``malloc_keeps_freed``: whether this process's malloc keeps large
-freed blocks (read from the environment, last).
+above this many bytes; ``avx512_full_rate``: whether this CPU's cores run a 512-bit FMA
+at the rate of a 256-bit one (full-width units: AMD Zen 5, Intel server cores with two
+FMA-512 ports) rather than at half of it (AMD Zen 4's double-pumped units); timed once per
+process (``_C.cpu_gemm_info()['fma512_ratio']`` >= 1.5), only where every other condition
+held; ``malloc_keeps_freed``: whether this process's malloc keeps large freed blocks (read
+from the environment, last).
 
 The same matching (:meth:`Rows.match`) serves ``auto`` (facts from a call's
 ``RecurrenceSpec``) and the test (facts from a result file's rows), so the table is
@@ -35,7 +39,7 @@ TABLE_PATH = Path(__file__).with_name("rules.json")
 
 CONDITIONS = frozenset({"cells", "modes", "dtypes", "batch", "hidden", "steps", "gemm",
                         "packed", "projection", "hidden_multiple_of", "saved_bytes_above",
-                        "malloc_keeps_freed"})
+                        "avx512_full_rate", "malloc_keeps_freed"})
 
 
 @dataclass(slots=True)
@@ -80,7 +84,7 @@ class Rows:
                         None if dtypes is None else frozenset(getattr(torch, d) for d in dtypes),
                         when.get("packed"), when.get("projection"),
                         when.get("hidden_multiple_of", 1), when.get("saved_bytes_above"),
-                        when.get("malloc_keeps_freed"))
+                        when.get("avx512_full_rate"), when.get("malloc_keeps_freed"))
             gemms = (when["gemm"],) if "gemm" in when else ("avx512", "blas", None)
             for cell in when.get("cells", ("lstm", "gru", "rnn_tanh", "rnn_relu")):
                 for mode in when.get("modes", _MODES):
@@ -90,15 +94,16 @@ class Rows:
 
     def match(self, cell: str, training: bool, gemm: str | None, dtype: torch.dtype,
               batch: int, hidden: int, steps: int, packed: bool, projection: bool,
+              avx512_full_rate: Callable[[], bool],
               malloc_keeps_freed: Callable[[], bool]) -> dict | None:
         """The first row (in table order) whose every condition holds, else None.
-        ``malloc_keeps_freed`` is called only for a row that asks, after its other
-        conditions held: reading the environment costs more than the rest."""
+        ``avx512_full_rate`` and ``malloc_keeps_freed`` are called only for a row that
+        asks, after its other conditions held: they cost more than the rest."""
         candidates = self._index.get((cell, training, gemm))
         if not candidates:
             return None
         for (row, blo, bhi, hlo, hhi, slo, shi, dtypes, want_packed, want_projection,
-             multiple, saved, malloc) in candidates:
+             multiple, saved, full_rate, malloc) in candidates:
             if not (blo <= batch <= bhi and hlo <= hidden <= hhi and slo <= steps <= shi):
                 continue
             if dtypes is not None and dtype not in dtypes:
@@ -112,16 +117,20 @@ class Rows:
             # an LSTM's saved activations: steps x batch x 4 gates x hidden, float32
             if saved is not None and (cell != "lstm" or steps * batch * 16 * hidden <= saved):
                 continue
+            if full_rate is not None and avx512_full_rate() != full_rate:
+                continue
             if malloc is not None and malloc_keeps_freed() != malloc:
                 continue
             return row
         return None
 
-    def first(self, facts: Facts, malloc_keeps_freed: Callable[[], bool]) -> dict | None:
+    def first(self, facts: Facts, avx512_full_rate: Callable[[], bool],
+              malloc_keeps_freed: Callable[[], bool]) -> dict | None:
         """:meth:`match` for ``facts``."""
         return self.match(facts.cell, facts.mode == "training", facts.gemm,
                           getattr(torch, facts.dtype), facts.batch, facts.hidden,
-                          facts.steps, facts.packed, facts.projection, malloc_keeps_freed)
+                          facts.steps, facts.packed, facts.projection, avx512_full_rate,
+                          malloc_keeps_freed)
 
 
 def load(path: Path = TABLE_PATH) -> dict:
@@ -157,6 +166,7 @@ def rows_for(device: str, backend: str) -> Rows:
 
 
 def takes(rows: Rows, spec: RecurrenceSpec, cpu_gemm_is_avx512: Callable[[], bool],
+          avx512_full_rate: Callable[[], bool],
           malloc_keeps_freed: Callable[[], bool]) -> dict | None:
     """The first of ``rows`` that matches ``spec``'s call (on ``rows.device``: the caller
     checked the device), else None; None for calls of fewer than the device's
@@ -169,4 +179,4 @@ def takes(rows: Rows, spec: RecurrenceSpec, cpu_gemm_is_avx512: Callable[[], boo
         gemm = "avx512" if spec.dtype == torch.float32 and cpu_gemm_is_avx512() else "blas"
     return rows.match(spec.cell, spec.needs_grad, gemm, spec.dtype, spec.batch,
                       spec.hidden_size, spec.steps, bool(spec.variable_lengths),
-                      bool(spec.proj_size), malloc_keeps_freed)
+                      bool(spec.proj_size), avx512_full_rate, malloc_keeps_freed)

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <stdexcept>
 #include <memory>
 #include <string>
@@ -44,6 +45,46 @@ bool packed_gemm_supported() {
 #else
   return false;
 #endif
+}
+
+namespace {
+
+// Seconds of the fastest of `rounds` calls of fn(iters).
+double fastest(void (*fn)(int64_t, float*), int64_t iters, int rounds) {
+  double best = 1e30;
+  float sink = 0.0f;
+  for (int r = 0; r < rounds; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    fn(iters, &sink);
+    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+    best = std::min(best, took.count());
+  }
+  volatile float keep = sink;  // the chains' result is used
+  (void)keep;
+  return best;
+}
+
+double measure_fma_rate_ratio() {
+  if (!packed_gemm_supported()) return 0.0;
+  // 12 chains x 2048 steps: ~12k cycles at two 512-bit FMAs a cycle, long enough to time
+  // and short enough that the fastest of 7 rounds misses preemption. Warm-up first: a
+  // core may run 512-bit code slower until its upper lanes power up.
+  constexpr int64_t kIters = 2048;
+  fastest(&fma_chains_512, kIters, 3);
+  fastest(&fma_chains_256, kIters, 3);
+  double t512 = 1e30, t256 = 1e30;
+  for (int round = 0; round < 3; ++round) {  // interleaved, against drifting clocks
+    t512 = std::min(t512, fastest(&fma_chains_512, kIters, 7));
+    t256 = std::min(t256, fastest(&fma_chains_256, kIters, 7));
+  }
+  return t512 > 0.0 ? 2.0 * t256 / t512 : 0.0;  // 16 lanes against 8
+}
+
+}  // namespace
+
+double fma_rate_ratio() {
+  static const double ratio = measure_fma_rate_ratio();
+  return ratio;
 }
 
 namespace {

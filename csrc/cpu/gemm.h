@@ -73,4 +73,18 @@ void pack_a_transposed_avx512(int64_t kc, int64_t rows, const float* a, int64_t 
 void pack_panel_transposed_avx512(int64_t k, int64_t width, const float* w, int64_t ld,
                                   float* out);
 
+// The loops of fma_rate_ratio (gemm_avx512.cpp): 12 chains of `iters` FMAs in 512-bit
+// (16 float) or 256-bit (8 float) vectors. Require packed_gemm_supported().
+void fma_chains_512(int64_t iters, float* out);
+void fma_chains_256(int64_t iters, float* out);
+
+// Float32 FMA throughput of one core in 512-bit vectors over that in 256-bit vectors,
+// timed once per process on the calling thread (~0.1 ms; the fastest of several rounds):
+// about 2 where the core has full-width 512-bit FMA units (AMD Zen 5, Intel server cores
+// with two FMA-512 ports), about 1 where it splits a 512-bit FMA into two 256-bit halves
+// (AMD Zen 4) or has one FMA-512 port. There our GEMM gains nothing over torch's AVX2
+// BLAS, and oneDNN's LSTM keeps its lead (the `avx512_full_rate` fact of auto's rules,
+// cnnlstm_fast/backends/rules.py). 0 where packed_gemm_supported() is false.
+double fma_rate_ratio();
+
 }  // namespace cnnlstm_fast::cpu

@@ -165,6 +165,38 @@ void pack_panel_transposed_avx512(int64_t k, int64_t width, const float* w, int6
   }
 }
 
+// 12 independent multiply-add chains, `iters` steps each, in 512-bit or 256-bit vectors:
+// the loops gemm.cpp times to tell full-rate 512-bit FMA units from double-pumped ones.
+// The chains converge (x <- 0.5 x + 1), so no value grows or turns denormal; the sum of
+// the lanes goes to *out so no chain is optimised away.
+void fma_chains_512(int64_t iters, float* out) {
+  __m512 x[12];
+  for (int j = 0; j < 12; ++j) x[j] = _mm512_set1_ps(static_cast<float>(j));
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < iters; ++i) {
+    for (int j = 0; j < 12; ++j) x[j] = _mm512_fmadd_ps(x[j], half, one);
+  }
+  __m512 sum = x[0];
+  for (int j = 1; j < 12; ++j) sum = _mm512_add_ps(sum, x[j]);
+  *out = _mm512_reduce_add_ps(sum);
+}
+
+__attribute__((target("avx512f,fma"))) void fma_chains_256(int64_t iters, float* out) {
+  __m256 x[12];
+  for (int j = 0; j < 12; ++j) x[j] = _mm256_set1_ps(static_cast<float>(j));
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  for (int64_t i = 0; i < iters; ++i) {
+    for (int j = 0; j < 12; ++j) x[j] = _mm256_fmadd_ps(x[j], half, one);
+  }
+  __m256 sum = x[0];
+  for (int j = 1; j < 12; ++j) sum = _mm256_add_ps(sum, x[j]);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum);
+  float total = 0.0f;
+  for (float v : lanes) total += v;
+  *out = total;
+}
+
 }  // namespace cnnlstm_fast::cpu
 
 #else
@@ -175,6 +207,8 @@ void packed_gemm_block_avx512(int64_t, int64_t, int64_t, int64_t, const float*, 
                               int64_t) {}
 void pack_a_transposed_avx512(int64_t, int64_t, const float*, int64_t, float*) {}
 void pack_panel_transposed_avx512(int64_t, int64_t, const float*, int64_t, float*) {}
+void fma_chains_512(int64_t, float* out) { *out = 0.0f; }
+void fma_chains_256(int64_t, float* out) { *out = 0.0f; }
 }  // namespace cnnlstm_fast::cpu
 
 #endif
