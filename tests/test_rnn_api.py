@@ -21,6 +21,7 @@ import cnnlstm_fast as clf
 from cnnlstm_fast import _ext, backends
 from cnnlstm_fast.backends import BackendUnavailableError, RecurrenceSpec
 from cnnlstm_fast.backends import cpu as cpu_backend
+from cnnlstm_fast.backends import tuned
 from helpers import assert_close, leaves, make_pair, module_backends, run_and_grad
 
 CLASSES = [
@@ -340,7 +341,63 @@ def test_modules_tell_auto_whether_backward_is_needed(monkeypatch):
     layer.requires_grad_(False)
     layer(torch.randn(steps, 1, 3))
     layer(torch.randn(steps, 1, 3, requires_grad=True))
-    assert [s.needs_grad for s in seen] == [True, False, False, True]
+    # the third call has the second's facts (no backward needed, same shapes): the
+    # module reuses that resolution instead of asking again
+    assert [s.needs_grad for s in seen] == [True, False, True]
+
+
+def test_a_module_resolves_again_when_what_auto_reads_changes(monkeypatch):
+    """A module keeps its last call's resolution while the call's facts and
+    ``backends.generation()`` stay the same, and asks again when either changes: shapes,
+    grad mode, states' dtypes, the process default, the tuning record, the cpu GEMM."""
+    seen = []
+    real = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda name, spec: seen.append(spec) or real(name, spec))
+    layer = clf.LSTM(3, 4)
+    steps = backends.AUTO_MIN_STEPS["cpu"]
+    x = torch.randn(steps, 2, 3)
+
+    def asks(*args) -> bool:
+        before = len(seen)
+        layer(*args)
+        return len(seen) > before
+
+    assert asks(x) and not asks(x) and not asks(torch.randn(steps, 2, 3))
+    assert asks(torch.randn(steps + 1, 2, 3)) and asks(x)  # other steps, then back
+    with torch.no_grad():
+        assert asks(x) and not asks(x)
+    state = (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+    assert asks(x, state) and not asks(x, state)
+    with clf.use_backend("reference"):
+        assert asks(x) and seen[-1] is not None and not asks(x)
+    assert asks(x)  # the default went back
+    tuned.reset()  # a record read again is another record
+    assert asks(x) and not asks(x)
+    if backends._unavailable("cpu") is None:
+        with cpu_backend.use_gemm("blas"):
+            assert asks(x)
+        assert asks(x)
+    layer.backend = "reference"
+    assert asks(x)
+    with caplog_free_debug():
+        assert asks(x) and asks(x)  # a DEBUG log of the choices sees every call
+    # a copy or a pickle resolves afresh: the resolution is this process's
+    assert not asks(x)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        before = len(seen)
+        clone(x)
+        assert len(seen) == before + 1
+
+
+@contextlib.contextmanager
+def caplog_free_debug():
+    logger = logging.getLogger("cnnlstm_fast.backends")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def test_each_choice_is_logged_at_debug(caplog):

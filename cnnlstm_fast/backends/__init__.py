@@ -208,8 +208,51 @@ class BackendUnavailableError(RuntimeError):
 
 def register(backend: Backend) -> Backend:
     """Adds ``backend`` to the registry under ``backend.name`` (replacing any)."""
+    global _registrations
     _REGISTRY[backend.name] = backend
+    _registrations += 1
     return backend
+
+
+_registrations = 0
+
+
+def generation() -> tuple:
+    """What, besides a call's own facts, ``resolve`` reads that may change while a
+    process runs: the registry (a count of registrations), the process default, the
+    tuning record held (the object itself: every load, reset or new entry makes a new
+    one), the cpu GEMM in use and whether
+    deterministic algorithms are on (then the record is not consulted). A module keeps
+    its last inference call's resolution while this and the call's facts are the same
+    (``cnnlstm_fast/nn/rnn.py``, ``_inference_key``). Facts read from the environment
+    (the malloc's settings) are for training rows only, which are never memoised; the
+    CPU's FMA rate is timed once per process."""
+    choices = tuned._choices if tuned._choices is not None else tuned.load()
+    gemm = _cpu_module._gemm_in_use
+    if gemm is None and _ext.load() is not None:
+        gemm = _cpu_module.gemm_in_use()
+    return (_registrations, _default, _ChoicesIdentity(choices), gemm,
+            torch.are_deterministic_algorithms_enabled())
+
+
+class _ChoicesIdentity:
+    """Equal only to one holding the very same record object (a dict compares by
+    contents, and an id may be reused once the old record is freed: this holds it)."""
+
+    __slots__ = ("choices",)
+
+    def __init__(self, choices) -> None:
+        self.choices = choices
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _ChoicesIdentity) and other.choices is self.choices
+
+    __hash__ = None
+
+
+def logging_choices() -> bool:
+    """Whether choices are logged (at DEBUG): then every call resolves, and logs."""
+    return _log.isEnabledFor(logging.DEBUG)
 
 
 def registered_backends() -> list[str]:
