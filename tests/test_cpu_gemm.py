@@ -389,6 +389,28 @@ def test_buffer_cache_reuses_freed_blocks_and_empties(cache_limit):
     assert _cache_info()["cached_bytes"] == 0
 
 
+def test_buffer_cache_blocks_show_in_the_profilers_memory_view(cache_limit):
+    """torch.profiler(profile_memory=True) sees a block of the cache handed out and given
+    back, with the block's size, as it sees c10's CPU allocations: a block reused from
+    the cache as well as a new one (peak_memory.py's tensor peak rests on it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cpu.set_cache_limit(1024)
+    x, w = torch.randn(2048, 64), torch.randn(300, 64)
+    for reused in (False, True):
+        if not reused:
+            cpu.empty_cache()
+        hits = _cache_info()["hits"]
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            y = torch.ops.cnnlstm_fast.linear(x, w, None)  # 2.4 MB: from the cache
+            size = y.untyped_storage().nbytes()
+            del y
+        assert (_cache_info()["hits"] > hits) == reused
+        sizes = [e.nbytes() for e in prof.profiler.kineto_results.events()
+                 if e.name() == "[memory]" and abs(e.nbytes()) >= size]
+        assert len(sizes) == 2 and sizes[0] == -sizes[1] > 0, sizes
+
+
 def test_buffer_cache_off_and_bad_setting(cache_limit, monkeypatch):
     cpu.empty_cache()
     cpu.set_cache_limit(0)

@@ -6,7 +6,9 @@
 // where a standalone prototype of this micro-kernel reached 410-450 at the recurrence's
 // shapes and this build 390-425 on a 2048-square product (the bench's peak_tflops in
 // benchmarks/results/cpu-amd-epyc/); torch.nn.LSTM's oneDNN kernels are not reachable
-// from an extension. The AVX-512 micro-kernel (gemm_avx512.cpp) keeps a 12 x 32 (or
+// from an extension. On Zen 4, whose cores split a 512-bit FMA in two, the same build
+// measured ~190 GFLOP/s at 2048 square against MKL's 130-200: no gain there
+// (fma_rate_ratio below tells the two apart for auto's rules). The AVX-512 micro-kernel (gemm_avx512.cpp) keeps a 12 x 32 (or
 // 3 x 128 for few rows) tile of C in 24 zmm registers, streams B's panel and broadcasts
 // A; the caller's threads split the panels, so with the same thread count each thread
 // reads the same slice of a weight at every step and it stays in that core's cache.
