@@ -329,12 +329,10 @@ class GxSource {
       even_ = B == 1 || x.stride(0) == B * x.stride(1);
     }
     chunk_ = steps_per_chunk(int64_t{2} << 20, B * gates_width * int64_t{sizeof(scalar_t)}, T);
-    buffer_ = empty_large({chunk_ * B, gates_width}, x.options());
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (use_packed_gemm()) {
-        packed_ = pack_weight(w_ih);
-      }
-    }
+    // The chunk's buffer and the packed W_ih are made at the first projection (at()):
+    // the persistent path projects into buffers of its own and never asks for them
+    // (made here they doubled its G_x memory: 3.3 against torch.nn's 2.0 MiB tensor peak
+    // for the seq2seq GRU encoder's inference, benchmarks/peak_memory.py).
   }
 
   // Whether G_x is computed from the input (then x, w_ih, bias), else given whole. Not
@@ -381,6 +379,12 @@ class GxSource {
  private:
   void project(int64_t first, int64_t len) {
     const int64_t I = w_ih_.size(1), G = gates_width_;
+    if (!buffer_.defined()) {
+      buffer_ = empty_large({chunk_ * batch_, G}, x_.options());
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (use_packed_gemm()) packed_ = pack_weight(w_ih_);
+      }
+    }
     scalar_t* out = buffer_.data_ptr<scalar_t>();
     for_each_block(first, len, [&](const scalar_t* a, int64_t lda, int64_t acs, int64_t rows,
                                    int64_t row) {
