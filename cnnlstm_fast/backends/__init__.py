@@ -171,7 +171,8 @@ def _cpu_beats_torch(spec: RecurrenceSpec) -> bool:
     call, never below :data:`AUTO_MIN_STEPS` steps. float32 with our AVX-512 GEMM follows
     the rows measured on a 2-core AMD EPYC (``gemm: avx512``), float64 and BLAS GEMMs the
     rows measured on a 2-core Xeon before that GEMM existed (``gemm: blas``); some LSTM
-    training rows hold only with glibc's default malloc (:func:`_malloc_keeps_freed_memory`)."""
+    training rows hold only with glibc's default malloc (:func:`_malloc_keeps_freed_memory`),
+    some LSTM rows only on cores with full-rate 512-bit FMAs (:func:`_cpu_avx512_full_rate`)."""
     return rules.takes(_CPU_ROWS, spec, _cpu_gemm_is_avx512, _cpu_avx512_full_rate,
                        _malloc_keeps_freed_memory) \
         is not None
@@ -221,12 +222,12 @@ def generation() -> tuple:
     """What, besides a call's own facts, ``resolve`` reads that may change while a
     process runs: the registry (a count of registrations), the process default, the
     tuning record held (the object itself: every load, reset or new entry makes a new
-    one), the cpu GEMM in use and whether
-    deterministic algorithms are on (then the record is not consulted). A module keeps
-    its last inference call's resolution while this and the call's facts are the same
-    (``cnnlstm_fast/nn/rnn.py``, ``_inference_key``). Facts read from the environment
-    (the malloc's settings) are for training rows only, which are never memoised; the
-    CPU's FMA rate is timed once per process."""
+    one), the cpu GEMM in use and whether deterministic algorithms are on (then the
+    record is not consulted). A module keeps its last call's resolution while this and
+    the call's facts are the same (``cnnlstm_fast/nn/rnn.py``, ``_call_key``). Not in
+    it: the malloc settings the training rows read from the environment (read at a
+    module's first call of a signature, as glibc reads them once at start) and the
+    CPU's FMA rate (timed once per process)."""
     choices = tuned._choices if tuned._choices is not None else tuned.load()
     gemm = _cpu_module._gemm_in_use
     if gemm is None and _ext.load() is not None:
